@@ -1,0 +1,72 @@
+"""Shared set-up for every calculation: load the model, read and validate the structure,
+get the evaluator (where the batching engine plugs in) and fill the common result fields."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+
+from matcalc.models import Evaluator, Potential, get_model
+from matcalc.structures import DEFAULT_MAX_ATOMS, formula, load_structure, structure_hash
+
+
+@dataclass
+class Prepared:
+    """A validated structure with its model, ready to compute."""
+
+    atoms: Atoms
+    potential: Potential
+    label: str
+    structure_hash: str
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def evaluator(self) -> Evaluator:
+        return evaluator_for(self.potential)
+
+    def calculator(self) -> Calculator:
+        """A fresh ASE calculator over the (possibly batched) evaluator."""
+        return self.potential.calculator(self.evaluator)
+
+    def common(self, protocol: str, parameters: dict[str, Any], warnings: list[str] | None = None) -> dict[str, Any]:
+        """The :class:`~matcalc.calculations.results.Result` base fields."""
+        return {
+            "model": self.potential.name,
+            "formula": formula(self.atoms),
+            "n_atoms": len(self.atoms),
+            "structure_hash": self.structure_hash,
+            "protocol": protocol,
+            "parameters": dict(parameters),
+            "wall_time_s": time.perf_counter() - self.t0,
+            "warnings": list(warnings or []),
+            "label": self.label,
+        }
+
+
+def evaluator_for(potential: Potential) -> Evaluator:
+    """The evaluator calculations send force requests to (the batching engine plugs in here)."""
+    return potential
+
+
+def label_of(structure: Any) -> str:
+    if isinstance(structure, Path):
+        return structure.stem
+    if isinstance(structure, str) and "\n" not in structure.strip():
+        return Path(structure.strip()).stem
+    if isinstance(structure, Atoms):
+        return str(structure.info.get("label", ""))
+    return ""
+
+
+def prepare(structure: Any, model: str | Potential, device: str | None = None, *, require_cell: bool = True,
+            max_atoms: int | None = DEFAULT_MAX_ATOMS, label: str | None = None) -> Prepared:
+    """Load the model, then read and validate ``structure`` against it."""
+    t0 = time.perf_counter()
+    potential = get_model(model, device)
+    atoms = load_structure(structure, require_cell=require_cell, max_atoms=max_atoms, elements=potential.elements)
+    return Prepared(atoms, potential, label if label is not None else label_of(structure), structure_hash(atoms), t0)

@@ -1,0 +1,185 @@
+"""Result dataclasses: units in field names, JSON-safe ``to_dict()``, pandas rows, plots.
+
+Every property's result derives from :class:`Result`. ``Result.from_dict(d)`` rebuilds the
+same dataclass from ``to_dict()`` output (this is how the REST client returns the same types).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Self, get_type_hints
+
+import numpy as np
+from ase import Atoms
+
+from matcalc.structures import atoms_from_dict, atoms_to_dict
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+_RESULT_TYPES: dict[str, type[Result]] = {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Atoms):
+        return atoms_to_dict(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)) or value is None
+
+
+def _restore(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _restore(inner[0], value) if len(inner) == 1 else value
+    if tp is Atoms:
+        return atoms_from_dict(value)
+    if tp is np.ndarray:
+        return np.asarray([np.nan if v is None else v for v in value] if _flat(value) else value, dtype=float)
+    if tp is float:
+        return float(value)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = get_type_hints(tp)
+        return tp(**{k: _restore(hints.get(k, Any), v) for k, v in value.items() if k in hints})
+    if origin is dict and args and isinstance(value, dict):
+        return {k: _restore(args[1], v) for k, v in value.items()}
+    if origin is list and args and isinstance(value, list):
+        return [_restore(args[0], v) for v in value]
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _flat(value: Any) -> bool:
+    return isinstance(value, list) and all(not isinstance(v, list) for v in value)
+
+
+@dataclass(kw_only=True)
+class Result:
+    """Fields every result carries (identity of the input, model, protocol, timing, warnings)."""
+
+    kind: ClassVar[str] = "result"
+
+    model: str
+    """Name of the model that produced the result."""
+    formula: str
+    n_atoms: int
+    structure_hash: str
+    """sha256 of the canonical input structure (:func:`matcalc.structures.structure_hash`)."""
+    protocol: str = "mofsimbench"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Every protocol parameter actually used (units in the names)."""
+    wall_time_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    label: str = ""
+    """Free-form name of the input (e.g. the file stem or builtin name)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            _RESULT_TYPES[cls.kind] = cls
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (NaN/inf become ``None``; Atoms become symbol/position dicts)."""
+        d = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        d["kind"] = self.kind
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Rebuild a result from :meth:`to_dict` output; on ``Result`` it dispatches on ``kind``."""
+        target: type[Result] = cls
+        if cls is Result or "kind" not in cls.__dict__:
+            kind = data.get("kind")
+            if kind not in _RESULT_TYPES:
+                raise ValueError(f"unknown result kind {kind!r}; known: {', '.join(sorted(_RESULT_TYPES))}")
+            target = _RESULT_TYPES[kind]
+        hints = get_type_hints(target)
+        kwargs = {f.name: _restore(hints[f.name], data[f.name]) for f in fields(target) if f.name in data}
+        return typing.cast(Self, target(**kwargs))
+
+    def row(self) -> dict[str, Any]:
+        """The scalar fields, as one row of a results table."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "parameters":
+                continue
+            if f.name == "warnings":
+                out["warnings"] = "; ".join(value)
+            elif _is_scalar(value):
+                out[f.name] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """A one-row pandas DataFrame of :meth:`row`."""
+        import pandas as pd
+
+        return pd.DataFrame([self.row()])
+
+    # ---------------------------------------------------------------- plotting
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """A matplotlib Figure of the result (axes labelled with units)."""
+        fig, ax = _figure(ax)
+        self._plot(ax)
+        return fig
+
+    def _plot(self, ax: Axes) -> None:
+        ax.text(0.5, 0.5, f"{self.kind}: nothing to plot", ha="center", va="center", transform=ax.transAxes)
+
+
+def _figure(ax: Axes | None) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return typing.cast("Figure", ax.figure), ax
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def results_frame(results: typing.Iterable[Result | BaseException | None]) -> pd.DataFrame:
+    """One row per result; failed entries (exceptions) become rows with an ``error`` column."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        if isinstance(r, Result):
+            rows.append(r.row())
+        elif isinstance(r, BaseException):
+            rows.append({"error": f"{type(r).__name__}: {r}"})
+        elif r is None:
+            rows.append({"error": "not computed"})
+    return pd.DataFrame(rows)
+
+
+def result_types() -> dict[str, type[Result]]:
+    """Known result kinds -> dataclass."""
+    return dict(_RESULT_TYPES)

@@ -1,0 +1,106 @@
+"""The ``matcalc`` console script.
+
+Each sub-command lives in a small ``_cmd_*`` function registered in :data:`COMMANDS`;
+heavy imports happen inside them so ``matcalc --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+DEMO_STRUCTURE = "CALF-20"
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="relax a shipped MOF with CHGNet in-process and print the result table")
+    p.add_argument("--structure", default=DEMO_STRUCTURE, help=f"builtin name or file (default {DEMO_STRUCTURE})")
+    p.add_argument("--model", default="chgnet", help="model name (default chgnet)")
+    p.add_argument("--protocol", default="mofsimbench", help="mofsimbench (default) or fast")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: GPU if available)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from matcalc import progress
+    from matcalc.calculations.relax import relax
+
+    print(f"matcalc demo: relaxing {args.structure} with {args.model} ({args.protocol} protocol), in-process")
+    bar = tqdm(desc="relax", unit="step", leave=False)
+
+    def sink(event: progress.ProgressEvent) -> None:
+        bar.set_postfix(E=f"{event.energy_eV:.4f} eV", fmax=f"{event.fmax_eV_per_A:.2e}")
+        bar.update(1)
+
+    with progress.reporting(sink):
+        result = relax(args.structure, args.model, protocol=args.protocol, device=args.device)
+    bar.close()
+    row = result.row()
+    with pd.option_context("display.max_colwidth", 70, "display.width", 120):
+        print(pd.Series(row, name=result.label or args.structure).to_string())
+    for w in result.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+# --------------------------------------------------------------------------- models
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered models and whether they can load here")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-d3", action="store_true", help="hide the '+d3' variants")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from matcalc.models import list_models
+
+    cards = list_models(device=args.device, include_d3=not args.no_d3)
+    frame = pd.DataFrame([c.to_dict() for c in cards]).drop(columns=["extras"])
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+        print(frame.to_string(index=False))
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matcalc", description="Materials properties with universal ML potentials")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"matcalc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

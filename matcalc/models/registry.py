@@ -1,0 +1,282 @@
+"""The model registry: names -> factories, model cards, and a per-process cache of loaded models.
+
+Loading never touches the network: every built-in model loads weights shipped inside its
+package or from a local file. ``"<name>+d3"`` adds D3(BJ) dispersion to any registered model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from matcalc.models.base import Potential, SumPotential
+
+log = logging.getLogger(__name__)
+
+D3_SUFFIX = "+d3"
+
+Factory = Callable[..., Potential]
+
+
+class UnknownModelError(ValueError):
+    """No model of that name is registered; the message lists the registered names."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model is registered but cannot load here; the message says what to install or where."""
+
+
+@dataclass
+class ModelSpec:
+    """How to build a model and what it needs."""
+
+    name: str
+    factory: Factory
+    family: str = "custom"
+    description: str = ""
+    elements: str = "all"
+    cutoff_A: float | None = None
+    requires: tuple[str, ...] = ()
+    """Import names of the packages the model needs."""
+    install_hint: str = ""
+    check: Callable[[], str | None] | None = None
+    """Extra availability check returning a reason when unavailable (e.g. a missing weight file)."""
+
+    def unavailable_reason(self) -> str | None:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            hint = f"; install it with: {self.install_hint}" if self.install_hint else ""
+            return f"missing package(s) {', '.join(missing)}{hint}"
+        if self.check is not None:
+            return self.check()
+        return None
+
+
+@dataclass
+class ModelCard:
+    """What ``list_models()`` reports about one model name."""
+
+    name: str
+    family: str
+    description: str
+    elements: str
+    cutoff_A: float | None
+    device: str
+    available: bool
+    reason: str = ""
+    loaded: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_LOADED: dict[tuple[str, str], Potential] = {}
+_LOCK = threading.RLock()
+_LOAD_TIMES_S: dict[tuple[str, str], float] = {}
+
+
+def register_model(
+    name: str,
+    factory: Factory,
+    *,
+    family: str = "custom",
+    description: str = "",
+    elements: str = "all",
+    cutoff_A: float | None = None,
+    requires: tuple[str, ...] = (),
+    install_hint: str = "",
+    check: Callable[[], str | None] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Register ``factory(name=..., device=...) -> Potential`` under ``name`` (lower-case)."""
+    key = name.lower()
+    if not key or D3_SUFFIX in key or key != key.strip():
+        raise ValueError(f"invalid model name {name!r}: non-empty, no spaces, must not contain '{D3_SUFFIX}'")
+    with _LOCK:
+        if key in _REGISTRY and not overwrite:
+            raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
+        _REGISTRY[key] = ModelSpec(key, factory, family, description, elements, cutoff_A, tuple(requires),
+                                   install_hint, check)
+        for k in [k for k in _LOADED if k[0] in (key, key + D3_SUFFIX)]:
+            del _LOADED[k]
+
+
+def _split(name: str) -> tuple[str, bool]:
+    key = name.strip().lower()
+    if key.endswith(D3_SUFFIX):
+        return key[: -len(D3_SUFFIX)], True
+    return key, False
+
+
+def default_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch comes with chgnet
+        return "cpu"
+
+
+def _spec(key: str) -> ModelSpec:
+    if key not in _REGISTRY:
+        raise UnknownModelError(
+            f"unknown model {key!r}; available: {', '.join(model_names())} "
+            f"(append '{D3_SUFFIX}' to add D3 dispersion)"
+        )
+    return _REGISTRY[key]
+
+
+def model_names(include_d3: bool = False) -> list[str]:
+    """Registered model names (optionally with their ``+d3`` variants)."""
+    names = sorted(k for k in _REGISTRY if k != "d3")
+    if include_d3:
+        names = sorted(names + [n + D3_SUFFIX for n in names])
+    return names
+
+
+def get_model(name: str | Potential, device: str | None = None) -> Potential:
+    """Load (once per process and device) and return the model ``name``.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+        ModelUnavailableError: a package or weight file is missing (the message says which).
+    """
+    if isinstance(name, Potential):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"model must be a name or a Potential, not {type(name).__name__}")
+    base, with_d3 = _split(name)
+    device = device or default_device()
+    cache_key = (base + (D3_SUFFIX if with_d3 else ""), device)
+    with _LOCK:
+        if cache_key in _LOADED:
+            return _LOADED[cache_key]
+        spec = _spec(base)
+        potential = _load(spec, device)
+        if with_d3:
+            d3 = _load(_spec("d3"), device)
+            potential = SumPotential(cache_key[0], potential, d3)
+        _LOADED[cache_key] = potential
+        return potential
+
+
+def _load(spec: ModelSpec, device: str) -> Potential:
+    key = (spec.name, device)
+    if key in _LOADED:
+        return _LOADED[key]
+    reason = spec.unavailable_reason()
+    if reason:
+        raise ModelUnavailableError(f"model {spec.name!r} is not available: {reason}")
+    t0 = time.perf_counter()
+    try:
+        potential = spec.factory(name=spec.name, device=device)
+    except ModelUnavailableError:
+        raise
+    except (ImportError, FileNotFoundError) as exc:
+        raise ModelUnavailableError(f"model {spec.name!r} failed to load: {exc}") from exc
+    _LOAD_TIMES_S[key] = time.perf_counter() - t0
+    log.info("loaded model %s on %s in %.2f s", spec.name, device, _LOAD_TIMES_S[key],
+             extra={"model": spec.name, "device": device, "load_time_s": _LOAD_TIMES_S[key]})
+    _LOADED[key] = potential
+    return potential
+
+
+def unload_model(name: str, device: str | None = None) -> bool:
+    """Drop a loaded model (and its ``+d3`` variant) from the cache; True if one was loaded."""
+    base, _ = _split(name)
+    with _LOCK:
+        keys = [k for k in _LOADED if k[0] in (base, base + D3_SUFFIX) and (device is None or k[1] == device)]
+        for k in keys:
+            del _LOADED[k]
+        return bool(keys)
+
+
+def loaded_models() -> list[tuple[str, str]]:
+    """``(name, device)`` of every model loaded in this process."""
+    with _LOCK:
+        return sorted(_LOADED)
+
+
+def model_load_times() -> dict[tuple[str, str], float]:
+    """Seconds each loaded ``(name, device)`` took to load."""
+    with _LOCK:
+        return dict(_LOAD_TIMES_S)
+
+
+def model_card(name: str, device: str | None = None) -> ModelCard:
+    """The card of one model name (``+d3`` variants included)."""
+    base, with_d3 = _split(name)
+    spec = _spec(base)
+    device = device or default_device()
+    reason = spec.unavailable_reason()
+    if with_d3 and not reason:
+        reason = _spec("d3").unavailable_reason()
+    full = base + (D3_SUFFIX if with_d3 else "")
+    with _LOCK:
+        loaded = any(k[0] == full for k in _LOADED)
+    return ModelCard(
+        name=full,
+        family=spec.family,
+        description=spec.description + (" + D3(BJ) dispersion" if with_d3 else ""),
+        elements=spec.elements,
+        cutoff_A=spec.cutoff_A,
+        device=device,
+        available=reason is None,
+        reason=reason or "",
+        loaded=loaded,
+    )
+
+
+def list_models(device: str | None = None, include_d3: bool = True) -> list[ModelCard]:
+    """Cards of every registered model: family, elements, cutoff, device, availability and why not."""
+    return [model_card(n, device) for n in model_names(include_d3=include_d3)]
+
+
+def _register_builtins() -> None:
+    def emt(name: str, device: str) -> Potential:
+        from matcalc.models.emt import EMTPotential
+
+        return EMTPotential(name, device)
+
+    def lj(name: str, device: str) -> Potential:
+        from matcalc.models.lj import LJPotential
+
+        return LJPotential(name, device)
+
+    def chgnet(name: str, device: str) -> Potential:
+        from matcalc.models.chgnet import CHGNetPotential
+
+        return CHGNetPotential(name, device)
+
+    def sevennet(name: str, device: str) -> Potential:
+        from matcalc.models.sevennet import SevenNetPotential
+
+        return SevenNetPotential(name, device)
+
+    def d3(name: str, device: str) -> Potential:
+        from matcalc.models.d3 import D3Potential
+
+        return D3Potential(name, device)
+
+    register_model("emt", emt, family="emt", description="ASE Effective Medium Theory (instant; fcc metals)",
+                   elements="Al Cu Ag Au Ni Pd Pt H C N O")
+    register_model("lj", lj, family="lj", description="Lennard-Jones, argon parameters (instant; toy)",
+                   cutoff_A=10.2)
+    register_model("chgnet", chgnet, family="chgnet", description="CHGNet 0.3.0 (MPtrj), weights in the wheel",
+                   elements="H-Pu (Z 1-94)", cutoff_A=5.0, requires=("chgnet",), install_hint="pip install chgnet")
+    register_model("sevennet", sevennet, family="sevennet", description="SevenNet-0 (MPtrj), weights in the wheel",
+                   elements="H-Bi and more (89 elements)", cutoff_A=5.0, requires=("sevenn",),
+                   install_hint="pip install 'matcalc[sevennet]'")
+    register_model("d3", d3, family="d3", description="Grimme D3(BJ) dispersion, PBE parameters (torch-dftd)",
+                   elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint="pip install 'matcalc[d3]'")
+
+
+_register_builtins()

@@ -1,0 +1,102 @@
+"""Progress reporting and cooperative stopping for long calculations.
+
+Calculations call :func:`report` at each step; whoever runs them (a notebook widget, a
+dask worker, the server) installs a sink with :func:`reporting`. The sink lives in a
+``contextvars.ContextVar``, so concurrent calculations in threads each report to their own.
+:func:`should_stop` lets a caller end a long run early (e.g. a cancelled task).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProgressEvent:
+    """One step of a calculation; ``fraction`` in [0, 1] when the total is known."""
+
+    stage: str
+    step: int
+    total_steps: int | None = None
+    energy_eV: float | None = None
+    fmax_eV_per_A: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.total_steps:
+            return None
+        return min(1.0, self.step / self.total_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fraction"] = self.fraction
+        return d
+
+
+Sink = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class _Context:
+    sink: Sink | None
+    stop: threading.Event
+    every: int
+
+
+_current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("matcalc_progress", default=None)
+
+
+@contextmanager
+def reporting(sink: Sink | None = None, *, stop: threading.Event | None = None,
+              every: int = 1) -> Iterator[threading.Event]:
+    """Send progress events of calculations run inside the block to ``sink``.
+
+    Args:
+        sink: called with each :class:`ProgressEvent` (exceptions in it are logged, not raised).
+        stop: set this event to ask running calculations to stop early.
+        every: forward only every n-th step of a stage (first and last always pass).
+
+    Yields:
+        The stop event.
+    """
+    ctx = _Context(sink, stop or threading.Event(), max(1, int(every)))
+    token = _current.set(ctx)
+    try:
+        yield ctx.stop
+    finally:
+        _current.reset(token)
+
+
+def report(stage: str, step: int, total_steps: int | None = None, *, energy_eV: float | None = None,
+           fmax_eV_per_A: float | None = None, **extra: Any) -> None:
+    """Report one step to the current sink (no-op when nobody listens)."""
+    ctx = _current.get()
+    if ctx is None or ctx.sink is None:
+        return
+    last = total_steps is not None and step >= total_steps
+    if step % ctx.every and step != 0 and not last:
+        return
+    event = ProgressEvent(stage, step, total_steps, energy_eV, fmax_eV_per_A, extra)
+    try:
+        ctx.sink(event)
+    except Exception:  # noqa: BLE001 - a broken listener must never break a calculation
+        log.exception("progress sink failed")
+
+
+def should_stop() -> bool:
+    """True when the caller asked the running calculation to stop early."""
+    ctx = _current.get()
+    return bool(ctx is not None and ctx.stop.is_set())
+
+
+class StopRequested(RuntimeError):
+    """Raised by calculations that cannot return a partial result when asked to stop."""
