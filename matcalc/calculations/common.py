@@ -3,10 +3,14 @@ get the evaluator (where the batching engine plugs in) and fill the common resul
 
 from __future__ import annotations
 
+import contextvars
+import os
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator
@@ -51,6 +55,26 @@ class Prepared:
 def evaluator_for(potential: Potential) -> Evaluator:
     """The evaluator calculations send force requests to (the batching engine plugs in here)."""
     return potential
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_threads(fn: Callable[[T], R], items: Iterable[T], max_workers: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` run concurrently in threads, results in input order.
+
+    Each thread runs in a copy of the caller's context (so progress reporting and stop
+    requests reach it). Concurrent force requests are what the batching engine fuses.
+    The first exception is re-raised after all threads finished.
+    """
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    workers = max_workers or min(len(items), max(4, 4 * (os.cpu_count() or 1)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matcalc") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, fn, x) for x in items]
+        return [f.result() for f in futures]
 
 
 def label_of(structure: Any) -> str:
