@@ -28,7 +28,8 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
         "stability": {
             "temperature_K": 300.0, "timestep_fs": 1.0, "nvt_steps": 1000, "npt_steps": 50_000,
             "pressure_bar": 1.0, "friction_per_fs": 0.01, "tdamp_fs": 100.0, "pdamp_fs": 1000.0,
-            "ensemble": "npt", "interval": 100, "relax_first": True, "fmax": 1e-3, "relax_max_steps": 1000,
+            "ensemble": "npt", "interval": 100, "seed": 0, "relax_first": True, "fmax": 1e-3,
+            "relax_max_steps": 1000,
         },
         "interaction_energy": {},
     },
