@@ -53,8 +53,12 @@ class Prepared:
 
 
 def evaluator_for(potential: Potential) -> Evaluator:
-    """The evaluator calculations send force requests to (the batching engine plugs in here)."""
-    return potential
+    """The evaluator calculations send force requests to: the process-wide batching engine of
+    ``potential`` (:func:`matcalc.batching.engine_for`), or the potential itself when batching is
+    disabled (``MATCALC_BATCHING=0`` or :func:`matcalc.batching.set_enabled`)."""
+    from matcalc import batching
+
+    return batching.engine_for(potential) if batching.enabled() else potential
 
 
 T = TypeVar("T")
