@@ -1,0 +1,287 @@
+"""Host–guest interaction energy from three single points (no relaxation):
+E_int = E(host + guest) − E(host) − E(isolated guest); negative = binding.
+
+The guest is given either inside a complex (atom indices, or ASE tags with the GoldDAC
+convention tag 0 = framework, non-zero = guest) or as a separate molecule placed into the host.
+The isolated guest is evaluated alone in a cubic periodic vacuum box, far beyond the model's
+cutoff from its own images. The three structures go to the model as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from ase import Atoms, units
+from ase.geometry import get_distances
+
+from matcalc.calculations import checks, protocols
+from matcalc.calculations.common import Prepared, prepare
+from matcalc.calculations.results import Result
+from matcalc.models import Potential
+from matcalc.structures import load_structure, structure_hash, validate_structure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+log = logging.getLogger(__name__)
+
+GUEST_MOLECULES = ("CO2", "H2O", "N2", "CH4")
+"""Guest names built with ``ase.build.molecule``."""
+EV_TO_KJ_PER_MOL = 1.0 / (units.kJ / units.mol)
+"""Multiply eV (per guest) by this to get kJ/mol (≈ 96.485)."""
+CLOSE_CONTACT_A = 1.5
+"""A guest atom closer than this (Å) to a host atom triggers a warning (unphysically close for
+physisorption; E_int is then dominated by repulsion)."""
+VACUUM_A = 20.0
+"""Default isolated-guest box: this plus the guest's largest extent (Å)."""
+DEFAULT_CUTOFF_A = 6.0
+"""Assumed model cutoff (Å) for models that do not state one (e.g. EMT)."""
+POSITION_GRID_A = 0.5
+"""Spacing (Å) of the grid searched for the default guest position (the largest pore centre)."""
+
+
+@dataclass(kw_only=True)
+class InteractionEnergyResult(Result):
+    """Interaction energy of a guest in a host. Energies eV (kJ/mol per guest), forces eV/Å, Å.
+
+    The base fields (``formula``, ``n_atoms``, ``structure_hash``) describe the complex.
+    """
+
+    kind: ClassVar[str] = "interaction_energy"
+
+    interaction_energy_eV: float
+    """E(complex) − E(host) − E(guest); negative = binding."""
+    interaction_energy_kJ_per_mol: float
+    complex_energy_eV: float
+    host_energy_eV: float
+    guest_energy_eV: float
+    """Energy of the isolated guest (vacuum box)."""
+    forces_eV_per_A: np.ndarray = field(repr=False)
+    """Forces on the atoms of the complex."""
+    guest_indices: list[int] = field(default_factory=list)
+    """Indices of the guest atoms in the complex."""
+    guest_formula: str = ""
+    min_host_guest_distance_A: float
+    """Shortest guest–host distance in the complex (minimum image)."""
+    guest_box_A: float
+    """Edge of the cubic vacuum box the isolated guest was evaluated in."""
+    complex_structure: Atoms | None = field(default=None, repr=False)
+    """The complex that was evaluated (with the guest placed, for host + molecule input)."""
+
+    def _plot(self, ax: Axes) -> None:
+        labels = ["complex", "host", "guest", "interaction"]
+        values = [self.complex_energy_eV, self.host_energy_eV, self.guest_energy_eV, self.interaction_energy_eV]
+        bars = ax.bar(labels, values, color=["C0", "C1", "C2", "C3"])
+        ax.set_yscale("symlog", linthresh=max(1e-3, abs(self.interaction_energy_eV)))
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize="small")
+        ax.set_ylabel("energy (eV)")
+        ax.set_title(f"{self.guest_formula} in {self.formula} ({self.model}): "
+                     f"E_int = {self.interaction_energy_eV:.4f} eV "
+                     f"({self.interaction_energy_kJ_per_mol:.2f} kJ/mol)", fontsize="small")
+
+
+def guest_molecule(guest: Any) -> Atoms:
+    """The guest as non-periodic Atoms: a name in :data:`GUEST_MOLECULES` (case-insensitive),
+    Atoms, or anything :func:`matcalc.load_structure` reads (non-periodic allowed)."""
+    if isinstance(guest, str) and "\n" not in guest.strip() and not Path(guest.strip()).is_file():
+        lookup = {g.lower(): g for g in GUEST_MOLECULES}
+        key = guest.strip().lower()
+        if key not in lookup:
+            raise ValueError(f"guest must be one of {', '.join(GUEST_MOLECULES)}, Atoms or a structure file; "
+                             f"got {guest!r}")
+        from ase.build import molecule
+
+        atoms = molecule(lookup[key])
+    else:
+        atoms = load_structure(guest, require_cell=False)
+    atoms = atoms.copy()
+    atoms.calc = None
+    atoms.set_constraint()
+    return atoms
+
+
+def _guest_selection(atoms: Atoms, guest_indices: Sequence[int] | np.ndarray | None,
+                     guest_tag: int | None) -> list[int]:
+    n = len(atoms)
+    if guest_indices is not None and guest_tag is not None:
+        raise ValueError("give either guest_indices or guest_tag, not both")
+    if guest_indices is not None:
+        arr = np.asarray(guest_indices)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError("guest_indices must be a non-empty list of atom indices")
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"guest_indices must be integer atom indices, got {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= n:
+            raise ValueError(f"guest_indices must be in [0, {n - 1}], got {arr.min()}..{arr.max()}")
+        idx = sorted(set(arr.tolist()))
+        if len(idx) != arr.size:
+            raise ValueError("guest_indices contains duplicates")
+    else:
+        tags = atoms.get_tags()
+        if guest_tag is not None:
+            tag = checks.integer("guest_tag", guest_tag, minimum=-(2**31))
+            idx = np.flatnonzero(tags == tag).tolist()
+            if not idx:
+                raise ValueError(f"guest_tag: no atom carries tag {tag} (tags present: {sorted(set(tags.tolist()))})")
+        elif np.any(tags != 0):
+            idx = np.flatnonzero(tags != 0).tolist()
+        else:
+            raise ValueError("no guest given: pass guest (a molecule), guest_indices, or guest_tag "
+                             "(or tag the guest atoms non-zero, framework 0)")
+    if len(idx) == n:
+        raise ValueError("guest_indices/guest_tag select all atoms: the host would be empty")
+    return [int(i) for i in idx]
+
+
+def pore_centre(host: Atoms, spacing_A: float = POSITION_GRID_A) -> np.ndarray:
+    """Cartesian point (Å) of the cell farthest from every host atom (periodic images included),
+    searched on a grid of about ``spacing_A``: the centre of the largest pore."""
+    from scipy.spatial import cKDTree
+
+    cell = np.asarray(host.cell)
+    lengths = host.cell.lengths()
+    n = np.maximum(2, np.ceil(lengths / spacing_A).astype(int))
+    frac = np.stack(np.meshgrid(*[np.arange(k) / k for k in n], indexing="ij"), axis=-1).reshape(-1, 3)
+    shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
+    scaled = host.get_scaled_positions(wrap=True)
+    images = (scaled[None, :, :] + shifts[:, None, :]).reshape(-1, 3) @ cell
+    dist, _ = cKDTree(images).query(frac @ cell)
+    return np.asarray(frac[int(np.argmax(dist))] @ cell)
+
+
+def _box(guest: Atoms, box_A: float) -> Atoms:
+    boxed = guest.copy()
+    boxed.cell = np.eye(3) * box_A
+    boxed.pbc = True
+    boxed.positions += boxed.cell.sum(axis=0) / 2 - guest.positions.mean(axis=0)
+    return boxed
+
+
+def _extent(guest: Atoms) -> float:
+    pos = guest.get_positions()
+    return float(np.ptp(pos, axis=0).max()) if len(pos) > 1 else 0.0
+
+
+def interaction_energy(
+    complex_or_host: Any,
+    guest: Any = None,
+    model: str | Potential = "chgnet",
+    *,
+    guest_indices: Sequence[int] | np.ndarray | None = None,
+    guest_tag: int | None = None,
+    position: Sequence[float] | np.ndarray | None = None,
+    box_A: float | None = None,
+    protocol: str | None = None,
+    device: str | None = None,
+) -> InteractionEnergyResult:
+    """Interaction energy E(host+guest) − E(host) − E(isolated guest) from single points.
+
+    Two ways to give the guest:
+
+    * ``guest=None``: ``complex_or_host`` is the complex; the guest atoms are ``guest_indices``,
+      or the atoms tagged ``guest_tag``, or (neither given) every atom with a non-zero ASE tag
+      (GoldDAC convention: tag 0 = framework). The host is the complex without those atoms.
+    * ``guest`` = ``"CO2"``, ``"H2O"``, ``"N2"``, ``"CH4"`` (``ase.build.molecule`` geometry and
+      orientation) or Atoms/a structure: it is translated so that its centre of mass lies at
+      ``position`` (Cartesian Å; default: the pore centre, the grid point of the cell farthest
+      from every host atom, see :func:`pore_centre`) and added to the host.
+
+    The isolated guest sits in a cubic periodic box of edge ``box_A`` (Å; default 20 Å plus the
+    guest's extent), which must exceed the guest extent plus the model cutoff.
+
+    Raises:
+        ValueError: bad guest selection, unknown guest name, bad ``position`` or ``box_A``.
+        StructureError: the complex holds overlapping atoms (< 0.5 Å) or unsupported elements.
+    """
+    name, params = protocols.resolve("interaction_energy", protocol, box_A=box_A)
+    if guest is not None:
+        if guest_indices is not None or guest_tag is not None:
+            raise ValueError("guest_indices/guest_tag select a guest inside a complex; "
+                             "do not combine them with a separate guest molecule")
+        guest_atoms = guest_molecule(guest)
+        pos = None
+        if position is not None:
+            pos = np.asarray(position, dtype=float)
+            if pos.shape != (3,) or not np.all(np.isfinite(pos)):
+                raise ValueError(f"position must be 3 finite Cartesian coordinates (Å), got shape {pos.shape}")
+    elif position is not None:
+        raise ValueError("position places a separate guest molecule; with a complex give guest=None "
+                         "and no position")
+    prep = prepare(complex_or_host, model, device)
+    potential = prep.potential
+    warnings: list[str] = []
+
+    if guest is None:
+        complex_atoms = prep.atoms
+        idx = _guest_selection(complex_atoms, guest_indices, guest_tag)
+        guest_atoms = complex_atoms[idx]
+        guest_atoms.pbc = False
+        guest_atoms.cell = np.zeros((3, 3))
+        host = complex_atoms.copy()
+        del host[idx]
+        position_used = complex_atoms[idx].get_center_of_mass()
+    else:
+        host = prep.atoms
+        potential.check_elements(guest_atoms)
+        position_used = pore_centre(host) if pos is None else pos
+        placed = guest_atoms.copy()
+        placed.translate(position_used - placed.get_center_of_mass())
+        placed.cell = host.cell
+        placed.pbc = host.pbc
+        placed.set_tags(1)
+        host_tagged = host.copy()
+        host_tagged.set_tags(0)
+        complex_atoms = host_tagged + placed
+        validate_structure(complex_atoms)  # overlapping guest -> StructureError naming the distance
+        idx = list(range(len(host), len(complex_atoms)))
+        prep = Prepared(complex_atoms, potential, prep.label, structure_hash(complex_atoms), prep.t0)
+    params["position_A"] = [float(x) for x in position_used]
+
+    extent = _extent(guest_atoms)
+    cutoff = potential.cutoff_A or DEFAULT_CUTOFF_A
+    box = params.get("box_A")
+    if box is None:
+        box = VACUUM_A + extent
+    box = checks.positive("box_A", box)
+    if box <= extent + cutoff:
+        raise ValueError(f"box_A must exceed the guest extent plus the model cutoff "
+                         f"({extent:.2f} + {cutoff:.1f} Å), got {box}")
+    params["box_A"] = box
+    guest_box = _box(guest_atoms, box)
+
+    d = get_distances(complex_atoms.positions[idx], host.positions, cell=complex_atoms.cell,
+                      pbc=complex_atoms.pbc)[1]
+    dmin = float(d.min())
+    if dmin < CLOSE_CONTACT_A:
+        warnings.append(f"guest atom {dmin:.2f} Å from a host atom (< {CLOSE_CONTACT_A} Å): "
+                        "unphysically close; E_int is dominated by repulsion")
+
+    evs = prep.evaluator.evaluate([complex_atoms, host, guest_box])
+    e_complex, e_host, e_guest = (float(e.energy_eV) for e in evs)
+    e_int = e_complex - e_host - e_guest
+    log.info("interaction energy %s: %.6f eV", guest_atoms.get_chemical_formula(), e_int)
+    stored = complex_atoms.copy()
+    stored.calc = None
+    return InteractionEnergyResult(
+        **prep.common(name, params, warnings),
+        interaction_energy_eV=e_int,
+        interaction_energy_kJ_per_mol=e_int * EV_TO_KJ_PER_MOL,
+        complex_energy_eV=e_complex,
+        host_energy_eV=e_host,
+        guest_energy_eV=e_guest,
+        forces_eV_per_A=np.asarray(evs[0].forces_eV_per_A, dtype=float),
+        guest_indices=list(idx),
+        guest_formula=guest_atoms.get_chemical_formula(mode="hill"),
+        min_host_guest_distance_A=dmin,
+        guest_box_A=box,
+        complex_structure=stored,
+    )
+
+
+__all__ = ["GUEST_MOLECULES", "InteractionEnergyResult", "guest_molecule", "interaction_energy", "pore_centre"]
