@@ -76,7 +76,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models]
+# --------------------------------------------------------------------------- db
+def _add_db(sub: argparse._SubParsersAction) -> None:
+    from matcalc.store.cli import add_db_command
+
+    add_db_command(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db]
 
 
 def build_parser() -> argparse.ArgumentParser:
