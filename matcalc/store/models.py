@@ -1,0 +1,208 @@
+"""SQLAlchemy 2.x ORM models of the persistent store.
+
+Timestamps are stored as UTC and always come back timezone-aware (:class:`UTCDateTime`), on
+SQLite as on PostgreSQL. JSON columns hold plain JSON (never pickles).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC and returned timezone-aware (UTC)."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC datetimes")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class TaskStatus(enum.StrEnum):
+    """The task lifecycle (DESIGN §5)."""
+
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    ASSIGNED = "ASSIGNED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT})
+ACTIVE = frozenset({TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING})
+
+
+class Priority(enum.StrEnum):
+    """Task priorities; FIFO within a level, no preemption."""
+
+    CRITICAL = "CRITICAL"
+    HIGH = "HIGH"
+    NORMAL = "NORMAL"
+    LOW = "LOW"
+
+    @property
+    def rank(self) -> int:
+        """0 = most urgent."""
+        return list(Priority).index(self)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Structure(Base):
+    """An uploaded (or builtin) structure, deduplicated by :func:`matcalc.structure_hash`."""
+
+    __tablename__ = "structures"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """sha256 (hex) of the canonical form: the structure's identity."""
+    content: Mapped[str] = mapped_column(Text)
+    """The original text as first uploaded."""
+    format: Mapped[str] = mapped_column(String(16))
+    formula: Mapped[str] = mapped_column(String(256))
+    n_atoms: Mapped[int] = mapped_column(Integer)
+    periodic: Mapped[bool] = mapped_column(Boolean, default=True)
+    name: Mapped[str | None] = mapped_column(String(256), default=None)
+    source: Mapped[str] = mapped_column(String(16), default="upload")
+    """``upload``, ``inline`` (came with a task) or ``builtin``."""
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Task(Base):
+    """One calculation request and its outcome."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        Index("ix_tasks_status_priority_created", "status", "priority_rank", "created_at"),
+        Index("ix_tasks_created", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    type: Mapped[str] = mapped_column(String(32), index=True)
+    """Property: optimization, single_point, bulk_modulus, heat_capacity, stability, interaction_energy."""
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    protocol: Mapped[str | None] = mapped_column(String(32), default=None)
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    structure_id: Mapped[str] = mapped_column(ForeignKey("structures.id"), index=True)
+    label: Mapped[str | None] = mapped_column(String(256), default=None)
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.NORMAL.value)
+    priority_rank: Mapped[int] = mapped_column(Integer, default=Priority.NORMAL.rank)
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.PENDING.value)
+    timeout_s: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(256), default=None)
+    gpu: Mapped[str | None] = mapped_column(String(64), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """How many times a worker started the task (a restart can make it > 1)."""
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The latest progress event (stage, step, total_steps, fraction, energy_eV, fmax_eV_per_A)."""
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """``Result.to_dict()`` once COMPLETED; immutable from then on."""
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    notify_url: Mapped[str | None] = mapped_column(String(2048), default=None)
+    notify_events: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    notify_secret: Mapped[str | None] = mapped_column(String(256), default=None)
+    batch_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
+
+    structure: Mapped[Structure] = relationship(lazy="raise")
+
+
+class TaskLog(Base):
+    """One log line of a task (lifecycle events, progress, messages from the calculation)."""
+
+    __tablename__ = "task_logs"
+    __table_args__ = (Index("ix_task_logs_task_seq", "task_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    timestamp: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(10), default="INFO")
+    event: Mapped[str] = mapped_column(String(32), default="log")
+    """``status``, ``progress`` or ``log``."""
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class CustomModel(Base):
+    """A user-uploaded model (TorchScript / weights only; never unpickled code)."""
+
+    __tablename__ = "custom_models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    family: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    description: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="UPLOADED")
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alert(Base):
+    """An alert raised by a rule; open until ``resolved_at`` is set."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(64), index=True)
+    severity: Mapped[str] = mapped_column(String(16), default="warning")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver a webhook."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    success: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_s: Mapped[float | None] = mapped_column(Float, default=None)
