@@ -1,0 +1,43 @@
+"""Execution on dask: ``start()`` a local (GPU or CPU) cluster or ``connect()`` to one, then
+``submit``/``map`` calculations as :class:`Task` objects with priorities, live progress, logs,
+timeouts, retries and cancellation. ``gpus()`` reports the GPUs through NVML.
+
+>>> import matcalc as mc
+>>> with mc.cluster.start(preload=("emt",)) as cl:          # doctest: +SKIP
+...     tasks = cl.map("relax", ["a.cif", "b.cif"], model="emt", priority="HIGH")
+...     df = cl.gather_frame(tasks)
+"""
+
+from __future__ import annotations
+
+from matcalc.cluster.gpus import cuda_status, gpus
+from matcalc.cluster.local import Cluster, connect, start, tasks_frame
+from matcalc.cluster.tasks import (
+    PRIORITIES,
+    TERMINAL,
+    Task,
+    TaskCancelledError,
+    TaskStatus,
+    TaskTimeoutError,
+    check_priority,
+    is_transient,
+)
+from matcalc.cluster.worker import MatcalcWorkerPlugin
+
+__all__ = [
+    "PRIORITIES",
+    "TERMINAL",
+    "Cluster",
+    "MatcalcWorkerPlugin",
+    "Task",
+    "TaskCancelledError",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "check_priority",
+    "connect",
+    "cuda_status",
+    "gpus",
+    "is_transient",
+    "start",
+    "tasks_frame",
+]

@@ -1,0 +1,623 @@
+"""Start or connect to a dask cluster and run matcalc tasks on it.
+
+``start()`` builds a ``dask_cuda.LocalCUDACluster`` (one pinned worker per GPU, each carrying the
+resource ``GPU=1``) when GPUs, torch CUDA and ``dask_cuda`` are all present, otherwise a
+``distributed.LocalCluster`` of CPU worker processes; ``connect(address)`` attaches to any running
+scheduler (dask-jobqueue, Kubernetes, ``dask scheduler`` + ``dask worker``). Both return a
+:class:`Cluster`.
+
+Scheduling choices (DESIGN §5):
+
+* priority names map to dask priorities (:data:`~matcalc.cluster.tasks.PRIORITIES`); dask orders
+  equal priorities by submission (each ``submit`` is a new graph *generation*), so work is FIFO
+  within a level. No preemption.
+* every task carries a loose worker hint (``workers=..., allow_other_workers=True``): the workers
+  that already hold the task's model, else those with no model yet, else all. This is the model
+  affinity, and it also makes dask send tasks straight to a worker queue (where they are ordered by
+  priority) instead of its "root task" queue, so priorities hold for every task.
+* progress events, log records and state changes travel from the worker through dask's event
+  stream (``Worker.log_event`` -> ``Client.subscribe_topic``), one topic per :class:`Cluster`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from matcalc.calculations import PROPERTIES, checks
+from matcalc.cluster.gpus import cuda_status
+from matcalc.cluster.tasks import (
+    PRIORITIES,
+    Task,
+    TaskCancelledError,
+    TaskStatus,
+    TaskTimeoutError,
+    WorkerTaskError,
+    check_priority,
+    is_transient,
+)
+from matcalc.cluster.worker import (
+    ASSIGNED_TOPIC,
+    KEY_PREFIX,
+    MALLOC_TRIM,
+    MatcalcWorkerPlugin,
+    TaskSpec,
+    request_stop,
+    run_task,
+    worker_info,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from distributed import Client, Future
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THREADS_GPU = 4
+"""Concurrent tasks per GPU worker (their force requests are fused by the batching engine)."""
+DEFAULT_THREADS_CPU = 2
+WORKER_REFRESH_S = 2.0
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def property_name(fn: str | Callable[..., Any]) -> tuple[str, Callable[..., Any] | None]:
+    """``(name, custom_fn)``: a property name or one of the property functions gives ``(name, None)``;
+    any other callable gives ``(fn.__name__, fn)`` and runs as ``fn(structure, model=..., **params)``."""
+    if isinstance(fn, str):
+        from matcalc.calculations import property_function
+
+        f = property_function(fn)  # ValueError for unknown names
+        return f.__name__, None
+    if not callable(fn):
+        raise ValueError(f"fn must be a property name or a callable, not {type(fn).__name__}")
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if name in PROPERTIES and getattr(fn, "__module__", None) == PROPERTIES[name][0]:
+        return name, None
+    return name, fn
+
+
+def _prepare_structure(structure: Any) -> tuple[Any, str, str | None]:
+    """Read the structure on the client (paths exist only here): ``(atoms, label, hash)``.
+
+    Raises StructureError for unreadable input. Element/size checks happen on the worker,
+    against the model.
+    """
+    from ase import Atoms
+
+    from matcalc.calculations.common import label_of
+    from matcalc.structures import load_structure, structure_hash
+
+    label = label_of(structure)
+    atoms = load_structure(structure, require_cell=False, max_atoms=None)
+    if isinstance(structure, Atoms):
+        atoms.info.update(structure.info)
+    if label:
+        atoms.info["label"] = label
+    return atoms, label, structure_hash(atoms)
+
+
+class Cluster:
+    """A dask client plus matcalc task handling; use as a context manager.
+
+    Build with :func:`start` or :func:`connect`. ``close()`` shuts down a cluster that
+    :func:`start` created and only disconnects from one given to :func:`connect`.
+    """
+
+    def __init__(self, client: Client, cluster: Any = None, *, owns_cluster: bool = False,
+                 gpu: bool = False, gpu_share: float | None = None, gpu_reason: str = "",
+                 dashboard: bool = True, progress_interval_s: float = 0.1) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.gpu = gpu
+        """True when tasks request the worker resource ``GPU``."""
+        self.gpu_reason = gpu_reason
+        """Why GPUs are (not) used."""
+        self._gpu_share = gpu_share
+        self._owns = owns_cluster
+        self._dashboard = dashboard
+        self.progress_interval_s = progress_interval_s
+        self.topic = f"matcalc-events-{uuid.uuid4().hex[:16]}"
+        self._lock = threading.RLock()
+        self._tasks: dict[str, Task] = {}
+        self._by_key: dict[str, Task] = {}
+        self._worker_models: dict[str, set[str]] = {}
+        self._workers_seen: tuple[float, list[str]] = (0.0, [])
+        self._closed = False
+        client.subscribe_topic(self.topic, self._on_event)
+        client.subscribe_topic(ASSIGNED_TOPIC, self._on_assigned)
+
+    # ------------------------------------------------------------------ context / info
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "GPU" if self.gpu else "CPU"
+        try:
+            n = len(self._worker_addresses(force=False))
+        except Exception:  # noqa: BLE001
+            n = "?"
+        return f"<matcalc Cluster {self.client.scheduler.address} {kind} workers={n} dashboard={self.dashboard_link}>"
+
+    @property
+    def address(self) -> str:
+        return str(self.client.scheduler.address)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """URL of dask's dashboard (None when disabled or unavailable)."""
+        if not self._dashboard:
+            return None
+        try:
+            return str(self.client.dashboard_link)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def close(self) -> None:
+        """Stop timers, unsubscribe, disconnect; shut the cluster down when :func:`start` made it."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            tasks = list(self._tasks.values())
+        for t in tasks:
+            if t._timer is not None:
+                t._timer.cancel()
+        for topic in (self.topic, ASSIGNED_TOPIC):
+            try:
+                self.client.unsubscribe_topic(topic)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            self.client.close()
+        finally:
+            if self._owns and self.cluster is not None:
+                self.cluster.close()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Per worker: address, pid, nthreads, torch_threads, resources, device, gpu, loaded
+        models, running task ids, CUDA_VISIBLE_DEVICES and MALLOC_TRIM_THRESHOLD_ (should be None)."""
+        infos = self.client.run(worker_info)
+        out = []
+        with self._lock:
+            for addr, info in sorted(infos.items()):
+                info["address"] = addr
+                self._worker_models[addr] = set(info.get("models", []))
+                out.append(info)
+        return out
+
+    def preload(self, *models: str) -> None:
+        """Load ``models`` on every worker now (they stay loaded)."""
+        from matcalc.cluster.worker import preload_models
+
+        self.client.run(preload_models, list(models))
+        self.workers()
+
+    def tasks(self) -> list[Task]:
+        """Every task submitted through this object."""
+        with self._lock:
+            return list(self._tasks.values())
+
+    def get(self, task_id: str) -> Task:
+        with self._lock:
+            if task_id not in self._tasks:
+                raise KeyError(f"no task {task_id!r}")
+            return self._tasks[task_id]
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, fn: str | Callable[..., Any], structure: Any, model: str = "chgnet", *,
+               priority: str = "NORMAL", timeout_s: float | None = None, retries: int = 0,
+               task_id: str | None = None, **params: Any) -> Task:
+        """Run ``fn`` (a property name such as ``"relax"``, a property function such as
+        ``matcalc.relax``, or any ``fn(structure, model=..., **params)``) on ``structure``.
+
+        Args:
+            model: model name (loaded once per worker).
+            priority: ``CRITICAL`` > ``HIGH`` > ``NORMAL`` > ``LOW``; FIFO within a level.
+            timeout_s: wall-clock limit once running (s); the task then ends as TIMEOUT.
+            retries: resubmissions after transient errors (worker lost, CUDA out of memory);
+                never after invalid input.
+            task_id: stable id to use (default: a uuid hex); must be unique in this cluster.
+            **params: keyword arguments of the calculation (``protocol="fast"``, ``fmax=``...).
+
+        An unreadable structure gives a task that is FAILED at once (no exception here), so
+        one bad file never stops a ``map``.
+        """
+        if self._closed:
+            raise RuntimeError("cluster is closed")
+        prop, custom = property_name(fn)
+        prio = check_priority(priority)
+        if timeout_s is not None:
+            checks.positive("timeout_s", timeout_s)
+        checks.integer("retries", retries, minimum=0)
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model must be a model name (str), got {model!r}")
+        tid = str(task_id) if task_id is not None else uuid.uuid4().hex
+        with self._lock:
+            if tid in self._tasks:
+                raise ValueError(f"task_id {tid!r} is already used in this cluster")
+            task = Task(task_id=tid, prop=prop, model=model, priority=prio, params=params,
+                        timeout_s=timeout_s, retries=int(retries), cluster=self)
+            task._custom_fn = custom
+            self._tasks[tid] = task
+        try:
+            atoms, task.label, task.structure_hash = _prepare_structure(structure)
+        except ValueError as exc:  # StructureError: invalid input fails the task, never the batch
+            task._finish(TaskStatus.FAILED, error=exc)
+            return task
+        task._atoms = atoms
+        self._send(task)
+        return task
+
+    def map(self, fn: str | Callable[..., Any], structures: Iterable[Any], model: str = "chgnet", *,
+            priority: str = "NORMAL", timeout_s: float | None = None, retries: int = 0,
+            task_id: Sequence[str] | None = None, **params: Any) -> list[Task]:
+        """:meth:`submit` for each structure (in order, so FIFO holds); ``task_id`` may list one id
+        per structure."""
+        structures = list(structures)
+        ids: list[str | None] = [None] * len(structures)
+        if task_id is not None:
+            if isinstance(task_id, str) or len(task_id) != len(structures):
+                raise ValueError("task_id for map must be a sequence with one id per structure")
+            ids = list(task_id)
+        return [self.submit(fn, s, model, priority=priority, timeout_s=timeout_s, retries=retries,
+                            task_id=i, **params) for s, i in zip(structures, ids, strict=True)]
+
+    def _worker_addresses(self, force: bool = False) -> list[str]:
+        t, addrs = self._workers_seen
+        if force or not addrs or time.monotonic() - t > WORKER_REFRESH_S:
+            info = self.client.scheduler_info(n_workers=-1)
+            addrs = sorted(info.get("workers", {}))
+            self._workers_seen = (time.monotonic(), addrs)
+        return addrs
+
+    def _preferred_workers(self, model: str) -> list[str] | None:
+        addrs = self._worker_addresses()
+        if not addrs:
+            return None
+        key = model.strip().lower()
+        with self._lock:
+            have = [a for a in addrs if key in self._worker_models.get(a, ())]
+            if have:
+                return have
+            fresh = [a for a in addrs if not self._worker_models.get(a)]
+        return fresh or addrs
+
+    def _send(self, task: Task) -> None:
+        task.attempts += 1
+        key = f"{KEY_PREFIX}{task.property.replace('_', '-')}-{uuid.uuid4().hex}"
+        spec = TaskSpec(task_id=task.id, model=task.model, prop=None if task._custom_fn else task.property,
+                        fn=task._custom_fn, params=task.params, topic=self.topic,
+                        timeout_s=task.timeout_s, attempt=task.attempts,
+                        progress_interval_s=self.progress_interval_s)
+        hint = self._preferred_workers(task.model)
+        kwargs: dict[str, Any] = {}
+        if hint:
+            kwargs.update(workers=hint, allow_other_workers=True)
+        if self.gpu and self._gpu_share:
+            kwargs["resources"] = {"GPU": self._gpu_share}
+        with self._lock:
+            task.key = key
+            self._by_key[key] = task
+        try:
+            future = self.client.submit(run_task, spec, task._atoms, key=key, pure=False,
+                                        priority=PRIORITIES[task.priority], retries=0, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - e.g. unpicklable custom function
+            with self._lock:
+                self._by_key.pop(key, None)
+            task._finish(TaskStatus.FAILED, error=exc)
+            return
+        task._future = future
+        task._advance(TaskStatus.QUEUED)
+        future.add_done_callback(lambda f, t=task: self._on_future_done(t, f))
+
+    # ------------------------------------------------------------------ completion
+    def _on_future_done(self, task: Task, future: Future) -> None:
+        with self._lock:
+            self._by_key.pop(str(future.key), None)
+            current = future.key == task.key
+        if not current:
+            return
+        try:
+            if task.done():
+                return
+            status = future.status
+            if status == "finished":
+                payload = future.result()
+                task._merge_logs(payload.get("logs", []))
+                worker = payload.get("worker")
+                if worker:
+                    task.worker = worker
+                    with self._lock:
+                        self._worker_models[worker] = set(payload.get("models", []))
+                task._finish(TaskStatus.COMPLETED, result=payload["result"])
+                return
+            if status == "cancelled":
+                task._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled"))
+                return
+            exc = future.exception()
+            if exc is None:  # pragma: no cover - defensive
+                exc = WorkerTaskError(f"task {task.id} ended with dask status {status!r}")
+            task._merge_logs(getattr(exc, "matcalc_logs", []) or [])
+            if isinstance(exc, TaskTimeoutError):
+                task._finish(TaskStatus.TIMEOUT, error=exc)
+            elif isinstance(exc, TaskCancelledError):
+                task._finish(TaskStatus.CANCELLED, error=exc)
+            elif is_transient(exc) and task.attempts <= task.retries and not self._closed:
+                log.warning("task %s attempt %d failed (%s: %s); retrying", task.id, task.attempts,
+                            type(exc).__name__, exc)
+                task._reset_for_retry()
+                self._send(task)
+            else:
+                task._finish(TaskStatus.FAILED, error=exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. the result could not be fetched
+            task._finish(TaskStatus.FAILED, error=exc)
+        finally:
+            if task.done():
+                task._future = None  # let dask release the result on the worker
+                task._atoms = None
+
+    # ------------------------------------------------------------------ events from workers
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, msg = event
+        with self._lock:
+            task = self._tasks.get(msg.get("task_id", ""))
+        if task is None or msg.get("attempt") != task.attempts:
+            return
+        kind = msg.get("type")
+        if kind == "progress":
+            task._on_progress({k: v for k, v in msg.items() if k not in ("type", "task_id", "attempt")})
+        elif kind == "log":
+            task._on_log(msg["record"])
+        elif kind == "running":
+            worker = msg.get("worker")
+            if worker:
+                with self._lock:
+                    self._worker_models.setdefault(worker, set()).update(msg.get("models", []))
+            advanced = task._advance(TaskStatus.RUNNING, worker)
+            if advanced and msg.get("time"):
+                task.started_at = float(msg["time"])  # worker clock: the true start order
+            if advanced and task.timeout_s is not None:
+                timer = threading.Timer(task.timeout_s, self._timeout, args=(task, task.attempts))
+                timer.daemon = True
+                task._timer = timer
+                timer.start()
+
+    def _on_assigned(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, msg = event
+        with self._lock:
+            task = self._by_key.get(msg.get("key", ""))
+        if task is not None and task.key == msg.get("key"):
+            task._advance(TaskStatus.ASSIGNED, msg.get("worker"))
+
+    # ------------------------------------------------------------------ cancel / timeout
+    def _stop_remote(self, task: Task, reason: str, future: Future | None) -> None:
+        worker = task.worker
+        if future is not None:
+            try:
+                future.cancel()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        try:
+            self.client.run(request_stop, task.id, reason, workers=[worker] if worker else None, wait=False)
+        except Exception as exc:  # noqa: BLE001 - the worker may be gone; the task is over anyway
+            log.debug("stop request for task %s failed: %s", task.id, exc)
+
+    def _cancel(self, task: Task) -> bool:
+        future = task._future
+        was_started = task.status in (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+        if not task._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled")):
+            return False
+        task._future = None
+        self._stop_remote(task, "cancel", future if future is not None else None)
+        log.info("task %s cancelled (%s)", task.id, "running" if was_started else "queued")
+        return True
+
+    def _timeout(self, task: Task, attempt: int) -> None:
+        if task.attempts != attempt or task.done():
+            return
+        future = task._future
+        err = TaskTimeoutError(f"task {task.id} exceeded its timeout of {task.timeout_s} s")
+        if task._finish(TaskStatus.TIMEOUT, error=err):
+            task._future = None
+            self._stop_remote(task, "timeout", future)
+
+    # ------------------------------------------------------------------ results
+    def wait(self, tasks: Iterable[Task], timeout: float | None = None) -> bool:
+        """Block until every task is finished (True) or ``timeout`` s passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in tasks:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not t._done.wait(left):
+                return False
+        return True
+
+    def gather_frame(self, tasks: Iterable[Task], timeout: float | None = None) -> pd.DataFrame:
+        """Wait for ``tasks`` and return one row per task: task_id, label, property, model, status,
+        the result's scalar fields, and ``error`` (None for completed tasks)."""
+        return tasks_frame(list(tasks), timeout=timeout)
+
+
+def tasks_frame(tasks: Sequence[Task], timeout: float | None = None) -> pd.DataFrame:
+    """One row per task (see :meth:`Cluster.gather_frame`)."""
+    import pandas as pd
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    rows = []
+    for t in tasks:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        t._done.wait(left)
+        row: dict[str, Any] = {"task_id": t.id, "label": t.label, "property": t.property, "model": t.model,
+                               "status": t.status.value, "structure_hash": t.structure_hash}
+        if t.status == TaskStatus.COMPLETED and t._result is not None:
+            row.update(t._result.row())
+            row["status"] = t.status.value
+        row["error"] = t.error
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- start / connect
+def _gpu_devices(n_gpus: int | str | Sequence[int]) -> list[int]:
+    import torch
+
+    available = torch.cuda.device_count()
+    if isinstance(n_gpus, str):
+        if n_gpus.lower() != "all":
+            raise ValueError(f"n_gpus must be 'all', an integer or a list of GPU indices, got {n_gpus!r}")
+        return list(range(available))
+    if isinstance(n_gpus, int):
+        checks.integer("n_gpus", n_gpus, minimum=0)
+        if n_gpus > available:
+            raise ValueError(f"n_gpus={n_gpus} but only {available} GPU(s) are visible")
+        return list(range(n_gpus))
+    devices = [int(i) for i in n_gpus]
+    bad = [i for i in devices if not 0 <= i < available]
+    if bad:
+        raise ValueError(f"n_gpus lists GPU indices {bad} outside 0..{available - 1}")
+    return devices
+
+
+def _env_config(torch_threads: int) -> dict[str, Any]:
+    """dask config for the worker environment: no MALLOC_TRIM_THRESHOLD_, BLAS/OpenMP threads
+    = the worker's CPU share."""
+    n = str(torch_threads)
+    return {f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None,
+            "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": n,
+            "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": n,
+            "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": n}
+
+
+def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = None,
+          threads_per_worker: int | None = None, dashboard: bool = True, preload: Iterable[str] = ("chgnet",),
+          *, torch_threads: int | None = None, memory_limit: str | float | None = "auto",
+          log_level: str = "INFO", **cluster_kwargs: Any) -> Cluster:
+    """Start a local dask cluster for matcalc and connect to it.
+
+    With GPUs (torch CUDA + ``dask_cuda``): one worker per selected GPU (``CUDA_VISIBLE_DEVICES``
+    pinned by dask-cuda), each with resource ``GPU=1`` and ``threads_per_worker`` concurrent tasks
+    (default 4) sharing that GPU's batching engine. Otherwise CPU worker processes (a warning
+    says why GPUs are not used).
+
+    Args:
+        n_gpus: ``"all"``, a count, or a list of GPU indices; ``0`` forces CPU workers.
+        n_workers: CPU path only: worker processes (default: CPUs // 4, at least 1).
+        threads_per_worker: concurrent tasks per worker (default 4 on GPU, 2 on CPU).
+        dashboard: serve dask's dashboard (``Cluster.dashboard_link``) on a free port.
+        preload: model names each worker loads at start (a model that cannot load is skipped
+            with a warning).
+        torch_threads: torch intra-op threads per worker (default: CPUs // workers).
+        memory_limit: per worker, as dask takes it.
+        log_level: level of the per-task log capture on the workers.
+        **cluster_kwargs: passed on to ``LocalCluster`` / ``LocalCUDACluster``.
+    """
+    from distributed import Client
+
+    import dask
+
+    cpus = _cpu_count()
+    use_gpu = False
+    reason = "n_gpus=0 asked for CPU workers"
+    if n_gpus not in (0, None, False) and n_gpus != []:
+        use_gpu, reason = cuda_status()
+    if n_workers is not None:
+        checks.integer("n_workers", n_workers, minimum=1)
+    if threads_per_worker is not None:
+        checks.integer("threads_per_worker", threads_per_worker, minimum=1)
+    if torch_threads is not None:
+        checks.integer("torch_threads", torch_threads, minimum=1)
+    if os.environ.get(MALLOC_TRIM):
+        # glibc reads it at process start; workers spawned from here would inherit it
+        log.info("removing %s=%s from this process' environment so dask workers do not inherit it",
+                 MALLOC_TRIM, os.environ.pop(MALLOC_TRIM))
+    dashboard_address = ":0" if dashboard else None
+    gpu_share = None
+    if use_gpu:
+        from dask_cuda import LocalCUDACluster
+
+        devices = _gpu_devices(n_gpus)
+        if not devices:
+            raise ValueError("n_gpus selected no GPU")
+        tpw = threads_per_worker or DEFAULT_THREADS_GPU
+        n_workers_eff = len(devices)
+        tt = torch_threads or max(1, cpus // n_workers_eff)
+        # each task asks for a power-of-two share of the GPU so tpw tasks fit exactly (no float drift)
+        gpu_share = 2.0 ** -math.ceil(math.log2(tpw))
+        with dask.config.set(_env_config(tt)):
+            cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, n_workers=n_workers_eff,
+                                       threads_per_worker=tpw, resources={"GPU": 1},
+                                       dashboard_address=dashboard_address, memory_limit=memory_limit,
+                                       **cluster_kwargs)
+        log.info("started %d GPU worker(s) on GPUs %s, %d task threads and %d torch threads each",
+                 n_workers_eff, devices, tpw, tt)
+    else:
+        from distributed import LocalCluster
+
+        if n_gpus not in (0, None, False) and n_gpus != []:
+            log.warning("matcalc cluster: GPUs not used: %s; starting CPU workers", reason)
+        n_workers_eff = n_workers or max(1, cpus // 4)
+        tpw = threads_per_worker or DEFAULT_THREADS_CPU
+        tt = torch_threads or max(1, cpus // n_workers_eff)
+        with dask.config.set(_env_config(tt)):
+            cluster = LocalCluster(n_workers=n_workers_eff, threads_per_worker=tpw, processes=True,
+                                   dashboard_address=dashboard_address, memory_limit=memory_limit,
+                                   **cluster_kwargs)
+        log.info("started %d CPU worker process(es), %d task threads and %d torch threads each",
+                 n_workers_eff, tpw, tt)
+    try:
+        client = Client(cluster)
+        client.register_plugin(MatcalcWorkerPlugin(preload=preload, torch_threads=tt, log_level=log_level),
+                               name="matcalc")
+        cl = Cluster(client, cluster, owns_cluster=True, gpu=use_gpu, gpu_share=gpu_share, gpu_reason=reason,
+                     dashboard=dashboard)
+    except BaseException:
+        cluster.close()
+        raise
+    if dashboard:
+        log.info("matcalc cluster dashboard: %s", cl.dashboard_link)
+    return cl
+
+
+def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | None = None,
+            log_level: str = "INFO", dashboard: bool = True, timeout_s: float = 30.0) -> Cluster:
+    """Attach to a running dask scheduler at ``address`` (e.g. ``"tcp://host:8786"``).
+
+    The matcalc worker plugin is registered on its workers (matcalc must be installed there).
+    Workers that carry the resource ``GPU`` make tasks request a share of it.
+    ``close()`` disconnects without stopping the cluster.
+    """
+    from distributed import Client
+
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"address must be a scheduler address such as 'tcp://host:8786', got {address!r}")
+    client = Client(address, timeout=f"{timeout_s}s")
+    try:
+        client.register_plugin(MatcalcWorkerPlugin(preload=preload, torch_threads=torch_threads,
+                                                   log_level=log_level), name="matcalc")
+        info = client.scheduler_info(n_workers=-1)
+        gpu_workers = [w for w in info.get("workers", {}).values() if (w.get("resources") or {}).get("GPU")]
+        share = None
+        if gpu_workers:
+            tpw = max(int(w.get("nthreads", 1)) for w in gpu_workers)
+            share = 2.0 ** -math.ceil(math.log2(max(1, tpw)))
+        reason = f"{len(gpu_workers)} worker(s) with resource GPU" if gpu_workers else "no worker has resource GPU"
+        return Cluster(client, None, owns_cluster=False, gpu=bool(gpu_workers), gpu_share=share, gpu_reason=reason,
+                       dashboard=dashboard)
+    except BaseException:
+        client.close()
+        raise
