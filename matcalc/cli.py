@@ -83,7 +83,14 @@ def _add_db(sub: argparse._SubParsersAction) -> None:
     add_db_command(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db]
+# --------------------------------------------------------------------------- run
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from matcalc.runner import add_run_parser  # the command lives in matcalc/runner.py
+
+    add_run_parser(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db, _add_run]
 
 
 def build_parser() -> argparse.ArgumentParser:
