@@ -1,0 +1,405 @@
+"""Scripted batch runs (``matcalc run``): every structure of some files/folders through one property,
+in-process or on a dask cluster, results written as they finish, resumable.
+
+Files written for ``--out results.parquet``:
+
+* ``results.parquet.journal.jsonl`` — one JSON line per finished structure, appended and fsynced
+  as soon as it finishes (the source of truth; a torn last line from a crash is ignored);
+* ``results.parquet`` (or ``.csv``) — the table, one row per structure, rewritten atomically
+  (temporary file + ``os.replace``) at most every ``flush_s`` seconds and at the end.
+
+Resume: a structure whose key (sha256 of structure hash + property + model + protocol +
+parameters) has a COMPLETED line in the journal (or a COMPLETED row in an existing table
+without journal) is not computed again; failed ones are retried. Identical structures under
+two names are computed once (one row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STRUCTURE_SUFFIXES = {".cif", ".vasp", ".poscar", ".xyz", ".extxyz"}
+VASP_PREFIXES = ("POSCAR", "CONTCAR")
+
+
+@dataclass
+class Item:
+    """One input structure of a batch."""
+
+    source: str
+    label: str
+    atoms: Any = None
+    structure_hash: str | None = None
+    key: str = ""
+    error: str | None = None
+
+
+@dataclass
+class BatchSummary:
+    """What :func:`run_batch` did."""
+
+    out: Path
+    journal: Path
+    n_inputs: int
+    n_unique: int
+    n_skipped: int
+    """Already finished in an earlier run (not recomputed)."""
+    n_computed: int
+    n_failed: int
+    wall_time_s: float
+    errors: list[str] = field(default_factory=list)
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """``(source, label)`` for each file, each structure file under each folder (recursively,
+    sorted), and each builtin structure name."""
+    from matcalc.structures import list_builtins
+
+    builtins = {b.lower(): b for b in list_builtins()}
+    out: list[tuple[str, str]] = []
+    for x in inputs:
+        p = Path(x)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_structure_file(f))
+            if not files:
+                log.warning("no structure files (%s) under %s", ", ".join(sorted(STRUCTURE_SUFFIXES)), p)
+            out.extend((str(f), f.stem) for f in files)
+        elif p.is_file():
+            out.append((str(p), p.stem))
+        elif str(x).lower() in builtins:
+            out.append((builtins[str(x).lower()], builtins[str(x).lower()]))
+        else:
+            raise FileNotFoundError(f"no such file, folder or builtin structure: {x}")
+    return out
+
+
+def _is_structure_file(p: Path) -> bool:
+    return p.suffix.lower() in STRUCTURE_SUFFIXES or p.name.upper().startswith(VASP_PREFIXES)
+
+
+def task_key(structure_hash: str, prop: str, model: str, protocol: str, params: dict[str, Any]) -> str:
+    """The resume key of one calculation."""
+    blob = json.dumps({"structure": structure_hash, "property": prop, "model": model.lower(), "protocol": protocol,
+                       "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class Journal:
+    """Append-only JSON-lines record of finished structures (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """key -> latest row (a torn or corrupt line is skipped with a warning)."""
+        rows: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return rows
+        with self.path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    rows[row["key"]] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    log.warning("%s line %d is incomplete or corrupt; ignored", self.path, i)
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, default=str, allow_nan=False) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_table(rows: Iterable[dict[str, Any]], out: Path) -> None:
+    """Write ``rows`` (without the ``result`` payload) to ``out`` (.parquet or .csv) atomically."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{k: v for k, v in r.items() if k != "result"} for r in rows])
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    if out.suffix.lower() == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+
+
+def read_table(out: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if not out.exists():
+        return []
+    frame = pd.read_csv(out) if out.suffix.lower() == ".csv" else pd.read_parquet(out)
+    return [{k: v for k, v in r.items() if not _isnan(v)} for r in frame.to_dict("records")]
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and v != v
+
+
+def _row(item: Item, prop: str, model: str, protocol: str, *, result: Any = None, error: str | None = None,
+         status: str = "COMPLETED") -> dict[str, Any]:
+    from matcalc.calculations.results import _jsonable
+
+    row: dict[str, Any] = {"key": item.key, "source": item.source, "label": item.label, "property": prop,
+                           "model": model, "protocol": protocol, "structure_hash": item.structure_hash}
+    if result is not None:
+        row.update(_jsonable(result.row()))
+    row.update({"key": item.key, "source": item.source, "label": item.label, "status": status, "error": error,
+                "finished_at": time.time()})
+    if result is not None:
+        row["result"] = result.to_dict()
+    return row
+
+
+def _prepare(items: list[tuple[str, str]], prop: str, model: str, protocol: str,
+             params: dict[str, Any]) -> list[Item]:
+    from matcalc.structures import load_structure, structure_hash
+
+    out = []
+    for source, label in items:
+        item = Item(source, label)
+        try:
+            item.atoms = load_structure(source, require_cell=False, max_atoms=None)
+            item.atoms.info["label"] = label
+            item.structure_hash = structure_hash(item.atoms)
+            item.key = task_key(item.structure_hash, prop, model, protocol, params)
+        except ValueError as exc:
+            item.error = f"{type(exc).__name__}: {exc}"
+            item.key = "unreadable-" + hashlib.sha256(f"{source}|{prop}|{model}".encode()).hexdigest()[:20]
+        out.append(item)
+    return out
+
+
+def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet", out: str | Path = "results.parquet",
+              cluster: Any = "inprocess", protocol: str | None = None, params: dict[str, Any] | None = None,
+              workers: int | None = None, priority: str = "NORMAL", timeout_s: float | None = None,
+              retries: int = 0, show_progress: bool = True, flush_s: float = 2.0,
+              on_result: Callable[[dict[str, Any]], None] | None = None) -> BatchSummary:
+    """Run ``prop`` on every input structure and write one row per structure to ``out``.
+
+    Args:
+        prop: property name (``relax``, ``single_point``, ``bulk_modulus``...).
+        inputs: files, folders (searched recursively for structure files) or builtin names.
+        cluster: ``"inprocess"`` (default: threads in this process), ``"local"`` (start a local
+            dask cluster: GPUs if possible), a scheduler address, or a :class:`Cluster`.
+        protocol, params: passed to the calculation (part of the resume key).
+        workers: in-process: concurrent threads (default 1); ``local``: worker processes.
+        flush_s: the table is rewritten at most this often (the journal at every result).
+        on_result: called with each new row (after it is journaled).
+    """
+    from tqdm.auto import tqdm
+
+    from matcalc.calculations import property_function, protocols
+
+    t0 = time.perf_counter()
+    fn = property_function(prop)
+    prop = fn.__name__
+    protocol_name = (protocol or protocols.DEFAULT_PROTOCOL).lower()
+    if protocol_name not in protocols.PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(protocols.protocol_names())}, got {protocol!r}")
+    params = dict(params or {})
+    out = Path(out)
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise ValueError(f"out must end in .parquet or .csv, got {out}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out.with_name(out.name + ".journal.jsonl"))
+
+    items = _prepare(expand_inputs(inputs), prop, model, protocol_name, params)
+    unique: dict[str, Item] = {}
+    for it in items:
+        if it.key in unique:
+            log.info("%s is the same structure as %s; computed once", it.source, unique[it.key].source)
+            continue
+        unique[it.key] = it
+    rows = journal.read()
+    if not rows and out.exists():  # a table from a run without journal: adopt its rows
+        rows = {r["key"]: r for r in read_table(out) if "key" in r}
+        for r in rows.values():
+            journal.append(r)
+    done = {k for k, r in rows.items() if r.get("status") == "COMPLETED"}
+    rows = {k: r for k, r in rows.items() if k in unique}  # the table covers this run's inputs
+    todo = [it for k, it in unique.items() if k not in done]
+    n_skipped = len(unique) - len(todo)
+    if n_skipped:
+        log.info("resuming: %d of %d structures already finished", n_skipped, len(unique))
+
+    lock = threading.Lock()
+    last_flush = [0.0]
+    n_failed = [0]
+    errors: list[str] = []
+    bar = tqdm(total=len(unique), initial=n_skipped, desc=f"{prop} ({model})", unit="structure",
+               disable=not show_progress)
+
+    def record(row: dict[str, Any]) -> None:
+        journal.append(row)
+        with lock:
+            rows[row["key"]] = row
+            if row["status"] != "COMPLETED":
+                n_failed[0] += 1
+                errors.append(f"{row['label'] or row['source']}: {row['error']}")
+            bar.update(1)
+            if time.monotonic() - last_flush[0] >= flush_s:
+                write_table(_ordered(rows, unique), out)
+                last_flush[0] = time.monotonic()
+        if on_result is not None:
+            on_result(row)
+
+    runnable = []
+    for it in todo:
+        if it.error is not None:
+            record(_row(it, prop, model, protocol_name, error=it.error, status="FAILED"))
+        else:
+            runnable.append(it)
+    kwargs = dict(params)
+    if protocol is not None:
+        kwargs["protocol"] = protocol_name
+    try:
+        if runnable:
+            if isinstance(cluster, str) and cluster.lower() in ("inprocess", "in-process", "none"):
+                _run_inprocess(fn, runnable, model, kwargs, workers or 1, prop, protocol_name, record)
+            else:
+                _run_cluster(cluster, runnable, model, kwargs, prop, protocol_name, record, workers=workers,
+                             priority=priority, timeout_s=timeout_s, retries=retries)
+    finally:
+        bar.close()
+        write_table(_ordered(rows, unique), out)
+    return BatchSummary(out=out, journal=journal.path, n_inputs=len(items), n_unique=len(unique),
+                        n_skipped=n_skipped, n_computed=len(runnable), n_failed=n_failed[0],
+                        wall_time_s=time.perf_counter() - t0, errors=errors)
+
+
+def _ordered(rows: dict[str, dict[str, Any]], unique: dict[str, Item]) -> list[dict[str, Any]]:
+    return [rows[k] for k in unique if k in rows]
+
+
+def _run_inprocess(fn: Callable[..., Any], items: list[Item], model: str, kwargs: dict[str, Any], threads: int,
+                   prop: str, protocol: str, record: Callable[[dict[str, Any]], None]) -> None:
+    def one(it: Item) -> None:
+        try:
+            result = fn(it.atoms, model=model, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one failure becomes one row
+            log.warning("%s failed: %s: %s", it.source, type(exc).__name__, exc)
+            record(_row(it, prop, model, protocol, error=f"{type(exc).__name__}: {exc}", status="FAILED"))
+            return
+        record(_row(it, prop, model, protocol, result=result))
+
+    if threads == 1:
+        for it in items:
+            one(it)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="matcalc-run") as pool:
+        for f in [pool.submit(one, it) for it in items]:
+            f.result()
+
+
+def _run_cluster(cluster: Any, items: list[Item], model: str, kwargs: dict[str, Any], prop: str, protocol: str,
+                 record: Callable[[dict[str, Any]], None], *, workers: int | None, priority: str,
+                 timeout_s: float | None, retries: int) -> None:
+    from matcalc.cluster.local import Cluster, connect, start
+
+    owned = None
+    if isinstance(cluster, Cluster):
+        cl = cluster
+    elif isinstance(cluster, str) and cluster.lower() == "local":
+        cl = owned = start(n_workers=workers, preload=(model,))
+    elif isinstance(cluster, str) and cluster:
+        cl = owned = connect(cluster, preload=(model,))
+    else:
+        raise ValueError(f"cluster must be 'inprocess', 'local', a scheduler address or a Cluster, got {cluster!r}")
+    finished: queue.Queue[Any] = queue.Queue()
+    try:
+        by_id = {it.key: it for it in items}
+        tasks = cl.map(prop, [it.atoms for it in items], model, priority=priority, timeout_s=timeout_s,
+                       retries=retries, task_id=[f"{it.key}-{os.getpid()}-{time.time_ns()}" for it in items],
+                       **kwargs)
+        for it, t in zip(items, tasks, strict=True):
+            t.batch_key = it.key  # type: ignore[attr-defined]
+            t.add_done_callback(finished.put)
+        for _ in range(len(tasks)):
+            t = finished.get()
+            it = by_id[t.batch_key]
+            if t.status.value == "COMPLETED":
+                record(_row(it, prop, model, protocol, result=t.result()))
+            else:
+                record(_row(it, prop, model, protocol, error=t.error, status=t.status.value))
+    except BaseException:
+        for t in cl.tasks():
+            t.cancel()
+        raise
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+# ---------------------------------------------------------------------------- CLI: matcalc run
+def add_run_parser(sub: Any) -> None:
+    """Register ``matcalc run`` on an argparse sub-parsers object."""
+    p = sub.add_parser(
+        "run", help="run one property on many structures; results written as they finish, resumable",
+        description="Run PROPERTY on every structure of FILES_OR_DIR (folders are searched recursively). "
+                    "Each finished structure is appended to OUT.journal.jsonl and OUT is rewritten atomically; "
+                    "rerunning the same command skips structures already finished. Default execution is "
+                    "in-process; --cluster local starts a dask cluster (one worker per GPU, else CPU workers), "
+                    "--cluster tcp://host:8786 uses a running one.")
+    p.add_argument("property", help="relax, single_point, bulk_modulus, heat_capacity, stability, interaction_energy")
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_DIR", help="structure files, folders or builtin names")
+    p.add_argument("--model", default="chgnet", help="model name (default chgnet)")
+    p.add_argument("--out", default="results.parquet", help="output table, .parquet or .csv (default results.parquet)")
+    p.add_argument("--cluster", default="inprocess",
+                   help="inprocess (default), local, or a dask scheduler address such as tcp://host:8786")
+    p.add_argument("--protocol", default=None, help="mofsimbench (default) or fast")
+    p.add_argument("--workers", type=int, default=None,
+                   help="in-process: concurrent threads (default 1); local: worker processes (default auto)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra keyword of the calculation, e.g. -p fmax=0.01 (value parsed as JSON when possible)")
+    p.add_argument("--priority", default="NORMAL", help="cluster task priority: CRITICAL, HIGH, NORMAL, LOW")
+    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="per-structure time limit (s), cluster only")
+    p.add_argument("--retries", type=int, default=0, help="retries after transient errors, cluster only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["fmax=0.01", "relax_cell=false"]`` -> ``{"fmax": 0.01, "relax_cell": False}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param must look like NAME=VALUE, got {pair!r}")
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.strip()] = value
+    return out
+
+
+def cmd_run(args: Any) -> int:
+    summary = run_batch(args.property, args.inputs, model=args.model, out=args.out, cluster=args.cluster,
+                        protocol=args.protocol, params=parse_params(args.param), workers=args.workers,
+                        priority=args.priority, timeout_s=args.timeout_s, retries=args.retries,
+                        show_progress=not args.no_progress)
+    print(f"matcalc run: {summary.n_unique} structure(s): {summary.n_skipped} already done, "
+          f"{summary.n_computed} computed, {summary.n_failed} failed, in {summary.wall_time_s:.1f} s -> {summary.out}")
+    for e in summary.errors[:20]:
+        print(f"  failed: {e}")
+    return 1 if summary.n_failed else 0
