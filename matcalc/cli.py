@@ -90,7 +90,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     add_run_parser(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db, _add_run]
+# --------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from matcalc.server.cli import add_serve_command
+
+    add_serve_command(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db, _add_run, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
