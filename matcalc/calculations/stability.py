@@ -233,8 +233,7 @@ class _Run:
             for _ in it:
                 self.step += 1
                 self.reason = self.blowup()
-                done = bool(self.reason) or progress.should_stop()
-                if done or self.step % interval == 0 or self.step == last_step:
+                if self.reason or self.step % interval == 0 or self.step == last_step:
                     self.record(stage)
                     t = self.trace
                     progress.report(stage, self.step - first, n_steps, energy_eV=t.potential_energy_eV[-1],
@@ -243,7 +242,9 @@ class _Run:
                 if self.reason:
                     log.warning("stability: %s", self.reason)
                     return False
-                if done:
+                if progress.should_stop() and self.step < last_step:
+                    if self.trace.steps[-1] != self.step:
+                        self.record(stage)
                     self.stopped = True
                     log.info("stability: stop requested at step %d", self.step)
                     return False
@@ -443,9 +444,9 @@ def stability(
     run = _Run(atoms, reference, v_input, params, writer)
     try:
         run.record("start")
+        stopped = stopped or (total > 0 and progress.should_stop())
+        run.stopped = stopped
         ok = not stopped
-        if stopped:
-            run.stopped = True
         if ok and nvt:
             atoms.set_constraint(FixCom())
             dyn = Langevin(atoms, timestep=params["timestep_fs"] * units.fs, temperature_K=t_target,
