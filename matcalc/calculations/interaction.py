@@ -131,6 +131,9 @@ def _guest_selection(atoms: Atoms, guest_indices: Sequence[int] | np.ndarray | N
                 raise ValueError(f"guest_tag: no atom carries tag {tag} (tags present: {sorted(set(tags.tolist()))})")
         elif np.any(tags != 0):
             idx = np.flatnonzero(tags != 0).tolist()
+            if len(idx) == n:
+                raise ValueError("no guest given and every atom has a non-zero tag (ASE surface builders tag "
+                                 "layers); pass guest_indices or guest_tag")
         else:
             raise ValueError("no guest given: pass guest (a molecule), guest_indices, or guest_tag "
                              "(or tag the guest atoms non-zero, framework 0)")
