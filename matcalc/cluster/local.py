@@ -8,9 +8,9 @@ scheduler (dask-jobqueue, Kubernetes, ``dask scheduler`` + ``dask worker``). Bot
 
 Scheduling choices (DESIGN §5):
 
-* priority names map to dask priorities (:data:`~matcalc.cluster.tasks.PRIORITIES`); dask orders
-  equal priorities by submission (each ``submit`` is a new graph *generation*), so work is FIFO
-  within a level. No preemption.
+* priority names map to dask priorities (:func:`~matcalc.cluster.tasks.dask_priority`): the level
+  first, then submission time, because dask alone does not keep submission order among equal
+  priorities. FIFO within a level; no preemption.
 * every task carries a loose worker hint (``workers=..., allow_other_workers=True``): the workers
   that already hold the task's model, else those with no model yet, else all. This is the model
   affinity, and it also makes dask send tasks straight to a worker queue (where they are ordered by
@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 from matcalc.calculations import PROPERTIES, checks
 from matcalc.cluster.gpus import cuda_status
 from matcalc.cluster.tasks import (
-    PRIORITIES,
     Task,
     TaskCancelledError,
     TaskStatus,
     TaskTimeoutError,
     WorkerTaskError,
     check_priority,
+    dask_priority,
     is_transient,
 )
 from matcalc.cluster.worker import (
@@ -49,7 +49,7 @@ from matcalc.cluster.worker import (
     MALLOC_TRIM,
     MatcalcWorkerPlugin,
     TaskSpec,
-    request_stop,
+    request_stop_async,
     run_task,
     worker_info,
 )
@@ -316,7 +316,7 @@ class Cluster:
             self._by_key[key] = task
         try:
             future = self.client.submit(run_task, spec, task._atoms, key=key, pure=False,
-                                        priority=PRIORITIES[task.priority], retries=0, **kwargs)
+                                        priority=dask_priority(task.priority), retries=0, **kwargs)
         except Exception as exc:  # noqa: BLE001 - e.g. unpicklable custom function
             with self._lock:
                 self._by_key.pop(key, None)
@@ -414,7 +414,8 @@ class Cluster:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         try:
-            self.client.run(request_stop, task.id, reason, workers=[worker] if worker else None, wait=False)
+            self.client.run(request_stop_async, task.id, reason, workers=[worker] if worker else None,
+                            on_error="ignore")
         except Exception as exc:  # noqa: BLE001 - the worker may be gone; the task is over anyway
             log.debug("stop request for task %s failed: %s", task.id, exc)
 

@@ -50,8 +50,27 @@ class TaskStatus(str, Enum):
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT})
 _ORDER = {s: i for i, s in enumerate(TaskStatus)}
 
-PRIORITIES: dict[str, int] = {"CRITICAL": 30, "HIGH": 20, "NORMAL": 10, "LOW": 0}
-"""Priority name -> dask priority (higher runs first; equal priorities run in submission order)."""
+PRIORITIES: dict[str, int] = {"CRITICAL": 3, "HIGH": 2, "NORMAL": 1, "LOW": 0}
+"""Priority name -> level (higher runs first). See :func:`dask_priority`."""
+
+_LEVEL_SPAN = 10**16  # > microseconds since 1970 until the year 2286
+_ORDER_LOCK = threading.Lock()
+_LAST_US = [0]
+
+
+def dask_priority(priority: str) -> int:
+    """The integer dask priority of a task submitted now with ``priority``.
+
+    dask runs higher numbers first but does not keep submission order among equal numbers
+    (measured: tasks of one level queued on a worker ran newest first), so submission time is
+    encoded too: ``level * 1e16 - microseconds since 1970`` (strictly increasing per process).
+    Within a level the oldest task runs first, across every client of the scheduler.
+    """
+    level = PRIORITIES[check_priority(priority)]
+    with _ORDER_LOCK:
+        now = max(time.time_ns() // 1000, _LAST_US[0] + 1)
+        _LAST_US[0] = now
+    return level * _LEVEL_SPAN - now
 
 
 def check_priority(priority: str) -> str:

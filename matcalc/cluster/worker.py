@@ -80,6 +80,11 @@ def request_stop(task_id: str, reason: str = "cancel") -> bool:
     return True
 
 
+async def request_stop_async(task_id: str, reason: str = "cancel") -> bool:
+    """:func:`request_stop` as a coroutine (runs in the worker's event loop via ``Client.run``)."""
+    return request_stop(task_id, reason)
+
+
 def running_tasks() -> list[str]:
     """Ids of the tasks running in this process."""
     with _REG_LOCK:

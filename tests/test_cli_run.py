@@ -1,0 +1,160 @@
+"""``matcalc run``: batch runs written as they finish, resumable without recomputation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from ase.build import bulk
+from ase.io import write
+
+import matcalc as mc
+from matcalc.cli import main
+from matcalc.runner import Journal, parse_params, run_batch, task_key
+
+RELAX = ["-p", "fmax=0.01", "-p", "optimizer=FIRE", "-p", "relax_cell=false"]
+
+
+def make_inputs(folder: Path, n_small: int = 3, n_large: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_small + n_large):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(1 if i < n_small else 2)
+        atoms.rattle(0.15, seed=i)
+        p = folder / f"s{i:02d}.cif"
+        write(p, atoms)
+        paths.append(p)
+    return paths
+
+
+def journal_lines(out: Path) -> list[dict]:
+    j = out.with_name(out.name + ".journal.jsonl")
+    if not j.exists():
+        return []
+    return [json.loads(line) for line in j.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def reference(path: Path) -> mc.RelaxResult:
+    return mc.relax(str(path), "emt", fmax=0.01, optimizer="FIRE", relax_cell=False)
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path: Path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out" / "results.parquet"
+    cmd = [sys.executable, "-m", "matcalc.cli", "run", "relax", str(tmp_path / "in"), "--model", "emt",
+           "--out", str(out), "--no-progress", *RELAX]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not journal_lines(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)  # a hard crash: no cleanup runs
+        proc.wait(60)
+    first = {r["key"]: r for r in journal_lines(out)}
+    assert 1 <= len(first) < len(inputs), "the first run should have been interrupted part-way"
+
+    assert main(["run", "relax", str(tmp_path / "in"), "--model", "emt", "--out", str(out), "--no-progress",
+                 *RELAX]) == 0
+    lines = journal_lines(out)
+    keys = [r["key"] for r in lines]
+    assert len(keys) == len(set(keys)) == len(inputs)  # each structure computed exactly once
+    frame = pd.read_parquet(out)
+    assert len(frame) == len(inputs) and frame["key"].is_unique
+    assert (frame["status"] == "COMPLETED").all() and frame["error"].isna().all()
+    assert list(frame["label"]) == [p.stem for p in inputs]
+    for key, row in first.items():  # finished rows kept, not recomputed
+        assert frame.set_index("key").loc[key, "finished_at"] == pytest.approx(row["finished_at"])
+    for path, (_, row) in zip(inputs, frame.iterrows(), strict=True):
+        ref = reference(path)
+        assert row["steps"] == ref.steps
+        assert row["final_energy_eV"] == pytest.approx(ref.final_energy_eV, abs=1e-10)
+        assert row["structure_hash"] == mc.structure_hash(mc.load_structure(str(path)))
+    # the journal keeps the full result for each structure
+    restored = mc.Result.from_dict(lines[0]["result"])
+    assert isinstance(restored, mc.RelaxResult) and len(restored.energies_eV) == restored.steps + 1
+
+
+def test_prepopulated_output_and_failures(tmp_path: Path):
+    inputs = make_inputs(tmp_path / "in", n_small=3, n_large=0)
+    bad = tmp_path / "in" / "broken.cif"
+    bad.write_text("data_broken\n_cell_length_a 3.6\n")
+    out = tmp_path / "r.parquet"
+    params = {"fmax": 0.01, "optimizer": "FIRE", "relax_cell": False}
+    s1 = run_batch("relax", inputs[:2], model="emt", out=out, params=params, show_progress=False)
+    assert (s1.n_computed, s1.n_skipped, s1.n_failed) == (2, 0, 0)
+    s2 = run_batch("relax", [tmp_path / "in", inputs[0]], model="emt", out=out, params=params, workers=2,
+                   show_progress=False)
+    # inputs[0] listed twice and already done; inputs[1] done; inputs[2] and the broken file are new
+    assert (s2.n_inputs, s2.n_unique, s2.n_skipped, s2.n_computed, s2.n_failed) == (5, 4, 2, 1, 1)
+    frame = pd.read_parquet(out)
+    assert len(frame) == 4 and frame["key"].is_unique
+    failed = frame[frame["status"] == "FAILED"]
+    assert list(failed["label"]) == ["broken"] and "StructureError" in failed["error"].iloc[0]
+    # failed structures are retried on the next run, and still give one row
+    s3 = run_batch("relax", [tmp_path / "in"], model="emt", out=out, params=params, show_progress=False)
+    assert (s3.n_skipped, s3.n_failed) == (3, 1)
+    assert len(pd.read_parquet(out)) == 4
+    # other parameters are other calculations
+    key_a = task_key("h", "relax", "emt", "mofsimbench", {"fmax": 0.01})
+    assert key_a != task_key("h", "relax", "emt", "mofsimbench", {"fmax": 0.02})
+    assert key_a != task_key("h", "relax", "emt", "fast", {"fmax": 0.01})
+    # a table without journal (e.g. copied elsewhere) is adopted, not recomputed
+    out.with_name(out.name + ".journal.jsonl").unlink()
+    s4 = run_batch("relax", inputs, model="emt", out=out, params=params, show_progress=False)
+    assert s4.n_skipped == 3 and s4.n_computed == 0
+    energies = pd.read_parquet(out).set_index("label").loc[[p.stem for p in inputs], "final_energy_eV"]
+    np.testing.assert_allclose(energies, [reference(p).final_energy_eV for p in inputs], atol=1e-10)
+
+
+def test_torn_journal_line_is_ignored(tmp_path: Path):
+    j = Journal(tmp_path / "x.journal.jsonl")
+    j.append({"key": "a", "status": "COMPLETED"})
+    with j.path.open("a") as fh:
+        fh.write('{"key": "b", "sta')  # killed mid-write
+    assert set(j.read()) == {"a"}
+
+
+def test_bad_arguments(tmp_path: Path, capsys):
+    inputs = make_inputs(tmp_path / "in", n_small=1, n_large=0)
+    with pytest.raises(ValueError, match="out"):
+        run_batch("relax", inputs, model="emt", out=tmp_path / "r.txt", show_progress=False)
+    with pytest.raises(ValueError, match="unknown property"):
+        run_batch("melting", inputs, model="emt", out=tmp_path / "r.parquet", show_progress=False)
+    with pytest.raises(ValueError, match="protocol"):
+        run_batch("relax", inputs, model="emt", out=tmp_path / "r.parquet", protocol="slow", show_progress=False)
+    with pytest.raises(ValueError, match="workers"):
+        run_batch("relax", inputs, model="emt", out=tmp_path / "r.parquet", workers=0, show_progress=False)
+    with pytest.raises(FileNotFoundError):
+        run_batch("relax", [tmp_path / "missing.cif"], model="emt", out=tmp_path / "r.parquet", show_progress=False)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_params(["fmax"])
+    assert parse_params(["fmax=0.01", "optimizer=FIRE", "relax_cell=false"]) == {
+        "fmax": 0.01, "optimizer": "FIRE", "relax_cell": False}
+    assert main(["run", "relax", str(inputs[0]), "--model", "emt", "--out", str(tmp_path / "r.txt")]) == 2
+    assert "out must end in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_on_local_cluster_matches_in_process(tmp_path: Path):
+    inputs = make_inputs(tmp_path / "in", n_small=2, n_large=1)
+    out_cluster = tmp_path / "cluster.csv"
+    assert main(["run", "single_point", str(tmp_path / "in"), "--model", "emt", "--out", str(out_cluster),
+                 "--cluster", "local", "--workers", "1", "--no-progress"]) == 0
+    out_local = tmp_path / "local.csv"
+    assert main(["run", "single_point", str(tmp_path / "in"), "--model", "emt", "--out", str(out_local),
+                 "--no-progress"]) == 0
+    a, b = pd.read_csv(out_cluster), pd.read_csv(out_local)
+    assert list(a["key"]) == list(b["key"]) and len(a) == len(inputs)
+    np.testing.assert_allclose(a["energy_eV"], b["energy_eV"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a["max_force_eV_per_A"], b["max_force_eV_per_A"], rtol=0, atol=1e-12)
+    assert not os.path.exists(str(out_cluster) + ".tmp")

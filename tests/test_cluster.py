@@ -1,0 +1,215 @@
+"""matcalc.cluster on a small CPU LocalCluster (1 worker process, 1 task thread, EMT)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+import matcalc as mc
+from matcalc import cluster
+from matcalc.cluster import TaskCancelledError, TaskStatus, TaskTimeoutError
+
+
+def cu(n: int = 2, rattle: float = 0.05, seed: int = 0):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(n)
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def wait_for(cond, timeout: float = 60.0, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return cond()
+
+
+def blocker(cl, **kw):
+    """A relaxation that runs until stopped (tiny fmax, huge step limit)."""
+    return cl.submit("relax", cu(3, 0.2, seed=7), model="emt", fmax=1e-12, max_steps=10**7, optimizer="FIRE",
+                     relax_cell=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def cl():
+    with cluster.start(n_gpus=0, n_workers=1, threads_per_worker=1, preload=("emt",), dashboard=False,
+                       torch_threads=1) as c:
+        yield c
+
+
+def test_workers_report_setup_and_env(cl):
+    (info,) = cl.workers()
+    assert info["nthreads"] == 1
+    assert info["torch_threads"] == 1
+    assert "emt" in info["models"]  # preloaded
+    assert info["gpu"] is None and info["device"] == "cpu"
+    env = cl.client.run(cluster.worker.worker_environ)
+    (worker_env,) = env.values()
+    assert "MALLOC_TRIM_THRESHOLD_" not in worker_env
+    assert worker_env["OMP_NUM_THREADS"] == "1"
+
+
+def test_results_equal_in_process(cl):
+    atoms = cu(2, 0.1, seed=3)
+    task = cl.submit(mc.relax, atoms, model="emt", fmax=1e-3, optimizer="BFGS", relax_cell=False)
+    sp = cl.submit("single_point", atoms, model="emt", task_id="sp-equal")
+    remote = task.result(120)
+    local = mc.relax(atoms, "emt", fmax=1e-3, optimizer="BFGS", relax_cell=False)
+    assert task.status == TaskStatus.COMPLETED and task.id and sp.id == "sp-equal"
+    assert remote.steps == local.steps
+    np.testing.assert_allclose(remote.energies_eV, local.energies_eV, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(remote.final_structure.positions, local.final_structure.positions, atol=1e-10)
+    # and against plain ASE on the same model
+    ref = atoms.copy()
+    ref.calc = EMT()
+    e0 = ref.get_potential_energy()
+    assert sp.result(60).energy_eV == pytest.approx(e0, abs=1e-10)
+    np.testing.assert_allclose(sp.result().forces_eV_per_A, ref.get_forces(), atol=1e-10)
+    frame = cl.gather_frame([task, sp])
+    assert list(frame["task_id"]) == [task.id, "sp-equal"]
+    assert frame["error"].isna().all()
+    assert frame.loc[1, "energy_eV"] == pytest.approx(e0, abs=1e-10)
+    d = task.to_dict()
+    assert d["status"] == "COMPLETED" and d["result"]["kind"] == "relax" and d["worker"]
+
+
+def test_progress_events_arrive_during_relaxation(cl):
+    events, during = [], []
+    task = cl.submit("relax", cu(2, 0.25, seed=11), model="emt", fmax=1e-5, optimizer="FIRE", relax_cell=False,
+                     max_steps=3000)
+
+    def on_progress(t, event):
+        events.append(event)
+        during.append(not t.done())
+
+    task.add_progress_callback(on_progress)
+    result = task.result(120)
+    assert result.steps > 50
+    assert len(events) >= 2 and any(during)
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps)
+    assert all(e["stage"] == "relax" and e["total_steps"] == 3000 for e in events)
+    assert events[-1]["step"] == result.steps  # the last step is always delivered
+    assert events[-1]["energy_eV"] == pytest.approx(result.final_energy_eV, abs=1e-9)
+    assert task.progress == events[-1]
+    messages = [r["message"] for r in task.logs]
+    assert any("relax: converged" in m for m in messages)
+    assert all(r["task_id"] == task.id for r in task.logs)
+
+
+def test_failing_task_leaves_cluster_healthy(cl):
+    bad = cl.submit("relax", cu(), model="emt", fmax=-1.0, retries=3)  # invalid input: never retried
+    silicon = cl.submit("single_point", bulk("Si"), model="emt")  # EMT has no Si parameters
+    unreadable = cl.submit("single_point", "not a structure at all\n\n", model="emt")
+    good = cl.map("single_point", [cu(2, 0.05, seed=s) for s in range(3)], model="emt")
+    assert isinstance(bad.exception(60), ValueError) and "fmax" in str(bad.exception())
+    assert bad.status == TaskStatus.FAILED and bad.attempts == 1
+    with pytest.raises(ValueError):
+        bad.result()
+    assert silicon.exception(60) is not None and silicon.status == TaskStatus.FAILED
+    assert unreadable.status == TaskStatus.FAILED and isinstance(unreadable.exception(), mc.StructureError)
+    assert all(t.result(60).energy_eV for t in good)
+    frame = cl.gather_frame([bad, *good])
+    assert frame["error"].notna().tolist() == [True, False, False, False]
+    assert frame.loc[0, "status"] == "FAILED" and "fmax" in frame.loc[0, "error"]
+
+
+def test_invalid_submission_arguments(cl):
+    with pytest.raises(ValueError, match="priority"):
+        cl.submit("single_point", cu(), model="emt", priority="URGENT")
+    with pytest.raises(ValueError, match="timeout_s"):
+        cl.submit("single_point", cu(), model="emt", timeout_s=0)
+    with pytest.raises(ValueError, match="retries"):
+        cl.submit("single_point", cu(), model="emt", retries=-1)
+    with pytest.raises(ValueError, match="unknown property"):
+        cl.submit("melting_point", cu(), model="emt")
+    t = cl.submit("single_point", cu(), model="emt", task_id="dup")
+    with pytest.raises(ValueError, match="task_id"):
+        cl.submit("single_point", cu(), model="emt", task_id="dup")
+    t.result(60)
+
+
+def test_priorities_reorder_queued_work(cl):
+    block = blocker(cl, task_id="prio-blocker")
+    assert wait_for(lambda: block.status == TaskStatus.RUNNING)
+    order = ["LOW", "LOW", "NORMAL", "HIGH", "LOW", "HIGH", "CRITICAL"]
+    tasks = [cl.submit("single_point", cu(1), model="emt", priority=p, task_id=f"prio-{i}-{p}")
+             for i, p in enumerate(order)]
+    # all wait on the worker's queue (ASSIGNED), behind the running blocker
+    assert wait_for(lambda: all(t.status == TaskStatus.ASSIGNED for t in tasks))
+    assert block.cancel()
+    for t in tasks:
+        t.result(60)
+    ran = [t.id for t in sorted(tasks, key=lambda t: t.started_at)]
+    assert ran == ["prio-6-CRITICAL", "prio-3-HIGH", "prio-5-HIGH", "prio-2-NORMAL",
+                   "prio-0-LOW", "prio-1-LOW", "prio-4-LOW"]
+
+
+def test_cancel_queued_and_running(cl):
+    block = blocker(cl)
+    queued = cl.submit("single_point", cu(), model="emt")
+    assert wait_for(lambda: block.status == TaskStatus.RUNNING)
+    assert queued.status in (TaskStatus.QUEUED, TaskStatus.ASSIGNED)
+    assert queued.cancel()
+    assert queued.status == TaskStatus.CANCELLED
+    with pytest.raises(TaskCancelledError):
+        queued.result(1)
+    assert not queued.cancel()  # already finished
+    assert block.cancel()
+    assert block.status == TaskStatus.CANCELLED
+    # the worker thread stops at the next optimizer step and is free again
+    assert wait_for(lambda: cl.workers()[0]["running_tasks"] == [], timeout=60, every=0.3)
+    after = cl.submit("single_point", cu(), model="emt")
+    assert after.result(60).n_atoms == 32
+    assert queued.started_at is None  # never ran
+
+
+def test_timeout(cl):
+    slow = blocker(cl, timeout_s=1.0)
+    with pytest.raises(TaskTimeoutError):
+        slow.result(60)
+    assert slow.status == TaskStatus.TIMEOUT
+    assert slow.started_at is not None
+    assert wait_for(lambda: cl.workers()[0]["running_tasks"] == [], timeout=60, every=0.3)
+    assert cl.submit("single_point", cu(), model="emt").result(60)
+
+
+def test_retry_only_transient_errors(cl, tmp_path: Path):
+    marker = str(tmp_path / "first-attempt-done")
+
+    def flaky(structure, model, **params):  # nested: cloudpickle ships it by value
+        import os
+
+        from matcalc.calculations.single_point import single_point
+
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return single_point(structure, model, **params)
+
+    retried = cl.submit(flaky, cu(), model="emt", retries=1)
+    assert retried.result(60).n_atoms == 32
+    assert retried.attempts == 2 and retried.status == TaskStatus.COMPLETED and retried.property == "flaky"
+    Path(marker).unlink()
+    no_retry = cl.submit(flaky, cu(), model="emt", retries=0)
+    assert "out of memory" in str(no_retry.exception(60)) and no_retry.status == TaskStatus.FAILED
+
+
+def test_gpus_without_gpu(monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cluster.gpus() == []
+        usable, reason = cluster.cuda_status()
+        assert not usable and "GPU" in reason
+    gpu_module = sys.modules["matcalc.cluster.gpus"]  # (the package exports the function under that name)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    monkeypatch.setattr(gpu_module, "_NVML_READY", None)
+    assert cluster.gpus() == []
