@@ -430,9 +430,10 @@ def stability(
     rng = np.random.default_rng(params["seed"])
     MaxwellBoltzmannDistribution(atoms, temperature_K=t_target, rng=rng)
     Stationary(atoms)
-    with pywarnings.catch_warnings():
-        pywarnings.simplefilter("ignore", UserWarning)  # "PBC ignored for the inertia tensor": intended
-        ZeroRotation(atoms)
+    spin = atoms.copy()  # non-periodic copy: ASE warns that the inertia tensor ignores PBC
+    spin.pbc = False
+    ZeroRotation(spin)
+    atoms.set_momenta(spin.get_momenta())
 
     nvt, npt = params["nvt_steps"], params["npt_steps"]
     total = nvt + npt
