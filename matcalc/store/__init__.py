@@ -19,6 +19,7 @@ from matcalc.store.models import (
 )
 from matcalc.store.repository import (
     ImmutableResultError,
+    NewStructure,
     NewTask,
     NotFoundError,
     Page,
@@ -33,6 +34,7 @@ __all__ = [
     "Alert",
     "CustomModel",
     "ImmutableResultError",
+    "NewStructure",
     "NewTask",
     "NotFoundError",
     "Page",

@@ -77,6 +77,17 @@ class NewTask:
 
 
 @dataclass
+class NewStructure:
+    """A parsed structure to store (deduplicated by hash) together with new tasks."""
+
+    atoms: Atoms
+    content: str
+    format: str
+    name: str | None = None
+    source: str = "upload"
+
+
+@dataclass
 class Page:
     """One page of a listing."""
 
@@ -184,17 +195,22 @@ class Store:
     def add_structure(self, atoms: Atoms, content: str, fmt: str, *, name: str | None = None,
                       source: str = "upload") -> tuple[Structure, bool]:
         """Store a structure unless one with the same hash exists; ``(row, created)``."""
+        with self.write() as s:
+            return self._upsert_structure(s, NewStructure(atoms, content, fmt, name, source))
+
+    @staticmethod
+    def _upsert_structure(s: Session, new: NewStructure) -> tuple[Structure, bool]:
         from matcalc.structures import formula, structure_hash
 
-        sid = structure_hash(atoms)
-        with self.write() as s:
-            existing = s.get(Structure, sid)
-            if existing is not None:
-                return existing, False
-            row = Structure(id=sid, content=content, format=fmt, formula=formula(atoms), n_atoms=len(atoms),
-                            periodic=bool(atoms.pbc.all()), name=name, source=source,
-                            size_bytes=len(content.encode()))
-            s.add(row)
+        sid = structure_hash(new.atoms)
+        existing = s.get(Structure, sid)
+        if existing is not None:
+            return existing, False
+        row = Structure(id=sid, content=new.content, format=new.format, formula=formula(new.atoms),
+                        n_atoms=len(new.atoms), periodic=bool(new.atoms.pbc.all()), name=new.name,
+                        source=new.source, size_bytes=len(new.content.encode()), created_at=utcnow())
+        s.add(row)
+        s.flush()
         return row, True
 
     def get_structure(self, structure_id: str) -> Structure:
@@ -217,11 +233,15 @@ class Store:
         return Page(list(rows), total, page, page_size)
 
     # ------------------------------------------------------------- tasks
-    def create_tasks(self, new: Sequence[NewTask], *, batch_id: str | None = None) -> list[Task]:
-        """Insert all ``new`` tasks (status PENDING) in one transaction: all or nothing."""
+    def create_tasks(self, new: Sequence[NewTask], *, batch_id: str | None = None,
+                     structures: Sequence[NewStructure] = ()) -> list[Task]:
+        """Insert ``structures`` (unless stored) and all ``new`` tasks (status PENDING) in one
+        transaction: all or nothing."""
         times = _creation_times(len(new))
         rows = []
         with self.write() as s:
+            for st in structures:
+                self._upsert_structure(s, st)
             for n, now in zip(new, times, strict=True):
                 prio = Priority(n.priority)
                 row = Task(type=n.type, model=n.model, structure_id=n.structure_id, parameters=dict(n.parameters),
@@ -242,6 +262,12 @@ class Store:
         if row is None:
             raise NotFoundError(f"task {task_id!r} not found")
         return row
+
+    def get_tasks(self, task_ids: Sequence[str]) -> list[Task]:
+        """Tasks by id, in the order given (missing ids are skipped)."""
+        with self.read() as s:
+            rows = {r.id: r for r in s.scalars(select(Task).where(Task.id.in_(list(task_ids)))).all()}
+        return [rows[t] for t in task_ids if t in rows]
 
     def list_tasks(self, filters: TaskFilter | None = None, page: int = 1, page_size: int = 50) -> Page:
         """Newest first."""
@@ -418,6 +444,7 @@ class Store:
 
 __all__ = [
     "ImmutableResultError",
+    "NewStructure",
     "NewTask",
     "NotFoundError",
     "Page",

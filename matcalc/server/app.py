@@ -1,0 +1,151 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Everything under ``/api/v1``; OpenAPI at ``/openapi.json``, ``/docs`` and ``/redoc``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import matcalc
+from matcalc.server.auth import RateLimiter
+from matcalc.server.config import Settings
+from matcalc.server.errors import ApiError, ErrorCode, error_table
+from matcalc.server.events import EventBus
+from matcalc.server.executor import Executor, make_executor
+from matcalc.server.middleware import RequestContextMiddleware, install_log_filter, request_id_var
+from matcalc.server.service import TaskService
+from matcalc.store import Store
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+DESCRIPTION = """Materials properties with universal ML interatomic potentials, over REST.
+
+Every response is an envelope `{success, code, message, data, timestamp, request_id}`. Errors carry
+a stable 5-digit `code`: 10xxx system, 20xxx auth, 30xxx resource, 40xxx request, 50xxx task.
+Send `X-API-Key` when the server has keys configured. Every response has an `X-Request-ID`.
+"""
+
+
+def _envelope(code: ErrorCode, message: str, data: Any = None) -> dict[str, Any]:
+    return {"success": code == ErrorCode.OK, "code": int(code), "message": message, "data": data,
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "request_id": request_id_var.get()}
+
+
+def ok(data: Any = None, message: str = "ok") -> dict[str, Any]:
+    """A success envelope around ``data``."""
+    return _envelope(ErrorCode.OK, message, data)
+
+
+def error_response(code: ErrorCode, message: str, data: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(_envelope(code, message, data), status_code=code.http_status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        if exc.code.http_status >= 500:
+            log.error("%s: %s", exc.code.name, exc.message)
+        return error_response(exc.code, exc.message, exc.data, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
+                  for e in exc.errors()]
+        if any(e["type"] == "json_invalid" for e in errors):
+            return error_response(ErrorCode.MALFORMED_JSON, "malformed JSON body: " + _validation_message(errors),
+                                  {"errors": errors})
+        return error_response(ErrorCode.VALIDATION_ERROR, _validation_message(errors), {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
+                415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 413: ErrorCode.PAYLOAD_TOO_LARGE,
+                400: ErrorCode.VALIDATION_ERROR, 422: ErrorCode.VALIDATION_ERROR}.get(exc.status_code)
+        if code is None:
+            code = ErrorCode.INTERNAL_ERROR if exc.status_code >= 500 else ErrorCode.VALIDATION_ERROR
+        return JSONResponse(_envelope(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, OperationalError):
+            log.error("database error: %s", exc)
+            return error_response(ErrorCode.DATABASE_UNAVAILABLE, "database error; retry later")
+        log.exception("unhandled error")
+        return error_response(ErrorCode.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); request id "
+                              f"{request_id_var.get()}")
+
+
+def create_app(settings: Settings | None = None, *, executor: Executor | None = None) -> FastAPI:
+    """The matcalc REST application. The store is opened (and migrated) and the executor started
+    in the app's lifespan; unfinished tasks from a previous run are requeued then."""
+    settings = settings or Settings()
+    settings.check_security()
+    install_log_filter()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        store = Store(settings.db_url)
+        ex = executor or make_executor(settings.cluster, settings.workers, settings.device)
+        service = TaskService(store, ex, max_atoms=settings.max_atoms, max_batch=settings.max_batch,
+                              default_timeout_s=settings.default_timeout_s,
+                              progress_interval_s=settings.progress_interval_s, bus=app.state.bus)
+        app.state.store = store
+        app.state.service = service
+        n = await anyio.to_thread.run_sync(service.start)
+        log.info("matcalc server ready (executor %s, %d task(s) requeued, db %s)", ex.name, n,
+                 settings.redacted()["db_url"] or "default")
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(service.shutdown, settings.shutdown_timeout_s)
+            store.close()
+            log.info("matcalc server stopped")
+
+    app = FastAPI(
+        title="matcalc",
+        version=matcalc.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url="/redoc",
+        openapi_tags=[{"name": "tasks"}, {"name": "structures"}, {"name": "models"}, {"name": "system"}],
+    )
+    app.state.settings = settings
+    app.state.bus = EventBus()
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.state.error_codes = error_table()
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+
+    from matcalc.server.routes import models, structures, system, tasks
+
+    for module in (tasks, structures, models, system):
+        app.include_router(module.router, prefix=API_PREFIX)
+    return app

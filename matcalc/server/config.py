@@ -1,0 +1,155 @@
+"""Server settings: defaults < config file (TOML) < environment (``MATCALC_*``) < command-line flags.
+
+The config file is ``--config PATH``, else ``$MATCALC_CONFIG``, else ``~/.matcalc/config.toml`` if it
+exists. Keys are the field names of :class:`Settings`, at top level or in a ``[server]`` table.
+Environment variables are ``MATCALC_`` + the upper-case field name (``MATCALC_PORT=9000``);
+list fields take comma-separated values (``MATCALC_API_KEYS=k1,k2``; ``MATCALC_API_KEY`` adds one).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_CONFIG_FILE = Path("~/.matcalc/config.toml")
+SECRET_FIELDS = ("api_keys",)
+
+
+class Settings(BaseModel):
+    """Everything ``matcalc serve`` can be configured with (units in the names)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db_url: str | None = None
+    """Database URL (default ``$MATCALC_DB_URL`` or ``sqlite:///~/.matcalc/matcalc.db``)."""
+    cluster: str = "inprocess"
+    """``inprocess`` (threads in the server), ``local`` (a dask cluster started here) or a scheduler address."""
+    workers: int = Field(2, ge=0, le=256)
+    """In-process worker threads (``0``: accept and queue tasks without running them)."""
+    device: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
+    """Accepted ``X-API-Key`` values; required when ``host`` is not a loopback address."""
+    rate_limit_per_s: float = Field(50.0, ge=0)
+    """Sustained requests per second per API key (or client address); ``0`` disables the limit."""
+    rate_limit_burst: int = Field(500, ge=1)
+    max_upload_mb: float = Field(100.0, gt=0)
+    max_atoms: int = Field(10_000, ge=1)
+    max_batch: int = Field(1000, ge=1)
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+    """Graceful shutdown waits this long for running tasks, then leaves them to be requeued."""
+    default_timeout_s: float | None = Field(None, gt=0)
+    progress_interval_s: float = Field(0.5, ge=0)
+    """Store at most one progress update per task per interval (s)."""
+    log_level: str = "info"
+    config_file: str | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if len(k) < 8 or any(c.isspace() for c in k):
+                raise ValueError("api keys must be at least 8 characters without spaces")
+        return v
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def check_security(self) -> None:
+        """Refuse to serve beyond loopback without an API key."""
+        if not self.loopback and not self.api_keys:
+            raise ValueError(
+                f"refusing to bind to {self.host!r} without an API key: set --api-key, MATCALC_API_KEY(S) "
+                "or api_keys in the config file (only loopback addresses may run without one)")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets replaced by ``***``."""
+        from matcalc.store.db import redact_url
+
+        d = self.model_dump()
+        for name in SECRET_FIELDS:
+            d[name] = ["***"] * len(d[name])
+        if d.get("db_url"):
+            d["db_url"] = redact_url(d["db_url"])
+        if "://" in d["cluster"] and "@" in d["cluster"]:
+            d["cluster"] = redact_url(d["cluster"])
+        return d
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        key = f"MATCALC_{name.upper()}"
+        if key in env and env[key].strip() != "":
+            out[name] = env[key]
+    if env.get("MATCALC_API_KEY", "").strip():
+        keys = Settings._split_keys(out.get("api_keys", "")) or []
+        out["api_keys"] = [*keys, env["MATCALC_API_KEY"].strip()]
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read config file {path}: {exc}") from exc
+    section = data.get("server", data)
+    if not isinstance(section, dict):
+        raise ValueError(f"config file {path}: [server] must be a table")
+    unknown = sorted(set(section) - set(Settings.model_fields) - {"server"})
+    if unknown:
+        raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return {k: v for k, v in section.items() if k != "server"}
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                  config_file: str | Path | None = None) -> Settings:
+    """Merge defaults, the config file, ``MATCALC_*`` variables and ``flags`` (``None`` values = unset)."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    path: Path | None = None
+    if config_file is not None:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+    elif env.get("MATCALC_CONFIG"):
+        path = Path(env["MATCALC_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path} (from MATCALC_CONFIG)")
+    elif DEFAULT_CONFIG_FILE.expanduser().is_file():
+        path = DEFAULT_CONFIG_FILE.expanduser()
+    merged: dict[str, Any] = {}
+    if path is not None:
+        merged.update(_from_file(path))
+        merged["config_file"] = str(path)
+    merged.update(_from_env(env))
+    merged.update(flags)
+    return Settings(**merged)

@@ -1,0 +1,123 @@
+"""ASGI middleware: request ids (``X-Request-ID`` on every response and in every log line),
+the request-body size limit, and one access-log line per request."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from matcalc.server.errors import ErrorCode
+
+access_log = logging.getLogger("matcalc.server.access")
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("matcalc_request_id", default="-")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``record.request_id`` (``-`` outside a request) to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
+
+
+def install_log_filter() -> None:
+    """Attach :class:`RequestIdFilter` to the root handlers (so formatters may use %(request_id)s)."""
+    root = logging.getLogger()
+    for h in root.handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in h.filters):
+            h.addFilter(RequestIdFilter())
+
+
+def error_body(code: ErrorCode, message: str, data: Any = None, request_id: str | None = None) -> bytes:
+    return json.dumps({"success": False, "code": int(code), "message": message, "data": data,
+                       "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                       "request_id": request_id or request_id_var.get()}).encode()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    """Request id + body limit + access log, as one pure ASGI middleware (works with streaming bodies)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = ""
+        length: int | None = None
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                given = v.decode("latin-1")
+            elif k == b"content-length":
+                try:
+                    length = int(v)
+                except ValueError:
+                    length = None
+        rid = given if _VALID_ID.match(given or "") else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status = {"code": 0}
+        started = {"sent": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started["sent"] = True
+                status["code"] = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        received = {"n": 0}
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                received["n"] += len(message.get("body", b""))
+                if received["n"] > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            if length is not None and length > self.max_body_bytes:
+                await self._too_large(send_wrapper, length)
+            else:
+                try:
+                    await self.app(scope, receive_wrapper, send_wrapper)
+                except _BodyTooLarge:
+                    if started["sent"]:
+                        raise
+                    await self._too_large(send_wrapper, received["n"])
+        finally:
+            dt = time.perf_counter() - t0
+            access_log.info("%s %s %s %.1f ms", scope.get("method"), scope.get("path"), status["code"], dt * 1e3,
+                            extra={"request_id": rid, "status": status["code"], "duration_s": dt})
+            request_id_var.reset(token)
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        limit_mb = self.max_body_bytes / 1024 / 1024
+        body = error_body(ErrorCode.PAYLOAD_TOO_LARGE,
+                          f"request body of {size} bytes or more exceeds the upload limit of {limit_mb:g} MB",
+                          {"max_bytes": self.max_body_bytes})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

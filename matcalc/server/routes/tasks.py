@@ -1,0 +1,143 @@
+"""Task endpoints: submit (one per type, or a batch), list, get, result, cancel, logs.
+
+(The live log stream, ``GET /tasks/{id}/logs/stream``, belongs to the observability layer and
+subscribes to ``app.state.bus``.)
+"""
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+
+from matcalc.server.app import ok
+from matcalc.server.auth import require_api_key
+from matcalc.server.errors import ApiError, ErrorCode
+from matcalc.server.routes import COMMON_ERRORS, error_responses, service, store
+from matcalc.server.schemas import (
+    REQUEST_TYPES,
+    BatchOut,
+    BatchRequest,
+    CancelOut,
+    Envelope,
+    LogOut,
+    PriorityName,
+    StatusName,
+    TaskOut,
+    TaskPage,
+    TaskRequestBase,
+    TaskResultOut,
+)
+from matcalc.store import NotFoundError, TaskFilter
+
+router = APIRouter(prefix="/tasks", tags=["tasks"], dependencies=[Depends(require_api_key)],
+                   responses=COMMON_ERRORS)
+
+TaskId = Annotated[str, Path(min_length=1, max_length=64, description="task id")]
+
+
+def _get(request: Request, task_id: str) -> Any:
+    try:
+        return store(request).get_task(task_id)
+    except NotFoundError as exc:
+        raise ApiError(ErrorCode.TASK_NOT_FOUND, f"task {task_id!r} not found") from exc
+
+
+def _submit_one(request: Request, body: TaskRequestBase) -> dict[str, Any]:
+    _, rows = service(request).submit([body])
+    return ok(TaskOut.of(rows[0]), f"{body.type} task queued")
+
+
+def _make_submit(task_type: str, req_cls: type[TaskRequestBase]) -> None:
+    def submit(request: Request, body: req_cls) -> dict[str, Any]:  # type: ignore[valid-type]
+        return _submit_one(request, body)
+
+    submit.__name__ = f"submit_{task_type.replace('-', '_')}"
+    submit.__doc__ = f"Submit a {task_type} task. {req_cls.__doc__ or ''}".strip()
+    router.add_api_route(f"/{task_type}", submit, methods=["POST"], status_code=status.HTTP_201_CREATED,
+                         response_model=Envelope[TaskOut], summary=f"Submit a {task_type} task",
+                         responses=error_responses(409))
+
+
+for _type, _cls in REQUEST_TYPES.items():
+    _make_submit(_type, _cls)
+
+
+@router.post("/batch", status_code=status.HTTP_201_CREATED, response_model=Envelope[BatchOut],
+             summary="Submit many tasks atomically")
+def submit_batch(request: Request, body: BatchRequest) -> dict[str, Any]:
+    """Every task is validated first; if any is invalid nothing is stored and the error names its index."""
+    batch_id, rows = service(request).submit(body.tasks, batch=True)
+    assert batch_id is not None
+    return ok(BatchOut(batch_id=batch_id, tasks=[TaskOut.of(r) for r in rows]), f"{len(rows)} tasks queued")
+
+
+@router.get("", response_model=Envelope[TaskPage], summary="List tasks (newest first)")
+def list_tasks(
+    request: Request,
+    status_: Annotated[list[StatusName] | None, Query(alias="status", description="repeat for several")] = None,
+    type: Annotated[str | None, Query(max_length=32)] = None,  # noqa: A002 - the API's name
+    model: Annotated[str | None, Query(max_length=128)] = None,
+    priority: PriorityName | None = None,
+    batch_id: Annotated[str | None, Query(max_length=32)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    for name, value in (("created_after", created_after), ("created_before", created_before)):
+        if value is not None and value.tzinfo is None:
+            raise ApiError(ErrorCode.VALIDATION_ERROR, f"{name} needs a timezone (e.g. 2026-01-01T00:00:00Z)")
+    f = TaskFilter(status=status_, type=type, model=model, priority=priority, batch_id=batch_id,
+                   created_after=created_after, created_before=created_before)
+    p = store(request).list_tasks(f, page=page, page_size=page_size)
+    return ok(TaskPage(items=[TaskOut.of(t) for t in p.items], total=p.total, page=p.page, page_size=p.page_size))
+
+
+@router.get("/{task_id}", response_model=Envelope[TaskOut], responses=error_responses(404), summary="Get a task")
+def get_task(request: Request, task_id: TaskId) -> dict[str, Any]:
+    return ok(TaskOut.of(_get(request, task_id)))
+
+
+@router.get("/{task_id}/result", response_model=Envelope[TaskResultOut], responses=error_responses(404, 409),
+            summary="The result of a completed task")
+def get_result(request: Request, task_id: TaskId) -> dict[str, Any]:
+    """``data.result`` is ``Result.to_dict()``; rebuild the dataclass with ``matcalc.Result.from_dict``."""
+    row = _get(request, task_id)
+    if row.status == "COMPLETED":
+        return ok(TaskResultOut(task_id=row.id, type=row.type, kind=(row.result or {}).get("kind"),
+                                result=row.result or {}))
+    code = {"FAILED": ErrorCode.TASK_FAILED, "CANCELLED": ErrorCode.TASK_CANCELLED,
+            "TIMEOUT": ErrorCode.TASK_TIMED_OUT}.get(row.status, ErrorCode.TASK_NOT_FINISHED)
+    msg = f"task {row.id} is {row.status}" + (f": {row.error}" if row.error else "")
+    raise ApiError(code, msg, data={"status": row.status, "error": row.error})
+
+
+@router.post("/{task_id}/cancel", response_model=Envelope[CancelOut], responses=error_responses(404, 409),
+             summary="Cancel a queued or running task")
+def cancel_task(request: Request, task_id: TaskId) -> dict[str, Any]:
+    _get(request, task_id)
+    changed, status_after = service(request).cancel(task_id)
+    if not changed:
+        raise ApiError(ErrorCode.TASK_ALREADY_FINISHED, f"task {task_id} already finished ({status_after})",
+                       data={"status": status_after})
+    return ok(CancelOut(task_id=task_id, status=status_after, cancelled=True), "task cancelled")
+
+
+@router.get("/{task_id}/logs", response_model=Envelope[list[LogOut]], responses=error_responses(404),
+            summary="Stored log lines of a task")
+async def task_logs(
+    request: Request,
+    task_id: TaskId,
+    level: Annotated[str | None, Query(pattern="^(?i:debug|info|warning|error|critical)$",
+                                       description="minimum level")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="continue after this log id")] = None,
+) -> dict[str, Any]:
+    def fetch() -> list[LogOut]:
+        _get(request, task_id)
+        rows = store(request).get_logs(task_id, level=level, limit=limit, after=after)
+        return [LogOut(id=r.id, timestamp=r.timestamp, level=r.level, event=r.event, message=r.message, data=r.data)
+                for r in rows]
+
+    return ok(await run_in_threadpool(fetch))

@@ -1,0 +1,346 @@
+"""Pydantic schemas of the REST API: the envelope, task requests per type, and responses.
+
+Every response is an :class:`Envelope`; every parameter has its unit in its name and the same
+meaning (and default from the protocol when omitted) as the Python function's keyword.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+T = TypeVar("T")
+
+TASK_TYPES: dict[str, str] = {
+    "optimization": "relax",
+    "single-point": "single_point",
+    "bulk-modulus": "bulk_modulus",
+    "heat-capacity": "heat_capacity",
+    "stability": "stability",
+    "interaction-energy": "interaction_energy",
+}
+"""REST task type -> property function name (``matcalc.calculations.property_function``)."""
+
+PriorityName = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
+StatusName = Literal["PENDING", "QUEUED", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"]
+FormatName = Literal["cif", "vasp", "poscar", "xyz", "extxyz"]
+OptimizerName = Literal["FIRE", "BFGS", "LBFGS", "MDMin"]
+NotifyEvent = Literal["task.started", "task.progress", "task.completed", "task.failed", "task.cancelled",
+                      "task.timeout"]
+GAS_NAMES = ("CO2", "H2O", "N2", "CH4")
+
+PosInt = Annotated[int, Field(ge=1, le=10_000_000)]
+Steps = Annotated[int, Field(ge=0, le=10_000_000)]
+Fmax = Annotated[float, Field(gt=0, le=100, description="force convergence threshold (eV/Å)")]
+
+
+# ----------------------------------------------------------------------------- envelope
+class Envelope(BaseModel, Generic[T]):
+    """The shape of every response."""
+
+    success: bool
+    code: int = Field(description="0 on success, else a stable 5-digit error code")
+    message: str
+    data: T | None = None
+    timestamp: datetime
+    request_id: str
+
+
+class ErrorEnvelope(Envelope[dict[str, Any]]):
+    """An error response (``success`` false); ``data`` may hold details such as ``errors``."""
+
+
+# ----------------------------------------------------------------------------- task requests
+class TaskRequestBase(BaseModel):
+    """Fields every task type shares. Give the structure in exactly one way."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    structure: str | None = Field(None, min_length=1, description="inline structure file contents (CIF, XYZ/extXYZ or POSCAR)")
+    format: FormatName | None = Field(None, description="format of `structure` (default: detected)")
+    structure_id: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="id of an uploaded structure")
+    builtin: str | None = Field(None, min_length=1, max_length=64, description="name of a structure shipped with matcalc (GET /structures/builtin)")
+    model: str = Field("chgnet", min_length=1, max_length=128, description="model name (GET /models)")
+    protocol: Literal["mofsimbench", "fast"] | None = Field(None, description="parameter preset (default mofsimbench)")
+    priority: PriorityName = "NORMAL"
+    timeout_s: float | None = Field(None, gt=0, le=30 * 86400, description="wall-clock limit once running (s)")
+    label: str | None = Field(None, max_length=256)
+    notify_url: str | None = Field(None, max_length=2048, pattern=r"^https?://", description="webhook receiver")
+    notify_events: list[NotifyEvent] | None = None
+    notify_secret: str | None = Field(None, max_length=256, description="HMAC-SHA256 key for webhook signatures")
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> TaskRequestBase:
+        given = [n for n in ("structure", "structure_id", "builtin") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give the structure in exactly one way: structure (text), structure_id or builtin"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.format is not None and self.structure is None:
+            raise ValueError("format applies to an inline structure only")
+        return self
+
+    def calculation_parameters(self) -> dict[str, Any]:
+        """The keyword arguments of the calculation function that were given."""
+        return {k: v for k, v in self.model_dump(exclude_none=True).items() if k not in _COMMON and k != "type"}
+
+
+class OptimizationRequest(TaskRequestBase):
+    """Relax positions (and cell): ``matcalc.relax``."""
+
+    type: Literal["optimization"] = "optimization"
+    fmax: Fmax | None = None
+    max_steps: PosInt | None = None
+    optimizer: OptimizerName | None = None
+    relax_cell: bool | None = None
+    fixed_atoms: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=100_000, description="indices of fixed atoms")
+
+
+class SinglePointRequest(TaskRequestBase):
+    """Energy, forces, stress: ``matcalc.single_point``."""
+
+    type: Literal["single-point"] = "single-point"
+
+
+class BulkModulusRequest(TaskRequestBase):
+    """Equation of state fit: ``matcalc.bulk_modulus``."""
+
+    type: Literal["bulk-modulus"] = "bulk-modulus"
+    strain: float | None = Field(None, gt=0, lt=0.5, description="volume range ±strain around V0")
+    n_points: int | None = Field(None, ge=5, le=101)
+    eos: Literal["birchmurnaghan", "murnaghan", "vinet", "sj"] | None = None
+    relax_first: bool | None = None
+    fmax: Fmax | None = None
+    relax_max_steps: PosInt | None = None
+    relax_optimizer: OptimizerName | None = None
+    fixed_cell_max_steps: Steps | None = None
+    fixed_cell_optimizer: OptimizerName | None = None
+
+
+class HeatCapacityRequest(TaskRequestBase):
+    """Phonons and thermal properties: ``matcalc.heat_capacity``."""
+
+    type: Literal["heat-capacity"] = "heat-capacity"
+    supercell: list[Annotated[int, Field(ge=1, le=20)]] | None = Field(None, min_length=3, max_length=3)
+    displacement: float | None = Field(None, gt=0, le=0.5, description="Å")
+    mesh: float | list[Annotated[int, Field(ge=1, le=1000)]] | None = Field(None, description="mesh density or 3 ints")
+    t_min: float | None = Field(None, ge=0, le=1e5, description="K")
+    t_max: float | None = Field(None, ge=0, le=1e5, description="K")
+    t_step: float | None = Field(None, gt=0, le=1e5, description="K")
+    relax_first: bool | None = None
+    fmax: Fmax | None = None
+    relax_max_steps: PosInt | None = None
+    relax_optimizer: OptimizerName | None = None
+
+    @model_validator(mode="after")
+    def _temperatures(self) -> HeatCapacityRequest:
+        if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
+            raise ValueError(f"t_max ({self.t_max} K) must not be below t_min ({self.t_min} K)")
+        if isinstance(self.mesh, list) and len(self.mesh) != 3:
+            raise ValueError("mesh must be a number or three integers")
+        if isinstance(self.mesh, float) and not self.mesh > 0:
+            raise ValueError("mesh must be positive")
+        return self
+
+
+class StabilityRequest(TaskRequestBase):
+    """Molecular-dynamics stability: ``matcalc.stability``."""
+
+    type: Literal["stability"] = "stability"
+    temperature_K: float | None = Field(None, gt=0, le=1e4)
+    timestep_fs: float | None = Field(None, gt=0, le=20)
+    nvt_steps: Steps | None = None
+    npt_steps: Steps | None = None
+    pressure_bar: float | None = Field(None, ge=-1e5, le=1e6)
+    friction_per_fs: float | None = Field(None, gt=0, le=10)
+    tdamp_fs: float | None = Field(None, gt=0, le=1e6)
+    pdamp_fs: float | None = Field(None, gt=0, le=1e7)
+    ensemble: Literal["nvt", "npt"] | None = None
+    interval: PosInt | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    relax_first: bool | None = None
+    fmax: Fmax | None = None
+    relax_max_steps: PosInt | None = None
+
+
+class InteractionEnergyRequest(TaskRequestBase):
+    """Host-guest interaction energy: ``matcalc.interaction_energy``. The structure is the complex
+    (guest given by ``guest_indices`` or ``guest_tag``) or the host (then give ``guest``)."""
+
+    type: Literal["interaction-energy"] = "interaction-energy"
+    guest: str | None = Field(None, min_length=1, description=f"a gas ({', '.join(GAS_NAMES)}) or guest structure text")
+    guest_indices: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=100_000)
+    guest_tag: int | None = Field(None, ge=0, le=1_000_000)
+    position: list[float] | None = Field(None, min_length=3, max_length=3, description="guest centre (Å)")
+    box_A: float | None = Field(None, gt=0, le=1000, description="vacuum box of the isolated guest (Å)")
+
+
+_COMMON = frozenset(TaskRequestBase.model_fields)
+
+TaskRequest = Annotated[
+    OptimizationRequest | SinglePointRequest | BulkModulusRequest | HeatCapacityRequest | StabilityRequest
+    | InteractionEnergyRequest,
+    Field(discriminator="type"),
+]
+REQUEST_TYPES: dict[str, type[TaskRequestBase]] = {
+    "optimization": OptimizationRequest,
+    "single-point": SinglePointRequest,
+    "bulk-modulus": BulkModulusRequest,
+    "heat-capacity": HeatCapacityRequest,
+    "stability": StabilityRequest,
+    "interaction-energy": InteractionEnergyRequest,
+}
+
+
+class BatchRequest(BaseModel):
+    """Many tasks submitted atomically: all are stored, or none (the first problem is reported)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[TaskRequest] = Field(min_length=1, max_length=10_000)
+
+
+# ----------------------------------------------------------------------------- responses
+class TaskOut(BaseModel):
+    id: str
+    type: str
+    model: str
+    protocol: str | None
+    parameters: dict[str, Any]
+    structure_id: str
+    label: str | None
+    priority: str
+    status: StatusName
+    timeout_s: float | None
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    gpu: str | None
+    attempts: int
+    progress: dict[str, Any] | None
+    error: str | None
+    batch_id: str | None
+    notify_url: str | None
+    notify_events: list[str] | None
+    result_url: str | None = Field(description="where the result is once COMPLETED")
+
+    @classmethod
+    def of(cls, row: Any) -> TaskOut:
+        return cls(
+            id=row.id, type=row.type, model=row.model, protocol=row.protocol, parameters=row.parameters or {},
+            structure_id=row.structure_id, label=row.label, priority=row.priority, status=row.status,
+            timeout_s=row.timeout_s, created_at=row.created_at, queued_at=row.queued_at, started_at=row.started_at,
+            finished_at=row.finished_at, worker=row.worker, gpu=row.gpu, attempts=row.attempts or 0,
+            progress=row.progress, error=row.error, batch_id=row.batch_id, notify_url=row.notify_url,
+            notify_events=row.notify_events,
+            result_url=f"/api/v1/tasks/{row.id}/result" if row.status == "COMPLETED" else None,
+        )
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class BatchOut(BaseModel):
+    batch_id: str
+    tasks: list[TaskOut]
+
+
+class TaskResultOut(BaseModel):
+    task_id: str
+    type: str
+    kind: str | None = Field(description="result dataclass kind (Result.from_dict dispatches on it)")
+    result: dict[str, Any] = Field(description="Result.to_dict() of the calculation")
+
+
+class LogOut(BaseModel):
+    id: int
+    timestamp: datetime
+    level: str
+    event: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class CancelOut(BaseModel):
+    task_id: str
+    status: StatusName
+    cancelled: bool
+
+
+class StructureOut(BaseModel):
+    id: str
+    formula: str
+    n_atoms: int
+    format: str
+    periodic: bool
+    name: str | None
+    source: str
+    size_bytes: int
+    created_at: datetime
+    content: str | None = Field(None, description="the original text (GET /structures/{id} only)")
+
+    @classmethod
+    def of(cls, row: Any, with_content: bool = False) -> StructureOut:
+        return cls(id=row.id, formula=row.formula, n_atoms=row.n_atoms, format=row.format, periodic=row.periodic,
+                   name=row.name, source=row.source, size_bytes=row.size_bytes, created_at=row.created_at,
+                   content=row.content if with_content else None)
+
+
+class StructureUploadOut(StructureOut):
+    created: bool = Field(description="false when an identical structure was already stored (deduplicated)")
+
+
+class StructurePage(BaseModel):
+    items: list[StructureOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class StructureUpload(BaseModel):
+    """JSON form of a structure upload (multipart with a `file` field works too)."""
+
+    model_config = ConfigDict(extra="forbid")
+    content: str = Field(min_length=1, description="CIF, XYZ/extXYZ or POSCAR text")
+    format: FormatName | None = None
+    name: str | None = Field(None, max_length=256)
+
+
+class BuiltinOut(BaseModel):
+    name: str
+    formula: str
+    n_atoms: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    family: str
+    description: str
+    elements: str
+    cutoff_A: float | None
+    device: str
+    available: bool
+    reason: str
+    loaded: bool
+    loaded_on: list[str] = Field(default_factory=list, description="where it is loaded (process or worker addresses)")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    live: bool
+    ready: bool
+    checks: dict[str, dict[str, Any]]
+    version: str
+    uptime_s: float
+
+
+class QueueOut(BaseModel):
+    by_priority: dict[str, dict[str, int]]
+    by_status: dict[str, int]
+    executor: dict[str, Any]

@@ -1,0 +1,285 @@
+"""The task service: glue between the REST routes, the store and the executor.
+
+Submission: validate everything (structures parsed, model known) *before* writing, then store
+structures and tasks in one transaction, then hand them to the executor. The HTTP response is
+sent only after the commit. On start, every unfinished task is requeued; on shutdown, running
+tasks get ``shutdown_timeout_s`` to finish and are otherwise left QUEUED for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ase import Atoms
+
+from matcalc.server.errors import ApiError, ErrorCode
+from matcalc.server.events import EventBus
+from matcalc.server.executor import Executor, Job
+from matcalc.server.schemas import GAS_NAMES, TASK_TYPES, TaskRequestBase
+from matcalc.store import NewTask, Store, Task, TaskStatus
+from matcalc.store.repository import NewStructure
+
+log = logging.getLogger(__name__)
+
+FORMAT_ALIASES = {"poscar": "vasp", "xyz": "extxyz"}
+
+
+@dataclass
+class ParsedStructure:
+    atoms: Atoms
+    content: str
+    fmt: str
+    name: str | None
+    source: str
+
+    @property
+    def id(self) -> str:
+        from matcalc.structures import structure_hash
+
+        return structure_hash(self.atoms)
+
+    def new(self) -> NewStructure:
+        return NewStructure(self.atoms, self.content, self.fmt, name=self.name, source=self.source)
+
+
+def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, name: str | None = None,
+                    source: str = "upload", what: str = "structure") -> ParsedStructure:
+    """Read and validate uploaded structure text; errors as 40xxx :class:`ApiError` naming the problem.
+
+    Only file *contents* are accepted: a one-line string is never taken as a server path.
+    """
+    from matcalc.structures import StructureError, detect_format, read_structure, validate_structure
+
+    if isinstance(content, bytes):
+        try:
+            content = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if "\x00" in content:
+        raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: binary data (NUL bytes) is not a structure file")
+    if not content.strip():
+        raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: empty structure text")
+    if "\n" not in content.strip():
+        raise ApiError(ErrorCode.INVALID_STRUCTURE,
+                       f"{what}: expected the contents of a CIF, XYZ or POSCAR file (one line given); "
+                       "use `builtin` for shipped structures or `structure_id` for uploaded ones")
+    if fmt is not None:
+        fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
+        if fmt not in ("cif", "vasp", "extxyz"):
+            raise ApiError(ErrorCode.UNSUPPORTED_FORMAT, f"{what}: unsupported format {fmt!r}; use cif, vasp/poscar or xyz/extxyz")
+    try:
+        detected = fmt or detect_format(content)
+        atoms = read_structure(content, fmt=detected)
+    except StructureError as exc:
+        code = ErrorCode.UNSUPPORTED_FORMAT if "recognise the structure format" in str(exc) else ErrorCode.INVALID_STRUCTURE
+        raise ApiError(code, f"{what}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a parser crash on hostile input is still the input's fault
+        raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: malformed structure ({type(exc).__name__}: {exc})") from exc
+    if len(atoms) > max_atoms:
+        raise ApiError(ErrorCode.TOO_MANY_ATOMS, f"{what}: too many atoms: {len(atoms)} > limit {max_atoms}",
+                       data={"n_atoms": len(atoms), "max_atoms": max_atoms})
+    try:
+        atoms.calc = None
+        validate_structure(atoms, require_cell=False, max_atoms=None)
+    except StructureError as exc:
+        raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: {exc}") from exc
+    return ParsedStructure(atoms, content, detected, name, source)
+
+
+def builtin_structure(name: str) -> ParsedStructure:
+    from matcalc.structures import StructureError, builtin_path, load_structure
+
+    try:
+        path = builtin_path(name)
+    except StructureError as exc:
+        raise ApiError(ErrorCode.UNKNOWN_STRUCTURE, str(exc)) from exc
+    text = path.read_text()
+    return ParsedStructure(load_structure(path), text, "cif", path.stem, "builtin")
+
+
+def check_model(name: str) -> str:
+    """The normalised model name; 40005 when unknown, 30004 when it cannot load here."""
+    from matcalc.models.registry import UnknownModelError, model_card
+
+    try:
+        card = model_card(name)
+    except UnknownModelError as exc:
+        raise ApiError(ErrorCode.UNKNOWN_MODEL, str(exc)) from exc
+    if not card.available:
+        raise ApiError(ErrorCode.MODEL_UNAVAILABLE, f"model {card.name!r} is not available here: {card.reason}")
+    return card.name
+
+
+class TaskService:
+    """Owns the store and the executor; implements :class:`~matcalc.server.executor.ExecutorCallbacks`."""
+
+    def __init__(self, store: Store, executor: Executor, *, max_atoms: int = 10_000, max_batch: int = 1000,
+                 default_timeout_s: float | None = None, progress_interval_s: float = 0.5,
+                 bus: EventBus | None = None) -> None:
+        self.store = store
+        self.executor = executor
+        self.max_atoms = max_atoms
+        self.max_batch = max_batch
+        self.default_timeout_s = default_timeout_s
+        self.progress_interval_s = progress_interval_s
+        self.bus = bus or EventBus()
+        self.accepting = False
+        self._last_progress: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> int:
+        """Start the executor and requeue every unfinished task; returns how many were requeued."""
+        self.executor.start(self)
+        ids = self.store.requeue_active("server restarted")
+        for tid in ids:
+            self._dispatch(self.store.get_task(tid))
+        if ids:
+            log.info("requeued %d unfinished task(s) from the store", len(ids))
+        self.accepting = True
+        return len(ids)
+
+    def shutdown(self, timeout_s: float) -> list[str]:
+        """Stop accepting, wait up to ``timeout_s`` for running tasks, requeue the rest."""
+        self.accepting = False
+        left = self.executor.shutdown(timeout_s)
+        for tid in left:
+            self.store.requeue(tid, f"server shut down before it finished (waited {timeout_s:g} s)")
+        if left:
+            log.warning("shutdown: %d running task(s) left QUEUED for the next start", len(left))
+        return left
+
+    # -------------------------------------------------------------- submission
+    def _resolve(self, req: TaskRequestBase) -> tuple[NewTask, ParsedStructure | None]:
+        model = check_model(req.model)
+        parsed: ParsedStructure | None = None
+        if req.structure is not None:
+            parsed = parse_structure(req.structure, req.format, max_atoms=self.max_atoms, source="inline",
+                                     name=req.label, what="structure")
+            structure_id = parsed.id
+        elif req.builtin is not None:
+            parsed = builtin_structure(req.builtin)
+            structure_id = parsed.id
+        else:
+            assert req.structure_id is not None
+            if not self.store.has_structure(req.structure_id):
+                raise ApiError(ErrorCode.UNKNOWN_STRUCTURE, f"structure_id {req.structure_id!r}: no such structure "
+                               "(upload it with POST /api/v1/structures)")
+            structure_id = req.structure_id
+        params = req.calculation_parameters()
+        guest = params.get("guest")
+        if isinstance(guest, str):
+            if guest.strip().upper() in GAS_NAMES:
+                params["guest"] = guest.strip().upper()
+            else:
+                parse_structure(guest, None, max_atoms=self.max_atoms, what="guest")
+        if req.protocol is not None:
+            params["protocol"] = req.protocol
+        timeout_s = req.timeout_s if req.timeout_s is not None else self.default_timeout_s
+        label = req.label if req.label is not None else (parsed.name if parsed and parsed.source == "builtin" else None)
+        new = NewTask(type=req.type, model=model, structure_id=structure_id, parameters=params,
+                      protocol=req.protocol, priority=req.priority, timeout_s=timeout_s, label=label,
+                      notify_url=req.notify_url, notify_events=list(req.notify_events) if req.notify_events else None,
+                      notify_secret=req.notify_secret)
+        return new, parsed
+
+    def submit(self, requests: Sequence[TaskRequestBase], *, batch: bool = False) -> tuple[str | None, list[Task]]:
+        """Validate all, store all in one transaction, then queue them; ``(batch_id, tasks)``."""
+        if not self.accepting:
+            raise ApiError(ErrorCode.SHUTTING_DOWN)
+        if len(requests) > self.max_batch:
+            raise ApiError(ErrorCode.BATCH_TOO_LARGE, f"batch of {len(requests)} tasks exceeds max_batch={self.max_batch}")
+        news, structures = [], {}
+        for i, req in enumerate(requests):
+            try:
+                new, parsed = self._resolve(req)
+            except ApiError as exc:
+                if batch:
+                    exc.message = f"tasks[{i}]: {exc.message}"
+                    exc.data = {**(exc.data or {}), "index": i}
+                raise
+            news.append(new)
+            if parsed is not None:
+                structures.setdefault(parsed.id, parsed.new())
+        batch_id = uuid.uuid4().hex if batch else None
+        rows = self.store.create_tasks(news, batch_id=batch_id, structures=list(structures.values()))
+        for row in rows:
+            self._dispatch(row)
+        return batch_id, self.store.get_tasks([r.id for r in rows])
+
+    def _dispatch(self, row: Task) -> None:
+        structure = self.store.get_structure(row.structure_id)
+        params = dict(row.parameters or {})
+        job = Job(task_id=row.id, prop=TASK_TYPES.get(row.type, row.type), model=row.model,
+                  structure=structure.content, fmt=structure.format, params=params, priority=row.priority,
+                  timeout_s=row.timeout_s, label=row.label or structure.name)
+        self.store.mark_queued(row.id)
+        try:
+            self.executor.submit(job)
+        except Exception as exc:  # noqa: BLE001 - leave it QUEUED for the next start, say why
+            log.error("could not hand task %s to the executor: %s", row.id, exc)
+            self.store.add_logs([{"task_id": row.id, "level": "ERROR", "event": "log",
+                                  "message": f"executor refused the task: {exc}"}])
+            return
+        self.bus.publish(row.id, {"event": "status", "status": TaskStatus.QUEUED.value})
+
+    def cancel(self, task_id: str) -> tuple[bool, str]:
+        changed, status = self.store.cancel(task_id)
+        if changed:
+            self.executor.cancel(task_id)
+            self.bus.publish(task_id, {"event": "status", "status": status})
+        return changed, status
+
+    # -------------------------------------------------------------- executor callbacks
+    def on_started(self, task_id: str, worker: str | None, gpu: str | None) -> int | None:
+        attempt = self.store.mark_started(task_id, worker, gpu)
+        if attempt is not None:
+            self.bus.publish(task_id, {"event": "status", "status": TaskStatus.RUNNING.value, "attempt": attempt})
+        return attempt
+
+    def on_progress(self, task_id: str, event: dict[str, Any]) -> None:
+        self.bus.publish(task_id, {"event": "progress", **event})
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_progress.get(task_id, 0.0)
+            final = event.get("total_steps") is not None and event.get("step") == event.get("total_steps")
+            if now - last < self.progress_interval_s and not final:
+                return
+            self._last_progress[task_id] = now
+        self.store.set_progress(task_id, event)
+        msg = f"{event.get('stage')}: step {event.get('step')}" + (
+            f"/{event['total_steps']}" if event.get("total_steps") else "")
+        if event.get("energy_eV") is not None:
+            msg += f" E={event['energy_eV']:.6f} eV"
+        if event.get("fmax_eV_per_A") is not None:
+            msg += f" fmax={event['fmax_eV_per_A']:.3g} eV/Å"
+        self.store.add_logs([{"task_id": task_id, "level": "DEBUG", "event": "progress", "message": msg, "data": event}])
+
+    def on_log(self, task_id: str, record: dict[str, Any]) -> None:
+        entry = {"task_id": task_id, "level": str(record.get("level", "INFO")).upper(), "event": "log",
+                 "message": str(record.get("message", "")), "data": {"logger": record.get("logger")}}
+        self.bus.publish(task_id, {"event": "log", **entry})
+        try:
+            self.store.add_logs([entry])
+        except Exception:  # noqa: BLE001 - e.g. a log line after the task row vanished
+            log.debug("could not store a log line of task %s", task_id, exc_info=True)
+
+    def on_done(self, task_id: str, status: str, result: dict[str, Any] | None, error: str | None,
+                attempt: int | None) -> None:
+        with self._lock:
+            self._last_progress.pop(task_id, None)
+        try:
+            changed = self.store.finish(task_id, status, result=result, error=error, attempt=attempt)
+        except Exception:  # noqa: BLE001 - ImmutableResultError etc.: logged, the worker goes on
+            log.exception("could not record the outcome of task %s", task_id)
+            return
+        if changed:
+            self.bus.publish(task_id, {"event": "status", "status": status, "error": error})
+            self.bus.close(task_id)
