@@ -62,7 +62,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=5, log_level=level)
+                            lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=65,
+                            log_level=level)
     server = uvicorn.Server(config)
     print(f"matcalc serve: http://{settings.host}:{settings.port}  (docs at /docs, API under /api/v1; "
           f"executor {settings.cluster})", file=sys.stderr, flush=True)
