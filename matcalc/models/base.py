@@ -178,6 +178,7 @@ class PotentialCalculator(Calculator):
         assert self.atoms is not None
         snapshot = self.atoms.copy()
         snapshot.calc = None
+        snapshot.set_constraint()  # the model returns raw forces; ASE applies constraints itself
         result = self.evaluator.evaluate([snapshot])[0]
         self.results = {
             "energy": float(result.energy_eV),

@@ -1,0 +1,171 @@
+"""The model registry and the batched model contract, checked against each family's own ASE calculator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+import matcalc
+from matcalc.models import (
+    EV_PER_A3_TO_GPA,
+    ModelUnavailableError,
+    Potential,
+    UnknownModelError,
+    get_model,
+    list_models,
+    register_model,
+    unload_model,
+)
+from matcalc.models.registry import model_card
+from matcalc.structures import StructureError, load_structure
+
+
+def _rattled(name: str, amplitude: float = 0.03, seed: int = 0):
+    atoms = load_structure(name)
+    atoms.rattle(amplitude, seed=seed)
+    return atoms
+
+
+def test_list_models_reports_cards() -> None:
+    cards = {c.name: c for c in list_models(device="cpu")}
+    assert {"emt", "lj", "chgnet", "chgnet+d3", "sevennet"} <= set(cards)
+    chg = cards["chgnet"]
+    assert chg.family == "chgnet" and chg.available and chg.cutoff_A == 5.0 and chg.device == "cpu"
+    assert cards["emt"].elements.startswith("Al Cu")
+    assert list_models is matcalc.list_models
+
+
+def test_unknown_model_lists_available() -> None:
+    with pytest.raises(UnknownModelError, match="unknown model 'nosuchnet'; available: .*chgnet.*emt"):
+        get_model("nosuchnet")
+    with pytest.raises(ValueError):  # UnknownModelError is a ValueError
+        matcalc.single_point("RSM0009", model="nosuchnet")
+
+
+def test_missing_package_says_what_to_install() -> None:
+    register_model("needs-pkg", lambda name, device: None, requires=("surely_not_installed_pkg",),
+                   install_hint="pip install surely-not-installed-pkg", overwrite=True)
+    card = model_card("needs-pkg")
+    assert not card.available and "surely_not_installed_pkg" in card.reason
+    with pytest.raises(ModelUnavailableError, match="install it with: pip install surely-not-installed-pkg"):
+        get_model("needs-pkg")
+
+
+def test_missing_weight_file_says_where() -> None:
+    def factory(name: str, device: str) -> Potential:
+        raise FileNotFoundError("weights not found at /models/x.model; put the file there")
+
+    register_model("needs-file", factory, overwrite=True)
+    with pytest.raises(ModelUnavailableError, match="weights not found at /models/x.model"):
+        get_model("needs-file", device="cpu")
+
+
+def test_register_custom_model_and_cache() -> None:
+    from matcalc.models.emt import EMTPotential
+
+    calls = []
+
+    def factory(name: str, device: str) -> Potential:
+        calls.append(device)
+        return EMTPotential(name)
+
+    register_model("my-emt", factory, family="emt", overwrite=True)
+    a = get_model("my-emt", device="cpu")
+    assert get_model("MY-EMT", device="cpu") is a and calls == ["cpu"]
+    assert unload_model("my-emt")
+    get_model("my-emt", device="cpu")
+    assert calls == ["cpu", "cpu"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("my-emt", factory)
+    with pytest.raises(ValueError, match="invalid model name"):
+        register_model("bad+d3", factory)
+
+
+def test_emt_matches_ase_emt() -> None:
+    atoms = bulk("Cu", cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=1)
+    ev = get_model("emt").evaluate([atoms])[0]
+    ref = atoms.copy()
+    ref.calc = EMT()
+    assert ev.energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(ev.forces_eV_per_A, ref.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(ev.stress_eV_per_A3, ref.get_stress(), atol=1e-10)
+
+
+def test_calculator_view_runs_ase() -> None:
+    atoms = bulk("Cu", cubic=True)
+    atoms.calc = get_model("emt").calculator()
+    ref = atoms.copy()
+    ref.calc = EMT()
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy())
+    np.testing.assert_allclose(atoms.get_stress(), ref.get_stress(), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["RSM0009", "RSM0020", "CALF-20"])
+def test_chgnet_batched_equals_its_ase_calculator(chgnet, name: str) -> None:
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    atoms = _rattled(name)
+    ev = chgnet.evaluate([atoms])[0]
+    ref = atoms.copy()
+    ref.calc = CHGNetCalculator(model=chgnet.model, use_device="cpu")
+    n = len(atoms)
+    assert abs(ev.energy_eV - ref.get_potential_energy()) / n < 1e-5
+    np.testing.assert_allclose(ev.forces_eV_per_A, ref.get_forces(), atol=1e-4)
+    np.testing.assert_allclose(ev.stress_eV_per_A3 * EV_PER_A3_TO_GPA, ref.get_stress() * EV_PER_A3_TO_GPA,
+                               atol=1e-3)  # GPa
+
+
+def test_chgnet_batch_equals_one_by_one(chgnet) -> None:
+    structures = [_rattled(n, seed=i) for i, n in enumerate(["RSM0009", "RSM0010", "RSM0020", "RSM0012"])]
+    batched = chgnet.evaluate(structures)
+    calls_before = chgnet.stats.calls
+    single = [chgnet.evaluate([a])[0] for a in structures]
+    assert chgnet.stats.calls - calls_before == len(structures)
+    for a, b, atoms in zip(batched, single, structures, strict=True):
+        assert abs(a.energy_eV - b.energy_eV) / len(atoms) < 1e-5
+        np.testing.assert_allclose(a.forces_eV_per_A, b.forces_eV_per_A, atol=1e-4)
+
+
+def test_atom_budget_splits_batches(chgnet) -> None:
+    structures = [load_structure("RSM0009") for _ in range(5)]  # 22 atoms each
+    old = chgnet.max_batch_atoms
+    chgnet.reset_stats()
+    try:
+        chgnet.max_batch_atoms = 50
+        chgnet.evaluate(structures)
+    finally:
+        chgnet.max_batch_atoms = old
+    assert chgnet.stats.batch_sizes == [2, 2, 1]
+
+
+def test_chgnet_d3_is_the_sum_of_its_parts(chgnet) -> None:
+    from torch_dftd.torch_dftd3_calculator import TorchDFTD3Calculator
+
+    atoms = load_structure("RSM0009")
+    total = get_model("chgnet+d3", device="cpu").evaluate([atoms])[0]
+    base = chgnet.evaluate([atoms])[0]
+    ref = atoms.copy()
+    ref.calc = TorchDFTD3Calculator(xc="pbe", damping="bj", device="cpu")
+    e_d3 = ref.get_potential_energy()
+    assert e_d3 < -0.5  # dispersion binds: ~ -0.1 eV/atom for a MOF
+    assert total.energy_eV == pytest.approx(base.energy_eV + e_d3, abs=1e-4)
+    np.testing.assert_allclose(total.forces_eV_per_A, base.forces_eV_per_A + ref.get_forces(), atol=1e-4)
+
+
+def test_sevennet_matches_its_calculator() -> None:
+    from sevenn.calculator import SevenNetCalculator
+
+    atoms = _rattled("RSM0009")
+    ev = get_model("sevennet", device="cpu").evaluate([atoms])[0]
+    ref = atoms.copy()
+    ref.calc = SevenNetCalculator("7net-0", device="cpu")
+    assert ev.energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-4)
+    np.testing.assert_allclose(ev.forces_eV_per_A, ref.get_forces(), atol=1e-4)
+
+
+def test_model_rejects_unsupported_elements() -> None:
+    with pytest.raises(StructureError, match="elements not supported by the model: Co"):
+        matcalc.single_point("RSM0009", model="emt")
