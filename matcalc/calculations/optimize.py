@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,10 @@ from matcalc import progress
 from matcalc.calculations import checks
 
 log = logging.getLogger(__name__)
+
+# FrechetCellFilter takes a matrix log of the 3x3 deformation gradient every step; scipy warns about
+# estimated errors of ~1e-13, which is harmless and floods notebooks and logs.
+warnings.filterwarnings("ignore", message="logm result may be inaccurate", category=RuntimeWarning)
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS, "MDMin": MDMin}
 
