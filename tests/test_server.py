@@ -75,6 +75,13 @@ def test_envelope_and_request_id(client):
     assert r3.headers["x-request-id"] != "bad id with spaces"
     assert_error(client.get(f"{API}/no/such/route"), 404, ErrorCode.NOT_FOUND)
     assert_error(client.delete(f"{API}/tasks/batch"), 405, ErrorCode.METHOD_NOT_ALLOWED)
+    r = client.put(f"{API}/structures")
+    assert_error(r, 405, ErrorCode.METHOD_NOT_ALLOWED)
+    assert r.headers["allow"] == "GET, POST"  # both routes of the path, not only the first match
+    assert_error(client.get(f"{API}/tasks", params={"created_before": "0.5"}), 422, ErrorCode.VALIDATION_ERROR,
+                 "created_before")
+    assert_error(client.get(f"{API}/tasks", params={"created_before": "2026-01-01T00:00:00"}), 422,
+                 ErrorCode.VALIDATION_ERROR, "timezone")
 
 
 def test_openapi_docs_and_error_codes(client):
@@ -109,7 +116,7 @@ def test_task_submission_bad_inputs_change_nothing(client):
         ({"structure": CU_CIF, "model": "emt", "temperature_K": 300}, 422, ErrorCode.VALIDATION_ERROR, "temperature_K"),
         ({"model": "emt"}, 422, ErrorCode.VALIDATION_ERROR, "exactly one way"),
         ({"structure": CU_CIF, "builtin": "CALF-20", "model": "emt"}, 422, ErrorCode.VALIDATION_ERROR, "exactly one"),
-        ({"builtin": "NOT-A-MOF", "model": "emt"}, 422, ErrorCode.UNKNOWN_STRUCTURE, "not-a-mof"),
+        ({"builtin": "NOT-A-MOF", "model": "emt"}, 422, ErrorCode.VALIDATION_ERROR, "builtin"),
         ({"structure_id": "a" * 64, "model": "emt"}, 422, ErrorCode.UNKNOWN_STRUCTURE, "structure_id"),
         ({"structure": CU_CIF, "model": "emt", "priority": "URGENT"}, 422, ErrorCode.VALIDATION_ERROR, "priority"),
         ({"structure": CU_CIF, "model": "emt", "timeout_s": -5}, 422, ErrorCode.VALIDATION_ERROR, "timeout_s"),

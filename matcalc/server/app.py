@@ -61,6 +61,24 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Methods the OpenAPI document lists for this path; a literal path wins over templated ones
+    (``/tasks/batch`` is POST only, although ``/tasks/{task_id}`` would match it too)."""
+    import re
+
+    table = getattr(request.app.state, "allowed_methods", None)
+    if table is None:
+        table = [(path, re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"),
+                  sorted(m.upper() for m in ops if m in ("get", "post", "put", "patch", "delete")))
+                 for path, ops in request.app.openapi().get("paths", {}).items()]
+        request.app.state.allowed_methods = table
+    path = request.scope["path"]
+    exact = [methods for literal, _, methods in table if literal == path]
+    if exact:
+        return sorted(set(exact[0]))
+    return sorted({m for _, regex, methods in table if regex.match(path) for m in methods})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -78,14 +96,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(ErrorCode.VALIDATION_ERROR, _validation_message(errors), {"errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
                 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 413: ErrorCode.PAYLOAD_TOO_LARGE,
                 400: ErrorCode.VALIDATION_ERROR, 422: ErrorCode.VALIDATION_ERROR}.get(exc.status_code)
         if code is None:
             code = ErrorCode.INTERNAL_ERROR if exc.status_code >= 500 else ErrorCode.VALIDATION_ERROR
-        return JSONResponse(_envelope(code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # list every method of every route on this path, not just the first match
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse(_envelope(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

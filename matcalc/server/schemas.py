@@ -31,6 +31,15 @@ NotifyEvent = Literal["task.started", "task.progress", "task.completed", "task.f
                       "task.timeout"]
 GAS_NAMES = ("CO2", "H2O", "N2", "CH4")
 
+
+def _builtin_names() -> tuple[str, ...]:
+    from matcalc.structures import list_builtins
+
+    return tuple(list_builtins())
+
+
+BuiltinName = Literal[_builtin_names()]  # type: ignore[valid-type]
+
 PosInt = Annotated[int, Field(ge=1, le=10_000_000)]
 Steps = Annotated[int, Field(ge=0, le=10_000_000)]
 Fmax = Annotated[float, Field(gt=0, le=100, description="force convergence threshold (eV/Å)")]
@@ -56,12 +65,13 @@ class ErrorEnvelope(Envelope[dict[str, Any]]):
 class TaskRequestBase(BaseModel):
     """Fields every task type shares. Give the structure in exactly one way."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["structure"]}, {"required": ["structure_id"]}, {"required": ["builtin"]}]})
 
     structure: str | None = Field(None, min_length=1, description="inline structure file contents (CIF, XYZ/extXYZ or POSCAR)")
     format: FormatName | None = Field(None, description="format of `structure` (default: detected)")
     structure_id: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="id of an uploaded structure")
-    builtin: str | None = Field(None, min_length=1, max_length=64, description="name of a structure shipped with matcalc (GET /structures/builtin)")
+    builtin: BuiltinName | None = Field(None, description="name of a structure shipped with matcalc (GET /structures/builtin)")
     model: str = Field("chgnet", min_length=1, max_length=128, description="model name (GET /models)")
     protocol: Literal["mofsimbench", "fast"] | None = Field(None, description="parameter preset (default mofsimbench)")
     priority: PriorityName = "NORMAL"

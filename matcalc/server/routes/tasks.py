@@ -4,8 +4,9 @@
 subscribes to ``app.state.bus``.)
 """
 
-from datetime import datetime
 from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BeforeValidator
 
 from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -34,6 +35,20 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], dependencies=[Depends(requir
                    responses=COMMON_ERRORS)
 
 TaskId = Annotated[str, Path(min_length=1, max_length=64, description="task id")]
+
+
+def _iso_only(value: Any) -> Any:
+    """Timestamps as ISO 8601 text only (pydantic would read a bare number as UNIX seconds)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("expected an ISO 8601 date-time with a timezone, e.g. 2026-01-01T00:00:00Z")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 
 
 def _get(request: Request, task_id: str) -> Any:
@@ -80,14 +95,11 @@ def list_tasks(
     model: Annotated[str | None, Query(max_length=128)] = None,
     priority: PriorityName | None = None,
     batch_id: Annotated[str | None, Query(max_length=32)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: Timestamp | None = None,
+    created_before: Timestamp | None = None,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
-    for name, value in (("created_after", created_after), ("created_before", created_before)):
-        if value is not None and value.tzinfo is None:
-            raise ApiError(ErrorCode.VALIDATION_ERROR, f"{name} needs a timezone (e.g. 2026-01-01T00:00:00Z)")
     f = TaskFilter(status=status_, type=type, model=model, priority=priority, batch_id=batch_id,
                    created_after=created_after, created_before=created_before)
     p = store(request).list_tasks(f, page=page, page_size=page_size)
