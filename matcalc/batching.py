@@ -23,8 +23,11 @@ submitted recently. When requests are pending, the dispatcher starts the next ba
 Active callers that did not submit within that wait are dropped from the active set (they finished, or
 are busy elsewhere) and rejoin when they submit again, so a finished calculation costs at most one wait.
 A single caller is never delayed (it is the only active caller). By default ``max_wait_s`` adapts to the
-model: 10 % of the mean model-call time, clamped to [0.5 ms, 50 ms]; set it with ``max_wait_s=`` or
-``MATCALC_BATCH_WAIT_MS``.
+callers: twice their typical *think time* (the gap between getting a result and sending the next request,
+i.e. one optimizer or MD step of Python work; exponential moving average), clamped to [0.5 ms, 50 ms].
+On a CPU the processor is busy with that Python work while the dispatcher waits, so the wait costs little;
+on a GPU one fused call is worth far more than the few ms of idle device. Set a fixed value with
+``max_wait_s=`` or ``MATCALC_BATCH_WAIT_MS``.
 
 Packing: requests are taken first-come first-served; a request is kept whole in one batch whenever it
 fits, later (smaller) requests fill the remaining budget, and only a request larger than the whole budget
@@ -79,8 +82,9 @@ GPU_MEMORY_FRACTION = 0.8
 """Share of the free device memory (at engine creation) the budget may plan for."""
 MIN_BUDGET_ATOMS = 64
 MAX_BUDGET_ATOMS = 500_000
-WAIT_FRACTION = 0.1
-"""Adaptive ``max_wait_s``: this fraction of the mean model-call time ..."""
+WAIT_THINK_FACTOR = 2.0
+"""Adaptive ``max_wait_s``: this multiple of the callers' mean think time ..."""
+THINK_EMA_ALPHA = 0.2
 MIN_WAIT_S = 0.0005
 MAX_WAIT_S = 0.05
 """... clamped to [MIN_WAIT_S, MAX_WAIT_S]."""
@@ -114,6 +118,8 @@ class EngineStats:
     """Structures whose evaluation raised (the error went to their caller)."""
     dropped_callers: int = 0
     """Active callers that did not come back within the wait (finished or busy elsewhere)."""
+    think_s: float = 0.0
+    """Moving average of the callers' think time (result received -> next request), seconds."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -204,6 +210,8 @@ class BatchingEngine:
         self._active: set[int] = set()
         self._busy: dict[int, int] = {}
         """Thread ident -> number of its unfinished requests."""
+        self._last_done: dict[int, float] = {}
+        """Thread ident -> when its last request finished (for the think time)."""
         self._last_batch_end = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -234,10 +242,7 @@ class BatchingEngine:
         """Current coalescing wait: fixed if configured, else adaptive to the mean model-call time."""
         if self._fixed_wait is not None:
             return self._fixed_wait
-        calls = self.stats.calls
-        if not calls:
-            return MIN_WAIT_S
-        return min(MAX_WAIT_S, max(MIN_WAIT_S, WAIT_FRACTION * self.stats.model_time_s / calls))
+        return min(MAX_WAIT_S, max(MIN_WAIT_S, WAIT_THINK_FACTOR * self.stats.think_s))
 
     @max_wait_s.setter
     def max_wait_s(self, value: float | None) -> None:
@@ -248,6 +253,12 @@ class BatchingEngine:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a batch (not counting the one being computed)."""
+        with self._cond:
+            return len(self._pending)
 
     def reset_stats(self) -> None:
         with self._cond:
@@ -282,6 +293,11 @@ class BatchingEngine:
             self._pending_atoms += sum(req.sizes)
             self._active.add(me)
             self._busy[me] = self._busy.get(me, 0) + 1
+            last = self._last_done.pop(me, None)
+            if last is not None:
+                think = req.t_submit - last
+                s = self.stats
+                s.think_s = think if s.think_s == 0.0 else s.think_s + THINK_EMA_ALPHA * (think - s.think_s)
             self.stats.requests += 1
             self.stats.structures += len(atoms_list)
             self._cond.notify_all()
@@ -349,6 +365,8 @@ class BatchingEngine:
             if remaining <= 0:
                 gone = self._active.difference(self._busy)
                 self._active.difference_update(gone)
+                for ident in gone:
+                    self._last_done.pop(ident, None)  # a returning caller's gap is not think time
                 self.stats.dropped_callers += len(gone)
                 return
             self._cond.wait(remaining)
@@ -476,12 +494,14 @@ class BatchingEngine:
 
     def _finish(self, finished: list[_Request]) -> None:
         """Mark requests done (lock held): the caller is no longer busy but stays active."""
+        now = time.perf_counter()
         for req in finished:
             n = self._busy.get(req.thread, 0) - 1
             if n > 0:
                 self._busy[req.thread] = n
             else:
                 self._busy.pop(req.thread, None)
+                self._last_done[req.thread] = now
             req.done.set()
 
 
