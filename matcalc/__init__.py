@@ -39,6 +39,9 @@ _LAZY.update({
     "client": ("matcalc.client", None),
     "batching": ("matcalc.batching", None),
     "progress": ("matcalc.progress", None),
+    "relax_many": ("matcalc.calculations.many", "relax_many"),
+    "map_property": ("matcalc.calculations.many", "map_property"),
+    "many_frame": ("matcalc.calculations.many", "many_frame"),
 })
 
 
