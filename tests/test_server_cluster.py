@@ -1,0 +1,76 @@
+"""The server over a dask cluster (``--cluster local``): same endpoints, same results as in-process."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import read, write
+
+pytest.importorskip("distributed")
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from matcalc.server import Settings, create_app  # noqa: E402
+
+API = "/api/v1"
+
+
+def _wait(c: TestClient, ids: list[str], timeout_s: float = 120) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tasks = {i: c.get(f"{API}/tasks/{i}").json()["data"] for i in ids}
+        if all(t["status"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for t in tasks.values()):
+            return tasks
+        time.sleep(0.2)
+    raise AssertionError(f"tasks not finished: {[(i, t['status']) for i, t in tasks.items()]}")
+
+
+@pytest.mark.slow
+def test_dask_executor_end_to_end(tmp_path):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.03, seed=2)
+    buf = io.StringIO()
+    write(buf, atoms, format="extxyz")
+    text = buf.getvalue()
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'dask.db'}", cluster="local", workers=2))
+    with TestClient(app) as c:
+        health = c.get(f"{API}/health").json()["data"]
+        assert health["ready"] and health["checks"]["executor"]["kind"] == "dask"
+        sp = c.post(f"{API}/tasks/single-point", json={"structure": text, "model": "emt"}).json()["data"]["id"]
+        rx = c.post(f"{API}/tasks/optimization", json={"structure": text, "model": "emt", "fmax": 0.01,
+                                                       "priority": "HIGH"}).json()["data"]["id"]
+        slow = bulk("Cu", "fcc", a=3.66, cubic=True).repeat((2, 2, 2))
+        slow.rattle(0.1, seed=1)
+        sbuf = io.StringIO()
+        write(sbuf, slow, format="extxyz")
+        long = c.post(f"{API}/tasks/optimization", json={"structure": sbuf.getvalue(), "model": "emt", "fmax": 1e-7,
+                                                         "max_steps": 100000, "priority": "LOW"}).json()["data"]["id"]
+        done = _wait(c, [sp, rx])
+        assert done[sp]["status"] == "COMPLETED" and done[sp]["worker"].startswith("tcp://")
+        assert done[sp]["attempts"] == 1 and done[rx]["status"] == "COMPLETED"
+        res = c.get(f"{API}/tasks/{sp}/result").json()["data"]["result"]
+        ref = read(io.StringIO(text), format="extxyz")
+        ref.calc = EMT()
+        assert res["energy_eV"] == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+        np.testing.assert_allclose(res["forces_eV_per_A"], ref.get_forces(), atol=1e-8)
+        relaxed = c.get(f"{API}/tasks/{rx}/result").json()["data"]["result"]
+        assert relaxed["converged"] and relaxed["final_energy_eV"] < relaxed["initial_energy_eV"]
+        logs = [entry["message"] for entry in c.get(f"{API}/tasks/{rx}/logs").json()["data"]]
+        assert logs[0] == "task submitted" and logs[-1] == "task completed"
+        assert any("converged" in m for m in logs)  # the worker's log lines reach the task log
+        deadline = time.monotonic() + 60
+        while c.get(f"{API}/tasks/{long}").json()["data"]["status"] != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.post(f"{API}/tasks/{long}/cancel").json()["data"]["status"] == "CANCELLED"
+        assert _wait(c, [long])[long]["status"] == "CANCELLED"
+        assert c.get(f"{API}/tasks/{long}/result").json()["code"] == 50004
+        emt = c.get(f"{API}/models/emt").json()["data"]
+        assert emt["loaded"] and all(w.startswith("tcp://") for w in emt["loaded_on"])
+        q = c.get(f"{API}/system/queue").json()["data"]
+        assert q["executor"]["kind"] == "dask" and q["executor"]["completed"] >= 2
