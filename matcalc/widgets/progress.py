@@ -1,0 +1,282 @@
+"""Live progress of tasks: an ipywidgets view for notebooks, a tqdm bar elsewhere.
+
+Both are driven by the tasks' callbacks (progress events, status changes, completion), never by
+a loop in the cell: the cell returns at once and the view keeps updating. Callbacks arrive on
+other threads; they only update :class:`~matcalc.widgets.state.ProgressState` and request a
+refresh, which a :class:`~matcalc.widgets.state.Throttle` runs at most ``max_rate_hz`` times a
+second.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+from matcalc.widgets.state import (
+    ProgressState,
+    Row,
+    Throttle,
+    Ticker,
+    fmt_elapsed,
+    fmt_float,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_COLORS = {
+    "PENDING": "#777777", "QUEUED": "#777777", "ASSIGNED": "#8a6d3b", "RUNNING": "#1f6fb2",
+    "COMPLETED": "#2e7d32", "FAILED": "#c62828", "CANCELLED": "#6d4c41", "TIMEOUT": "#c62828",
+}
+COLUMNS = (("structure", "150px"), ("property", "110px"), ("model", "80px"), ("status", "95px"),
+           ("step", "130px"), ("energy", "115px"), ("fmax", "105px"), ("elapsed", "75px"))
+
+
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (where widgets can render)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def widgets_available() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, display: bool = True,
+             file: TextIO | None = None) -> ProgressWidget | TqdmProgress:
+    """Show live progress of ``tasks`` and return the view at once (the cell does not block).
+
+    Args:
+        tasks: a :class:`matcalc.cluster.Task`, any task-like object (see
+            :mod:`matcalc.widgets.state`), a ``concurrent.futures``/dask future, or a list of them.
+        mode: ``"auto"`` (the widget inside a Jupyter kernel with ipywidgets installed, tqdm
+            otherwise), ``"widget"`` or ``"tqdm"``.
+        max_rate_hz: most refreshes per second of the view (callbacks in between are merged).
+        display: show the widget now (``False``: return it for placing in your own layout).
+        file: stream of the tqdm bar (default stderr).
+
+    Returns:
+        A :class:`ProgressWidget` (an ``ipywidgets.VBox``) or a :class:`TqdmProgress`; both have
+        ``state``, ``counts()``, ``wait(timeout)``, ``cancel_all()``.
+    """
+    if mode not in ("auto", "widget", "tqdm"):
+        raise ValueError(f"mode must be 'auto', 'widget' or 'tqdm', got {mode!r}")
+    if max_rate_hz <= 0:
+        raise ValueError(f"max_rate_hz must be > 0, got {max_rate_hz!r}")
+    use_widget = mode == "widget" or (mode == "auto" and widgets_available() and in_kernel())
+    if not use_widget:
+        return TqdmProgress(tasks, file=file, max_rate_hz=max_rate_hz)
+    if not widgets_available():
+        raise ImportError("matcalc.widgets.progress(mode='widget') needs ipywidgets: "
+                          "pip install 'matcalc[widgets]'")
+    view = ProgressWidget(tasks, max_rate_hz=max_rate_hz)
+    if display:
+        from IPython.display import display as show
+
+        show(view)
+    return view
+
+
+class TqdmProgress:
+    """A tqdm bar over finished tasks with counts by status (outside Jupyter)."""
+
+    def __init__(self, tasks: Any, *, file: TextIO | None = None, max_rate_hz: float = 5.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.state = ProgressState(tasks)
+        n = len(self.state.tasks)
+        self.bar = tqdm(total=n, desc="matcalc", unit="task", file=file if file is not None else sys.stderr,
+                        dynamic_ncols=True, mininterval=1.0 / max_rate_hz)
+        self._shown = 0
+        self._closed = False
+        self._throttle = Throttle(self._render, 1.0 / max_rate_hz)
+        self.state.add_listener(lambda _ids: self._throttle.request())
+        self._render()
+
+    def _render(self) -> None:
+        if self._closed:
+            return
+        done = self.state.n_done()
+        if done > self._shown:
+            self.bar.update(done - self._shown)
+            self._shown = done
+        self.bar.set_postfix_str(counts_text(self.state.counts()), refresh=True)
+        if self.state.all_done():
+            self.close()
+
+    def counts(self) -> dict[str, int]:
+        return self.state.counts()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = self.state.wait(timeout)
+        if ok:
+            self._throttle.flush()
+        return ok
+
+    def cancel_all(self) -> int:
+        return self.state.cancel_all()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._throttle.cancel()
+            self.bar.close()
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+
+
+def _ipywidgets() -> Any:
+    import ipywidgets
+
+    return ipywidgets
+
+
+try:  # the widget class derives from VBox; without ipywidgets only the tqdm view exists
+    import ipywidgets as _w
+
+    _Base: Any = _w.VBox
+except ImportError:  # pragma: no cover - exercised only without the [widgets] extra
+    _w = None
+    _Base = object
+
+
+class _RowView:
+    """The widgets of one task's row."""
+
+    def __init__(self, w: Any, row: Row, on_cancel: Any) -> None:
+        self.cells = {name: w.HTML(layout=w.Layout(width=width, overflow="hidden")) for name, width in COLUMNS}
+        self.bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, layout=w.Layout(width="90px"))
+        self.cancel = w.Button(description="", icon="times", tooltip=f"cancel task {row.id}",
+                               layout=w.Layout(width="34px"))
+        self.cancel.on_click(lambda _b: on_cancel(row.id))
+        self.error = w.HTML(layout=w.Layout(display="none", margin="0 0 4px 12px"))
+        self.line = w.HBox([*self.cells.values(), self.bar, self.cancel], layout=w.Layout(align_items="center"))
+        self.box = w.VBox([self.line, self.error])
+
+    def show(self, row: Row, now: float) -> None:
+        c = self.cells
+        c["structure"].value = f"<span title='{html.escape(row.id)}'>{html.escape(row.label or row.id[:12])}</span>"
+        c["property"].value = html.escape(row.property)
+        c["model"].value = html.escape(row.model)
+        color = STATUS_COLORS.get(row.status, "#000000")
+        c["status"].value = f"<b style='color:{color}'>{row.status}</b>"
+        c["step"].value = html.escape(row.step_text())
+        c["energy"].value = fmt_float(row.energy_eV, ".4f", "eV")
+        c["fmax"].value = fmt_float(row.fmax_eV_per_A, ".3g", "eV/Å")
+        c["elapsed"].value = fmt_elapsed(row.elapsed_s(now))
+        if row.fraction is not None:
+            self.bar.value = float(row.fraction)
+        self.bar.bar_style = {"COMPLETED": "success", "FAILED": "danger", "TIMEOUT": "danger",
+                              "CANCELLED": "warning"}.get(row.status, "info")
+        self.cancel.disabled = row.done
+        if row.error and row.status != "CANCELLED":
+            self.error.value = f"<pre style='color:#c62828;margin:0;white-space:pre-wrap'>{html.escape(row.error)}</pre>"
+            self.error.layout.display = "block"
+        else:
+            self.error.layout.display = "none"
+
+
+class ProgressWidget(_Base):  # type: ignore[misc,valid-type]
+    """Notebook view of many tasks: an overall bar with counts by status and a cancel-all button,
+    then one row per task (structure, property, model, status, step, energy, fmax, elapsed time,
+    a bar, a cancel button; the error below failed rows).
+
+    Attributes:
+        state: the :class:`~matcalc.widgets.state.ProgressState` (rows, counts, cancel).
+        overall: ``IntProgress`` of finished tasks. summary: ``HTML`` with the counts.
+        cancel_all_button: cancels every unfinished task. rows: task id -> its row's widgets.
+    """
+
+    def __init__(self, tasks: Any, *, max_rate_hz: float = 5.0, tick_s: float = 1.0) -> None:
+        w = _ipywidgets()
+        self.state = ProgressState(tasks)
+        n = len(self.state.tasks)
+        self.overall = w.IntProgress(min=0, max=max(n, 1), value=0, description="tasks",
+                                     layout=w.Layout(width="320px"))
+        self.summary = w.HTML()
+        self.cancel_all_button = w.Button(description="Cancel all", icon="stop", button_style="danger",
+                                          layout=w.Layout(width="110px"))
+        self.cancel_all_button.on_click(lambda _b: self.cancel_all())
+        header = w.HBox([w.HTML(f"<b>{name}</b>", layout=w.Layout(width=width)) for name, width in COLUMNS],
+                        layout=w.Layout(border_bottom="1px solid #ccc"))
+        self.rows = {r.id: _RowView(w, r, self._cancel_one) for r in self.state.rows()}
+        super().__init__([w.HBox([self.overall, self.summary, self.cancel_all_button],
+                                 layout=w.Layout(align_items="center")),
+                          header, *(v.box for v in self.rows.values())])
+        self._throttle = Throttle(self._render, 1.0 / max_rate_hz)
+        self._dirty: set[str] = set(self.rows)
+        self._dirty_lock = threading.Lock()
+        self.state.add_listener(self._mark)
+        self._render()
+        self._ticker = None if self.state.all_done() else Ticker(self._tick, tick_s, self.state.all_done)
+
+    # ------------------------------------------------------------------ refresh
+    def _mark(self, ids: set[str]) -> None:
+        with self._dirty_lock:
+            self._dirty |= ids
+        self._throttle.request()
+
+    def _tick(self) -> None:
+        self._mark({r.id for r in self.state.rows() if r.status == "RUNNING"})
+
+    def _render(self) -> None:
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        now = time.time()
+        for tid in dirty:
+            self.rows[tid].show(self.state.row(tid), now)
+        counts = self.state.counts()
+        done = self.state.n_done()
+        self.overall.value = done
+        self.overall.description = f"{done}/{len(self.rows)}"
+        failed = counts.get("FAILED", 0) + counts.get("TIMEOUT", 0)
+        self.overall.bar_style = "danger" if failed else ("success" if self.state.all_done() else "info")
+        self.summary.value = " · ".join(
+            f"<span style='color:{STATUS_COLORS.get(s, '#000')}'>{n} {s.lower()}</span>" for s, n in counts.items())
+        self.cancel_all_button.disabled = self.state.all_done()
+
+    def refresh(self) -> None:
+        """Re-read every task and redraw now (normally not needed: callbacks drive the view)."""
+        self.state.refresh()
+        with self._dirty_lock:
+            self._dirty |= set(self.rows)
+        self._throttle.flush()
+
+    # ------------------------------------------------------------------ actions
+    def _cancel_one(self, task_id: str) -> None:
+        self.state.cancel(task_id)
+        self._mark({task_id})
+
+    def cancel_all(self) -> int:
+        """Cancel every unfinished task; returns how many accepted the cancel."""
+        n = self.state.cancel_all()
+        self._mark(set(self.rows))
+        return n
+
+    def counts(self) -> dict[str, int]:
+        return self.state.counts()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until all tasks finished (True) or ``timeout`` s passed; then redraw at once."""
+        ok = self.state.wait(timeout)
+        self._throttle.flush()
+        return ok
+
+    def close(self) -> None:
+        self._throttle.cancel()
+        if self._ticker is not None:
+            self._ticker.stop()
+        super().close()

@@ -1,0 +1,358 @@
+"""matcalc.widgets: the progress view driven by task callbacks (real Tasks, futures, a real dask
+cluster), the tqdm fallback, the results view with its plots, and plot() of all six result types."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT
+
+import matcalc as mc
+from matcalc.cluster import Task, TaskStatus
+from matcalc.widgets import FutureTask, ProgressWidget, ResultsWidget, TqdmProgress, progress, results
+from matcalc.widgets.state import ProgressState, Throttle, as_task
+
+pytest.importorskip("ipywidgets")
+
+
+def make_task(i: int, label: str | None = None) -> Task:
+    """A real Task with no cluster: the test drives its lifecycle; cancel() cancels it for real."""
+    return Task(task_id=f"t{i}", prop="relax", model="emt", priority="NORMAL", params={},
+                label=label or f"Cu-{i}")
+
+
+def cu(n: int = 1, rattle: float = 0.05, seed: int = 0):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(n)
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def emt_energy(atoms) -> float:
+    a = atoms.copy()
+    a.calc = EMT()
+    return float(a.get_potential_energy())
+
+
+def text(html_value: str) -> str:
+    return re.sub(r"<[^>]+>", "", html_value)
+
+
+@pytest.fixture
+def widget_and_tasks():
+    tasks = [make_task(i) for i in range(3)]
+    w = ProgressWidget(tasks, max_rate_hz=1000)
+    yield w, tasks
+    w.close()
+
+
+def test_rows_and_counts_follow_callbacks(widget_and_tasks):
+    w, (a, b, c) = widget_and_tasks
+    w.refresh()
+    assert w.counts() == {"PENDING": 3}
+    assert w.overall.value == 0 and w.overall.description == "0/3"
+    assert text(w.rows["t0"].cells["structure"].value) == "Cu-0"
+    assert w.rows["t0"].cells["property"].value == "relax" and w.rows["t0"].cells["model"].value == "emt"
+
+    a._advance(TaskStatus.QUEUED)
+    b._advance(TaskStatus.RUNNING, worker="tcp://w")
+    b._on_progress({"stage": "relax", "step": 7, "total_steps": 500, "fraction": 7 / 500,
+                    "energy_eV": -1.234567, "fmax_eV_per_A": 0.0421})
+    w._throttle.flush()
+    assert w.counts() == {"PENDING": 1, "QUEUED": 1, "RUNNING": 1}
+    row = w.rows["t1"]
+    assert text(row.cells["status"].value) == "RUNNING"
+    assert row.cells["step"].value == "relax 7/500"
+    assert row.cells["energy"].value == "-1.2346 eV"
+    assert row.cells["fmax"].value == "0.0421 eV/Å"
+    assert row.bar.value == pytest.approx(7 / 500)
+    assert row.cells["elapsed"].value.endswith(" s")  # running: elapsed shown
+    assert w.rows["t0"].cells["elapsed"].value == ""  # queued: none yet
+    assert "1 running" in text(w.summary.value) and "1 queued" in text(w.summary.value)
+
+    result = mc.relax(cu(), "emt", protocol="fast")
+    b._finish(TaskStatus.COMPLETED, result=result)
+    c._advance(TaskStatus.RUNNING)
+    c._finish(TaskStatus.FAILED, error=ValueError("fmax must be > 0, got -1"))
+    w._throttle.flush()
+    assert w.counts() == {"QUEUED": 1, "COMPLETED": 1, "FAILED": 1}
+    assert w.overall.value == 2 and w.overall.description == "2/3"
+    assert w.overall.bar_style == "danger"
+    assert w.rows["t1"].bar.value == 1.0 and w.rows["t1"].cancel.disabled
+    assert w.rows["t1"].cells["step"].value == "relax 7/500"  # last progress kept after completion
+    failed = w.rows["t2"]
+    assert failed.error.layout.display == "block"
+    assert "ValueError: fmax must be &gt; 0, got -1" in failed.error.value
+    assert w.rows["t1"].error.layout.display == "none"
+    # elapsed of a finished task is frozen at its end
+    frozen = w.rows["t1"].cells["elapsed"].value
+    time.sleep(0.15)
+    w.refresh()
+    assert w.rows["t1"].cells["elapsed"].value == frozen
+
+
+def test_cancel_buttons_call_cancel(widget_and_tasks):
+    w, (a, b, c) = widget_and_tasks
+    b._advance(TaskStatus.RUNNING)
+    w.rows["t1"].cancel.click()
+    assert b.status == TaskStatus.CANCELLED
+    assert a.status == TaskStatus.PENDING and c.status == TaskStatus.PENDING
+    w._throttle.flush()
+    assert w.rows["t1"].cancel.disabled and text(w.rows["t1"].cells["status"].value) == "CANCELLED"
+    assert w.rows["t1"].error.layout.display == "none"  # a cancel is not an error
+    a._finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
+    w.cancel_all_button.click()
+    assert c.status == TaskStatus.CANCELLED and a.status == TaskStatus.COMPLETED  # finished ones stay
+    assert w.wait(5)
+    assert w.cancel_all_button.disabled
+    assert w.counts() == {"COMPLETED": 1, "CANCELLED": 2}
+
+
+def test_cancel_calls_the_task_like_objects_cancel():
+    class Fake:
+        """A minimal task-like object (what the client's RemoteTask will provide)."""
+
+        def __init__(self, i):
+            self.id, self.status, self.progress, self.cancelled = f"f{i}", "RUNNING", None, 0
+            self._done = []
+
+        def add_done_callback(self, fn):
+            self._done.append(fn)
+
+        def add_progress_callback(self, fn):
+            pass
+
+        def cancel(self):
+            self.cancelled += 1
+            self.status = "CANCELLED"
+            for fn in self._done:
+                fn(self)
+            return True
+
+        def result(self, timeout=None):
+            raise RuntimeError("no result")
+
+        def exception(self, timeout=None):
+            return None
+
+    fakes = [Fake(i) for i in range(2)]
+    w = ProgressWidget(fakes, max_rate_hz=1000)
+    w.rows["f0"].cancel.click()
+    assert [f.cancelled for f in fakes] == [1, 0]
+    w.cancel_all_button.click()
+    assert [f.cancelled for f in fakes] == [1, 1]
+    assert w.wait(2) and w.counts() == {"CANCELLED": 2}
+    w.close()
+
+
+def test_updates_are_throttled_and_merged():
+    task = make_task(0)
+    task._advance(TaskStatus.RUNNING)
+    w = ProgressWidget([task], max_rate_hz=20)  # at most one refresh per 50 ms
+    calls0 = w._throttle.calls
+    t0 = time.monotonic()
+    for step in range(2000):
+        task._on_progress({"stage": "md", "step": step, "total_steps": 2000, "energy_eV": -float(step)})
+    elapsed = time.monotonic() - t0
+    w._throttle.flush()
+    assert w._throttle.calls - calls0 <= elapsed / 0.05 + 2  # 2000 events, a handful of refreshes
+    assert w.rows["t0"].cells["step"].value == "md 1999/2000"  # the latest event wins
+    w.close()
+
+
+def test_throttle_runs_once_for_a_burst():
+    seen = []
+    done = threading.Event()
+    th = Throttle(lambda: (seen.append(1), done.set()), min_interval_s=0.5)
+    for _ in range(100):
+        th.request()
+    assert done.wait(5)
+    time.sleep(0.8)
+    assert 1 <= len(seen) <= 2  # the first request may run at once; the other 99 merge into one call
+    th.flush()
+    assert len(seen) <= 3
+
+
+def test_futures_are_accepted():
+    gate = threading.Event()
+
+    def ok():
+        gate.wait(10)
+        return 42
+
+    def bad():
+        gate.wait(10)
+        raise RuntimeError("boom in a thread")
+
+    with ThreadPoolExecutor(2) as pool:
+        futs = [pool.submit(ok), pool.submit(bad)]
+        w = ProgressWidget(futs, max_rate_hz=1000)
+        assert all(isinstance(t, FutureTask) for t in w.state.tasks)
+        w.refresh()
+        assert set(w.counts()) <= {"QUEUED", "RUNNING"}
+        gate.set()
+        assert w.wait(10)
+    ids = [t.id for t in w.state.tasks]
+    assert w.counts() == {"COMPLETED": 1, "FAILED": 1}
+    assert "RuntimeError: boom in a thread" in w.rows[ids[1]].error.value
+    assert w.rows[ids[1]].error.layout.display == "block"
+    w.close()
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="task-like"):
+        as_task(3)
+    with pytest.raises(ValueError, match="mode"):
+        progress([], mode="html")
+    with pytest.raises(ValueError, match="max_rate_hz"):
+        progress([], max_rate_hz=0)
+    with pytest.raises(ValueError, match="distinct ids"):
+        ProgressState([make_task(1), make_task(1)])
+
+
+def test_tqdm_fallback_without_a_kernel():
+    tasks = [make_task(i) for i in range(3)]
+    out = io.StringIO()
+    view = progress(tasks, file=out, max_rate_hz=1000)  # pytest has no Jupyter kernel
+    assert isinstance(view, TqdmProgress)
+    tasks[0]._advance(TaskStatus.RUNNING)
+    tasks[0]._finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
+    tasks[1]._finish(TaskStatus.FAILED, error=RuntimeError("x"))
+    view._throttle.flush()
+    assert view.bar.n == 2
+    assert "1 pending, 1 completed, 1 failed" in out.getvalue()
+    assert view.cancel_all() == 1 and tasks[2].status == TaskStatus.CANCELLED
+    assert view.wait(5)
+    assert view.bar.n == 3 and "3/3" in out.getvalue()
+
+
+def test_widget_mode_is_a_widget():
+    task = make_task(0)
+    view = progress([task], mode="widget", display=False)
+    assert isinstance(view, ProgressWidget)
+    import ipywidgets
+
+    assert isinstance(view, ipywidgets.VBox)
+    view.close()
+
+
+def test_results_view_grows_and_plots():
+    atoms = [cu(1, 0.05, seed=s) for s in range(3)]
+    tasks = [make_task(i, label=f"Cu-{i}") for i in range(3)]
+    view = ResultsWidget(tasks, max_rate_hz=1000)
+    assert view.frame().empty and "no finished results" in view.table.value
+    sp = mc.single_point(atoms[0], "emt")
+    tasks[0]._finish(TaskStatus.COMPLETED, result=sp)
+    tasks[1]._finish(TaskStatus.FAILED, error=ValueError("bad structure"))
+    view.refresh()
+    df = view.frame()
+    assert list(df["task_id"]) == ["t0", "t1"]
+    assert df.loc[0, "energy_eV"] == pytest.approx(emt_energy(atoms[0]), abs=1e-10)
+    assert df.loc[1, "status"] == "FAILED" and df.loc[1, "error"] == "ValueError: bad structure"
+    assert "1/3" not in view.summary.value and "2/3" in text(view.summary.value)
+    assert [k for _, k in view.selector.options] == [None, "t0"]  # only rows with a result
+    r = mc.relax(atoms[2], "emt", protocol="fast")
+    tasks[2]._finish(TaskStatus.COMPLETED, result=r)
+    view.refresh()
+    assert [k for _, k in view.selector.options] == [None, "t0", "t2"]
+    view.selector.value = "t2"  # what a click does
+    assert view.figure is not None
+    assert view.figure.axes[0].get_ylabel() == "E − E_final (eV)"
+    (out,) = view.plot_output.outputs
+    assert out["data"]["image/png"]  # the PNG of result.plot()
+    view.selector.value = None
+    assert view.figure is None and view.plot_output.outputs == ()
+    view.close()
+
+
+def test_results_of_plain_results():
+    a, b = cu(1, 0.02, seed=1), cu(1, 0.02, seed=2)
+    rs = [mc.single_point(a, "emt"), mc.single_point(b, "emt"), RuntimeError("failed")]
+    view = results(rs, display=False)
+    df = view.frame()
+    np.testing.assert_allclose(df["energy_eV"][:2], [emt_energy(a), emt_energy(b)], atol=1e-10)
+    assert df.loc[2, "error"] == "RuntimeError: failed"
+    view.show("1")
+    assert view.figure.axes[0].get_ylabel() == "|F| (eV/Å)"
+    view.close()
+
+
+UNIT = re.compile(r"\((?:[^()]|\([^()]*\))+\)\s*$")  # "(eV)", "(J/(K·g))" at the end of a label
+
+
+def test_every_result_plot_is_a_figure_with_units():
+    """plot() of all six result types returns a Figure whose value axes carry units."""
+    from matplotlib.figure import Figure
+
+    atoms = cu(1, 0.05, seed=1)
+    made = {
+        "single_point": mc.single_point(atoms, "emt"),
+        "relax": mc.relax(atoms, "emt", protocol="fast"),
+        "bulk_modulus": mc.bulk_modulus(atoms, "emt", protocol="fast"),
+        "heat_capacity": mc.heat_capacity(bulk("Cu", "fcc", a=3.6), "emt", supercell=(2, 2, 2), mesh=8,
+                                          fmax=0.01, t_max=500.0, t_step=50.0),
+        "stability": mc.stability(atoms.repeat((2, 1, 1)), "emt", nvt_steps=20, npt_steps=20, interval=5,
+                                  fmax=0.05),
+        "interaction_energy": mc.interaction_energy(fcc111("Cu", (2, 2, 3), vacuum=6.0, periodic=True), "CO2",
+                                                    "emt"),
+    }
+    assert set(made) == set(mc.calculations.PROPERTIES)
+    dimensionless_x = {"optimizer step", "atom index"}
+    for kind, result in made.items():
+        assert result.kind == kind
+        fig = result.plot()
+        assert isinstance(fig, Figure), kind
+        for ax in fig.axes:
+            assert UNIT.search(ax.get_ylabel()), (kind, ax.get_ylabel())
+            assert ax.has_data(), kind
+        bottom = fig.axes[-1]
+        xlabel = bottom.get_xlabel()
+        categorical = kind == "interaction_energy"  # bars: complex / host / guest / interaction
+        assert categorical or xlabel in dimensionless_x or UNIT.search(xlabel), (kind, xlabel)
+        # plotting onto given axes returns that axes' figure
+        other = Figure()
+        ax = other.add_subplot()
+        assert result.plot(ax=ax) is other
+
+
+@pytest.fixture(scope="module")
+def cl():
+    with mc.cluster.start(n_gpus=0, n_workers=1, threads_per_worker=2, preload=("emt",), dashboard=False,
+                          torch_threads=1) as c:
+        yield c
+
+
+@pytest.mark.slow
+def test_live_widget_on_a_real_cluster(cl):
+    """EMT relaxations on a CPU LocalCluster: the widget follows them through the dask event stream."""
+    structures = [cu(3, 0.2, seed=s) for s in range(3)]
+    tasks = cl.map("relax", structures, model="emt", fmax=1e-4, optimizer="FIRE", relax_cell=False,
+                   max_steps=3000)
+    fe = bulk("Fe", "bcc", a=2.87, cubic=True)  # EMT has no Fe: fails on the worker
+    tasks.append(cl.submit("single_point", fe, model="emt"))
+    tasks.append(cl.submit("relax", "no-such-file.cif", model="emt"))  # fails on the client at once
+    w = progress(tasks, mode="widget", display=False, max_rate_hz=10)
+    assert w.wait(180)
+    assert w.counts() == {"COMPLETED": 3, "FAILED": 2}
+    assert w.overall.value == 5
+    stepped = 0
+    for t in tasks[:3]:
+        row = w.state.row(t.id)
+        r = t.result()
+        assert row.status == "COMPLETED" and row.elapsed_s() > 0
+        if row.step is not None:  # progress events arrived over dask's event stream
+            stepped += 1
+            assert row.energy_eV == pytest.approx(r.energies_eV[row.step], abs=1e-9)
+    assert stepped >= 1
+    assert "Fe" in w.rows[tasks[3].id].error.value
+    assert "no-such-file.cif" in w.rows[tasks[4].id].error.value
+    df = results(tasks, display=False).frame()
+    assert list(df["status"]) == ["COMPLETED"] * 3 + ["FAILED"] * 2
+    np.testing.assert_allclose(df["final_energy_eV"][:3], [t.result().final_energy_eV for t in tasks[:3]])
+    w.close()
