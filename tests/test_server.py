@@ -101,6 +101,31 @@ def test_openapi_docs_and_error_codes(client):
     assert all(c["http_status"] in first_digit_ok[c["code"] // 10000] for c in codes), codes
 
 
+def test_unexpected_errors_keep_the_envelope(client, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    store = client.app.state.store
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(store, "list_tasks", boom)
+    r = client.get(f"{API}/tasks", headers={"X-Request-ID": "req-500"})
+    body = assert_error(r, 500, ErrorCode.INTERNAL_ERROR, "RuntimeError", "req-500")
+    assert body["request_id"] == "req-500"
+
+    def db_down(*a, **k):
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(store, "list_tasks", db_down)
+    assert_error(client.get(f"{API}/tasks"), 503, ErrorCode.DATABASE_UNAVAILABLE)
+    monkeypatch.setattr(store, "ping", db_down)
+    r = client.get(f"{API}/health")
+    body = assert_error(r, 503, ErrorCode.DATABASE_UNAVAILABLE, "not ready")
+    assert body["data"]["live"] is True and body["data"]["ready"] is False
+    assert body["data"]["checks"]["database"]["ok"] is False
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_task_submission_bad_inputs_change_nothing(client):
     before = _counts(client)

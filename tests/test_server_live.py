@@ -61,8 +61,7 @@ class LiveServer:
         self.args = list(args)
         self.api_key = api_key
         self.key_flag = key_flag
-        self.env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                    "MATCALC_BATCHING": os.environ.get("MATCALC_BATCHING", "1"), **(env or {})}
+        self.env = {**os.environ, **(env or {})}  # BLAS threads: the server sets them (blas_threads=1)
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.n_starts = 0
@@ -368,6 +367,34 @@ def test_live_200_concurrent_submissions(server):
         energies = {c.get(f"/tasks/{tid}/result").json()["data"]["result"]["energy_eV"] for tid in ids[::20]}
         assert all(e == pytest.approx(e_ref, abs=1e-8) for e in energies)
         assert all(t["attempts"] == 1 for t in done.values())
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+@pytest.mark.skipif(not os.environ.get("MATCALC_TEST_PG_URL"), reason="MATCALC_TEST_PG_URL not set")
+def test_live_postgres_backend(tmp_path):
+    """The same server on PostgreSQL: concurrent submissions stored and completed, requeue after SIGKILL."""
+    from test_store import _reset_pg
+
+    url = os.environ["MATCALC_TEST_PG_URL"]
+    _reset_pg(url)
+    srv = LiveServer(tmp_path, url, "--workers", "2")
+    srv.start()
+    try:
+        cif = text_of(CU)
+        with ThreadPoolExecutor(8) as pool, srv.client() as c:
+            ids = list(pool.map(lambda i: submit(c, "single-point", structure=cif, model="emt", label=f"pg{i}"),
+                                range(40)))
+            slow = submit(c, "optimization", **_relax_body(5))
+            done = wait_all(c, ids, timeout_s=120)
+            assert {t["status"] for t in done.values()} == {"COMPLETED"}
+        srv.kill(signal.SIGKILL)
+        srv.start()
+        with srv.client() as c:
+            t = wait_all(c, [slow], timeout_s=120)[slow]
+            assert t["status"] == "COMPLETED" and t["attempts"] in (1, 2)
+            assert c.get("/tasks", params={"status": "COMPLETED", "page_size": 1}).json()["data"]["total"] == 41
+    finally:
+        srv.stop()
 
 
 # ----------------------------------------------------------------------------- crash and restart

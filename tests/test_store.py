@@ -342,3 +342,29 @@ def test_json_columns_keep_floats_and_nesting(store, cu_id):
     got = store.get_task(t.id)
     assert got.parameters["nested"] == {"a": None} and got.parameters["t_max"] == 1000.5
     np.testing.assert_array_equal(np.asarray(got.result["forces_eV_per_A"]), forces)
+
+
+def test_concurrent_inserts_of_one_structure_deduplicate(store):
+    """Many requests bringing the same new structure at once: one row, no integrity error."""
+    from matcalc.store import NewStructure
+
+    atoms = bulk("Pt", "fcc", a=3.92, cubic=True)
+    sid = structure_hash(atoms)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            barrier.wait()
+            store.create_tasks([_new(sid, label=str(k))], structures=[NewStructure(atoms, f"text {k}", "cif")])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+    assert store.count(Structure) == 1 and store.count(Task) == 8
+    assert store.get_structure(sid).content.startswith("text ")

@@ -107,16 +107,16 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return JSONResponse(_envelope(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        from sqlalchemy.exc import OperationalError
 
-        if isinstance(exc, OperationalError):
-            log.error("database error: %s", exc)
-            return error_response(ErrorCode.DATABASE_UNAVAILABLE, "database error; retry later")
-        log.exception("unhandled error")
-        return error_response(ErrorCode.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); request id "
-                              f"{request_id_var.get()}")
+def unexpected_error(exc: Exception) -> tuple[ErrorCode, str]:
+    """Code and message for an exception no handler knew (logged with the request id)."""
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError):
+        log.error("database error: %s", exc)
+        return ErrorCode.DATABASE_UNAVAILABLE, "database error; retry later"
+    log.error("unhandled error", exc_info=exc)
+    return ErrorCode.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); request id {request_id_var.get()}"
 
 
 def create_app(settings: Settings | None = None, *, executor: Executor | None = None) -> FastAPI:
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
         import anyio.to_thread
 
         store = Store(settings.db_url)
-        ex = executor or make_executor(settings.cluster, settings.workers, settings.device)
+        ex = executor or make_executor(settings.cluster, settings.workers, settings.device, settings.blas_threads)
         service = TaskService(store, ex, max_atoms=settings.max_atoms, max_batch=settings.max_batch,
                               default_timeout_s=settings.default_timeout_s,
                               progress_interval_s=settings.progress_interval_s, bus=app.state.bus)

@@ -35,6 +35,9 @@ class Settings(BaseModel):
     workers: int = Field(2, ge=0, le=256)
     """In-process worker threads (``0``: accept and queue tasks without running them)."""
     device: str | None = None
+    blas_threads: int | None = Field(1, ge=1, le=1024)
+    """BLAS threads in the server process with the in-process executor (many small concurrent tasks run
+    far faster single-threaded; ``None`` leaves the library default)."""
     api_keys: list[str] = Field(default_factory=list)
     """Accepted ``X-API-Key`` values; required when ``host`` is not a loopback address."""
     rate_limit_per_s: float = Field(50.0, ge=0)

@@ -130,9 +130,10 @@ class InProcessExecutor:
 
     name = "inprocess"
 
-    def __init__(self, workers: int = 2, device: str | None = None) -> None:
+    def __init__(self, workers: int = 2, device: str | None = None, blas_threads: int | None = None) -> None:
         self.n_workers = int(workers)
         self.device = device
+        self.blas_threads = blas_threads
         self._queue: queue.PriorityQueue[tuple[int, int, Job | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._cancelled: set[str] = set()
@@ -150,6 +151,13 @@ class InProcessExecutor:
     # -------------------------------------------------------------- lifecycle
     def start(self, callbacks: ExecutorCallbacks) -> None:
         self._callbacks = callbacks
+        if self.blas_threads:
+            try:
+                from threadpoolctl import threadpool_limits
+
+                threadpool_limits(limits=self.blas_threads, user_api="blas")
+            except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack
+                log.info("threadpoolctl not installed: BLAS thread count left as is")
         self._handler = _TaskLogHandler(callbacks.on_log)
         logging.getLogger("matcalc").addHandler(self._handler)
         for i in range(self.n_workers):
@@ -299,10 +307,10 @@ class InProcessExecutor:
         self._callbacks.on_done(run.job.task_id, status, result, error, run.attempt)
 
 
-def make_executor(cluster: str, workers: int, device: str | None) -> Executor:
+def make_executor(cluster: str, workers: int, device: str | None, blas_threads: int | None = None) -> Executor:
     """The executor for ``--cluster``: ``inprocess``, ``local`` or a dask scheduler address."""
     if cluster in ("inprocess", "in-process", ""):
-        return InProcessExecutor(workers=workers, device=device)
+        return InProcessExecutor(workers=workers, device=device, blas_threads=blas_threads)
     from matcalc.server.cluster_executor import ClusterExecutor
 
     return ClusterExecutor(cluster, workers=workers, device=device)

@@ -106,6 +106,17 @@ class RequestContextMiddleware:
                     if started["sent"]:
                         raise
                     await self._too_large(send_wrapper, received["n"])
+                except Exception as exc:  # answered here, inside the request's context (request id)
+                    if started["sent"]:
+                        raise
+                    from matcalc.server.app import unexpected_error
+
+                    code, message = unexpected_error(exc)
+                    body = error_body(code, message)
+                    await send_wrapper({"type": "http.response.start", "status": code.http_status,
+                                        "headers": [(b"content-type", b"application/json"),
+                                                    (b"content-length", str(len(body)).encode())]})
+                    await send_wrapper({"type": "http.response.body", "body": body})
         finally:
             dt = time.perf_counter() - t0
             access_log.info("%s %s %s %.1f ms", scope.get("method"), scope.get("path"), status["code"], dt * 1e3,

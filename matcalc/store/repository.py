@@ -202,6 +202,8 @@ class Store:
     def _upsert_structure(s: Session, new: NewStructure) -> tuple[Structure, bool]:
         from matcalc.structures import formula, structure_hash
 
+        from sqlalchemy.exc import IntegrityError
+
         sid = structure_hash(new.atoms)
         existing = s.get(Structure, sid)
         if existing is not None:
@@ -209,8 +211,14 @@ class Store:
         row = Structure(id=sid, content=new.content, format=new.format, formula=formula(new.atoms),
                         n_atoms=len(new.atoms), periodic=bool(new.atoms.pbc.all()), name=new.name,
                         source=new.source, size_bytes=len(new.content.encode()), created_at=utcnow())
-        s.add(row)
-        s.flush()
+        try:
+            with s.begin_nested():  # a concurrent writer may insert the same structure first
+                s.add(row)
+        except IntegrityError:
+            existing = s.get(Structure, sid, populate_existing=True)
+            if existing is None:
+                raise
+            return existing, False
         return row, True
 
     def get_structure(self, structure_id: str) -> Structure:
