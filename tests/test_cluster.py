@@ -213,3 +213,56 @@ def test_gpus_without_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
     monkeypatch.setattr(gpu_module, "_NVML_READY", None)
     assert cluster.gpus() == []
+
+
+def test_connect_to_running_scheduler(cl):
+    atoms = cu(2, 0.05, seed=5)
+    ref = atoms.copy()
+    ref.calc = EMT()
+    with cluster.connect(cl.address, torch_threads=1, dashboard=False) as other:
+        task = other.submit("single_point", atoms, model="emt")
+        assert task.result(60).energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+        assert [w["address"] for w in other.workers()] == [w["address"] for w in cl.workers()]
+        assert not other.gpu
+    # disconnecting leaves the cluster running
+    assert cl.submit("single_point", atoms, model="emt").result(60).n_atoms == len(atoms)
+    with pytest.raises(ValueError, match="address"):
+        cluster.connect("")
+
+
+def test_task_logs_are_isolated_between_concurrent_tasks():
+    """Log records go to the task whose context emitted them, also with tasks in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from matcalc.cluster.worker import TaskSpec, install_log_capture, run_task
+
+    install_log_capture("INFO")
+    published: dict[str, list] = {"a": [], "b": []}
+
+    def one(tid: str):
+        spec = TaskSpec(task_id=tid, model="emt", prop="relax",
+                        params={"fmax": 1e-3, "optimizer": "FIRE", "relax_cell": False})
+        return run_task(spec, cu(2, 0.1, seed=ord(tid)), publish=published[tid].append)
+
+    with ThreadPoolExecutor(2) as pool:
+        out = dict(zip("ab", pool.map(one, "ab"), strict=True))
+    for tid in "ab":
+        logs = out[tid]["logs"]
+        assert logs and all(r["task_id"] == tid for r in logs)
+        assert sum("relax: converged" in r["message"] for r in logs) == 1
+        kinds = [m["type"] for m in published[tid]]
+        assert kinds[0] == "running" and "progress" in kinds and "log" in kinds
+        progress_events = [m for m in published[tid] if m["type"] == "progress"]
+        assert progress_events[-1]["step"] == out[tid]["result"].steps
+
+
+@pytest.mark.slow
+def test_chgnet_single_point_equals_in_process(cl):
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    si.rattle(0.03, seed=2)
+    remote = cl.submit("single_point", si, model="chgnet").result(300)
+    local = mc.single_point(si, "chgnet")
+    assert remote.energy_eV == pytest.approx(local.energy_eV, rel=1e-6)
+    np.testing.assert_allclose(remote.forces_eV_per_A, local.forces_eV_per_A, atol=1e-5)
+    np.testing.assert_allclose(remote.stress_GPa, local.stress_GPa, atol=1e-4)
+    assert "chgnet" in cl.workers()[0]["models"]  # kept loaded for the next task (model affinity)

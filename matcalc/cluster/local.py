@@ -98,12 +98,16 @@ def _prepare_structure(structure: Any) -> tuple[Any, str, str | None]:
     from ase import Atoms
 
     from matcalc.calculations.common import label_of
-    from matcalc.structures import load_structure, structure_hash
+    from matcalc.structures import StructureError, load_structure, structure_hash
 
     label = label_of(structure)
-    atoms = load_structure(structure, require_cell=False, max_atoms=None)
-    if isinstance(structure, Atoms):
-        atoms.info.update(structure.info)
+    if isinstance(structure, Atoms):  # validated on the worker; skip the neighbour search here
+        if len(structure) == 0:
+            raise StructureError("the structure has no atoms")
+        atoms = structure.copy()
+        atoms.calc = None
+    else:
+        atoms = load_structure(structure, require_cell=False, max_atoms=None)
     if label:
         atoms.info["label"] = label
     return atoms, label, structure_hash(atoms)
@@ -327,7 +331,45 @@ class Cluster:
         future.add_done_callback(lambda f, t=task: self._on_future_done(t, f))
 
     # ------------------------------------------------------------------ completion
+    def _wait_future(self, task: Task, future: Future, timeout: float | None) -> bool:
+        """Wait for ``future`` and settle ``task`` from it in this thread (False: timed out first).
+
+        While a thread waits here, dask's done-callback leaves the task alone, so the result is
+        fetched once, without the hop through dask's callback thread.
+        """
+        from concurrent.futures import CancelledError
+
+        with task._lock:
+            task._waiters += 1
+        outcome: tuple[str, Any] | None = None
+        try:
+            try:
+                outcome = ("finished", future.result(timeout=timeout))
+            except CancelledError:
+                outcome = ("cancelled", None)
+            except BaseException as exc:  # noqa: BLE001 - the task's error, or our wait timing out
+                outcome = ("error", exc) if future.done() else None
+        finally:
+            with task._lock:
+                task._waiters -= 1
+        if outcome is None and not future.done():
+            return False
+        self._settle(task, future, outcome)
+        return True
+
     def _on_future_done(self, task: Task, future: Future) -> None:
+        """dask's done-callback (its callback thread); a thread in :meth:`_wait_future` takes precedence."""
+        with task._lock:
+            if task._waiters:
+                return
+        self._settle(task, future, None)
+
+    def _settle(self, task: Task, future: Future, outcome: tuple[str, Any] | None) -> None:
+        """Move ``task`` to its terminal state (or retry it) from its finished ``future``; once per future."""
+        with task._lock:
+            if task._settled_key == future.key:
+                return
+            task._settled_key = future.key
         with self._lock:
             self._by_key.pop(str(future.key), None)
             current = future.key == task.key
@@ -336,23 +378,30 @@ class Cluster:
         try:
             if task.done():
                 return
-            status = future.status
-            if status == "finished":
-                payload = future.result()
-                task._merge_logs(payload.get("logs", []))
-                worker = payload.get("worker")
+            if outcome is None:
+                status = future.status
+                if status == "finished":
+                    outcome = ("finished", future.result())
+                elif status == "cancelled":
+                    outcome = ("cancelled", None)
+                else:
+                    exc = future.exception()
+                    outcome = ("error", exc if exc is not None else
+                               WorkerTaskError(f"task {task.id} ended with dask status {status!r}"))
+            kind, value = outcome
+            if kind == "finished":
+                task._merge_logs(value.get("logs", []))
+                worker = value.get("worker")
                 if worker:
                     task.worker = worker
                     with self._lock:
-                        self._worker_models[worker] = set(payload.get("models", []))
-                task._finish(TaskStatus.COMPLETED, result=payload["result"])
+                        self._worker_models[worker] = set(value.get("models", []))
+                task._finish(TaskStatus.COMPLETED, result=value["result"])
                 return
-            if status == "cancelled":
+            if kind == "cancelled":
                 task._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled"))
                 return
-            exc = future.exception()
-            if exc is None:  # pragma: no cover - defensive
-                exc = WorkerTaskError(f"task {task.id} ended with dask status {status!r}")
+            exc = value
             task._merge_logs(getattr(exc, "matcalc_logs", []) or [])
             if isinstance(exc, TaskTimeoutError):
                 task._finish(TaskStatus.TIMEOUT, error=exc)
@@ -444,7 +493,7 @@ class Cluster:
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in tasks:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not t._done.wait(left):
+            if not t._wait(left):
                 return False
         return True
 
@@ -462,7 +511,7 @@ def tasks_frame(tasks: Sequence[Task], timeout: float | None = None) -> pd.DataF
     rows = []
     for t in tasks:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        t._done.wait(left)
+        t._wait(left)
         row: dict[str, Any] = {"task_id": t.id, "label": t.label, "property": t.property, "model": t.model,
                                "status": t.status.value, "structure_hash": t.structure_hash}
         if t.status == TaskStatus.COMPLETED and t._result is not None:

@@ -158,6 +158,8 @@ class Task:
         self._timer: threading.Timer | None = None
         self._custom_fn: Callable[..., Any] | None = None
         self._atoms: Any = None
+        self._settled_key: Any = None
+        self._waiters = 0
 
     # ------------------------------------------------------------------ public API
     @property
@@ -192,7 +194,7 @@ class Task:
             TimeoutError: still running after ``timeout`` seconds (the task goes on).
             TaskTimeoutError / TaskCancelledError / the calculation's exception.
         """
-        if not self._done.wait(timeout):
+        if not self._wait(timeout):
             raise TimeoutError(f"task {self.id} not finished after {timeout} s (status {self.status})")
         if self._error is not None:
             raise self._error
@@ -201,9 +203,22 @@ class Task:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait like :meth:`result`; the task's error, or None when it completed."""
-        if not self._done.wait(timeout):
+        if not self._wait(timeout):
             raise TimeoutError(f"task {self.id} not finished after {timeout} s (status {self.status})")
         return self._error
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait for a terminal state. While a dask future is out, wait on it and settle the task in
+        this thread (saves the hop through dask's callback thread); retries swap the future."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            future, cluster = self._future, self._cluster
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if future is None or cluster is None:
+                return self._done.wait(left)
+            if not cluster._wait_future(self, future, left):
+                return self._done.is_set()
+        return True
 
     def cancel(self) -> bool:
         """Cancel a queued task, or ask a running one to stop; False when already finished."""
