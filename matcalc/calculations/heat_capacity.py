@@ -17,7 +17,8 @@ Conventions (documented choices):
   ``exclude_gamma_acoustic=True``, as phonopy itself recommends): their exact frequency is zero, and
   letting noise-level frequencies in adds a spurious ≈3·k_B per mesh point to Cv at every
   temperature (visible below ~30 K; < 0.01 % at 300 K with the default mesh).
-* Imaginary modes: mesh frequencies below −``IMAGINARY_TOLERANCE_THZ`` (phonopy reports imaginary
+* Force constants are not symmetrized (as in MOFSimBench and plain phonopy).
+* Imaginary modes: mesh frequencies below −``IMAGINARY_TOLERANCE_THZ`` (0.1 THz) (phonopy reports imaginary
   frequencies as negative numbers), excluding the three acoustic modes at Γ.
 """
 
@@ -45,9 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGINARY_TOLERANCE_THZ = 0.05
-"""A mesh mode counts as imaginary below −this frequency (THz). Finite displacements (0.01 Å)
-with float32 models give |ω| of a few 0.01 THz for the acoustic branches near Γ by noise alone."""
+IMAGINARY_TOLERANCE_THZ = 0.1
+"""A mesh mode counts as imaginary below −this frequency (THz). Float32 models with 0.01 Å
+displacements break the acoustic sum rule by up to a few 0.1 THz at Γ (those three modes are
+excluded); a genuinely unstable branch sits far lower (CHGNet on RSM0010 relaxed to fmax 0.05:
+down to −4.4 THz, and the count barely changes between 0.01 and 0.1 THz: 6844 vs 6826 modes)."""
 REFERENCE_TEMPERATURE_K = 300.0
 GAS_CONSTANT_J_PER_K_MOL = 8.314462618
 
@@ -65,7 +68,10 @@ class HeatCapacityResult(Result):
     """Molar mass of the cell the properties refer to."""
     n_displacements: int
     imaginary_modes: int
-    """Mesh modes with frequency < −``imaginary_tolerance_THz`` (three Γ acoustic modes excluded)."""
+    """Modes on phonopy's irreducible q-point mesh with frequency < −``imaginary_tolerance_THz``
+    (three Γ acoustic modes excluded)."""
+    mesh_modes: int = 0
+    """Number of modes on the irreducible q-point mesh (q-points × bands), for scale."""
     lowest_frequency_THz: float
     """Lowest mesh frequency, Γ acoustic modes excluded (negative = imaginary)."""
     imaginary_tolerance_THz: float = IMAGINARY_TOLERANCE_THZ
@@ -215,7 +221,7 @@ def heat_capacity(
     n_imag, lowest = count_imaginary(np.asarray(mesh_dict["qpoints"]), np.asarray(mesh_dict["frequencies"]),
                                      IMAGINARY_TOLERANCE_THZ)
     if n_imag:
-        warnings.append(f"{n_imag} imaginary mode(s) on the q-point mesh (lowest {lowest:.3f} THz, tolerance "
+        warnings.append(f"{n_imag} imaginary mode(s) of {np.asarray(mesh_dict['frequencies']).size} on the q-point mesh (lowest {lowest:.3f} THz, tolerance "
                         f"−{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes excluded): the structure is not at a "
                         "minimum of the model; imaginary modes are left out of the thermal properties")
 
@@ -239,6 +245,7 @@ def heat_capacity(
         molar_mass_g_per_mol=molar_mass,
         n_displacements=len(supercells),
         imaginary_modes=n_imag,
+        mesh_modes=int(np.asarray(mesh_dict["frequencies"]).size),
         lowest_frequency_THz=lowest,
         imaginary_tolerance_THz=IMAGINARY_TOLERANCE_THZ,
         max_drift_eV_per_A=max_drift,
