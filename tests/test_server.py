@@ -138,6 +138,8 @@ def test_task_submission_bad_inputs_change_nothing(client):
         ({"structure": CU_CIF, "model": "emt", "fmax": -0.1}, 422, ErrorCode.VALIDATION_ERROR, "fmax"),
         ({"structure": CU_CIF, "model": "emt", "optimizer": "Newton"}, 422, ErrorCode.VALIDATION_ERROR, "optimizer"),
         ({"structure": CU_CIF, "model": "emt", "max_steps": 0}, 422, ErrorCode.VALIDATION_ERROR, "max_steps"),
+        ({"structure": CU_CIF, "model": "emt", "relax_cell": 0}, 422, ErrorCode.VALIDATION_ERROR, "relax_cell"),
+        ({"structure": CU_CIF, "model": "emt", "fixed_atoms": [False]}, 422, ErrorCode.VALIDATION_ERROR, "fixed_atoms"),
         ({"structure": CU_CIF, "model": "emt", "temperature_K": 300}, 422, ErrorCode.VALIDATION_ERROR, "temperature_K"),
         ({"model": "emt"}, 422, ErrorCode.VALIDATION_ERROR, "exactly one way"),
         ({"structure": CU_CIF, "builtin": "CALF-20", "model": "emt"}, 422, ErrorCode.VALIDATION_ERROR, "exactly one"),

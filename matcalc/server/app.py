@@ -156,6 +156,7 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
         docs_url="/docs",
         redoc_url="/redoc",
         openapi_tags=[{"name": "tasks"}, {"name": "structures"}, {"name": "models"}, {"name": "system"}],
+        generate_unique_id_function=lambda route: route.name,  # operationId = the function's name
     )
     app.state.settings = settings
     app.state.bus = EventBus()

@@ -65,8 +65,10 @@ class ErrorEnvelope(Envelope[dict[str, Any]]):
 class TaskRequestBase(BaseModel):
     """Fields every task type shares. Give the structure in exactly one way."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
-        {"required": ["structure"]}, {"required": ["structure_id"]}, {"required": ["builtin"]}]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["structure"]}, {"required": ["structure_id"]}, {"required": ["builtin"]}],
+        "examples": [{"builtin": "RSM0009", "model": "chgnet", "protocol": "fast", "priority": "NORMAL"}],
+    })
 
     structure: str | None = Field(None, min_length=1, description="inline structure file contents (CIF, XYZ/extXYZ or POSCAR)")
     format: FormatName | None = Field(None, description="format of `structure` (default: detected)")
@@ -206,7 +208,7 @@ REQUEST_TYPES: dict[str, type[TaskRequestBase]] = {
 class BatchRequest(BaseModel):
     """Many tasks submitted atomically: all are stored, or none (the first problem is reported)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     tasks: list[TaskRequest] = Field(min_length=1, max_length=10_000)
 
 
@@ -316,7 +318,7 @@ class StructurePage(BaseModel):
 class StructureUpload(BaseModel):
     """JSON form of a structure upload (multipart with a `file` field works too)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     content: str = Field(min_length=1, description="CIF, XYZ/extXYZ or POSCAR text")
     format: FormatName | None = None
     name: str | None = Field(None, max_length=256)

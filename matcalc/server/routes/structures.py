@@ -30,7 +30,10 @@ from matcalc.store import NotFoundError
 router = APIRouter(prefix="/structures", tags=["structures"], dependencies=[Depends(require_api_key)],
                    responses=COMMON_ERRORS)
 
+_STRUCTURE_LINK = {"links": {"GetStructure": {"operationId": "get_structure",
+                                               "parameters": {"structure_id": "$response.body#/data/id"}}}}
 _UPLOAD_BODY = {
+    "responses": {"201": _STRUCTURE_LINK, "200": _STRUCTURE_LINK},
     "requestBody": {
         "required": True,
         "content": {

@@ -63,6 +63,15 @@ def _submit_one(request: Request, body: TaskRequestBase) -> dict[str, Any]:
     return ok(TaskOut.of(rows[0]), f"{body.type} task queued")
 
 
+_TASK_ID = "$response.body#/data/id"
+TASK_LINKS = {"links": {
+    "GetTask": {"operationId": "get_task", "parameters": {"task_id": _TASK_ID}},
+    "GetResult": {"operationId": "get_result", "parameters": {"task_id": _TASK_ID}},
+    "GetLogs": {"operationId": "task_logs", "parameters": {"task_id": _TASK_ID}},
+    "CancelTask": {"operationId": "cancel_task", "parameters": {"task_id": _TASK_ID}},
+}}
+
+
 def _make_submit(task_type: str, req_cls: type[TaskRequestBase]) -> None:
     def submit(request: Request, body: req_cls) -> dict[str, Any]:  # type: ignore[valid-type]
         return _submit_one(request, body)
@@ -71,7 +80,7 @@ def _make_submit(task_type: str, req_cls: type[TaskRequestBase]) -> None:
     submit.__doc__ = f"Submit a {task_type} task. {req_cls.__doc__ or ''}".strip()
     router.add_api_route(f"/{task_type}", submit, methods=["POST"], status_code=status.HTTP_201_CREATED,
                          response_model=Envelope[TaskOut], summary=f"Submit a {task_type} task",
-                         responses=error_responses(409))
+                         responses=error_responses(409), openapi_extra={"responses": {"201": TASK_LINKS}})
 
 
 for _type, _cls in REQUEST_TYPES.items():
