@@ -456,5 +456,25 @@ def test_live_sigkill_restart_and_graceful_shutdown(tmp_path):
             assert done_before_term[ids[0]]["finished_at"] == done[ids[0]]["finished_at"]  # immutable
             q = c.get("/system/queue").json()["data"]["by_status"]
             assert q["COMPLETED"] == 4 and q["QUEUED"] == q["RUNNING"] == q["PENDING"] == 0
+        srv.kill(signal.SIGTERM)
+
+        # with a long enough shutdown timeout, SIGTERM waits for the running task to finish
+        srv.args = ["--workers", "1", "--shutdown-timeout", "120"]
+        srv.start()
+        with srv.client() as c:
+            last = submit(c, "optimization", **_relax_body(6))
+            deadline = time.monotonic() + 60
+            while c.get(f"/tasks/{last}").json()["data"]["status"] != "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+        srv.kill(signal.SIGTERM, timeout_s=120)
+        from matcalc.store import Store
+
+        store = Store(srv.db_url, migrate=False)
+        try:
+            row = store.get_task(last)
+            assert row.status == "COMPLETED" and row.attempts == 1
+        finally:
+            store.close()
+        assert f"[task:{last}]" in srv.log.read_text()  # the task's own log lines carry its id
     finally:
         srv.stop()

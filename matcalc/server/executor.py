@@ -269,8 +269,11 @@ class InProcessExecutor:
             if not run.ended:
                 cb.on_progress(job.task_id, event.to_dict())
 
+        from matcalc.server.middleware import request_id_var
+
         status, result, error = "COMPLETED", None, None
         token = _current_task.set(job.task_id)
+        rid_token = request_id_var.set(f"task:{job.task_id}")  # log lines of the task carry its id
         try:
             fn, atoms, kwargs = build_call(job)
             with progress.reporting(sink, stop=run.stop):
@@ -282,6 +285,7 @@ class InProcessExecutor:
                 raise
         finally:
             _current_task.reset(token)
+            request_id_var.reset(rid_token)
             if run.timer is not None:
                 run.timer.cancel()
             with self._lock:
