@@ -31,10 +31,33 @@ def wait_for(cond, timeout: float = 60.0, every: float = 0.05) -> bool:
     return cond()
 
 
+def endless_md():
+    """A task function running NVE molecular dynamics (ASE loop) until asked to stop."""
+
+    def endless_md(structure, model, **params):  # nested: cloudpickle ships it by value
+        from ase import units
+        from ase.md.verlet import VelocityVerlet
+
+        from matcalc import progress
+        from matcalc.calculations.common import prepare
+
+        prep = prepare(structure, model)
+        atoms = prep.atoms
+        atoms.calc = prep.calculator()
+        md = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+        for step in range(10**9):
+            md.run(1)
+            progress.report("md", step, 10**9, energy_eV=float(atoms.get_potential_energy()))
+            if progress.should_stop():
+                raise progress.StopRequested(f"stopped at step {step}")
+        raise AssertionError("unreachable")
+
+    return endless_md
+
+
 def blocker(cl, **kw):
-    """A relaxation that runs until stopped (tiny fmax, huge step limit)."""
-    return cl.submit("relax", cu(3, 0.2, seed=7), model="emt", fmax=1e-12, max_steps=10**7, optimizer="FIRE",
-                     relax_cell=False, **kw)
+    """A task that keeps the (single-threaded) worker busy until it is stopped."""
+    return cl.submit(endless_md(), cu(2, 0.2, seed=7), model="emt", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +289,13 @@ def test_chgnet_single_point_equals_in_process(cl):
     np.testing.assert_allclose(remote.forces_eV_per_A, local.forces_eV_per_A, atol=1e-5)
     np.testing.assert_allclose(remote.stress_GPa, local.stress_GPa, atol=1e-4)
     assert "chgnet" in cl.workers()[0]["models"]  # kept loaded for the next task (model affinity)
+
+
+def test_cancel_from_a_status_callback(cl):
+    """Callbacks run on the client's event loop thread; cancelling from there still stops the worker."""
+    task = blocker(cl)
+    task.add_status_callback(lambda t, status: t.cancel() if status == TaskStatus.RUNNING else None)
+    with pytest.raises(TaskCancelledError):
+        task.result(60)
+    assert task.status == TaskStatus.CANCELLED
+    assert wait_for(lambda: cl.workers()[0]["running_tasks"] == [], timeout=60, every=0.3)

@@ -456,6 +456,20 @@ class Cluster:
 
     # ------------------------------------------------------------------ cancel / timeout
     def _stop_remote(self, task: Task, reason: str, future: Future | None) -> None:
+        """Cancel the future and set the task's stop event on its worker. Callbacks run on the
+        client's event loop thread, where blocking dask calls are not allowed: from there this
+        runs on a helper thread."""
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._stop_remote_now(task, reason, future)
+            return
+        threading.Thread(target=self._stop_remote_now, args=(task, reason, future), daemon=True,
+                         name=f"matcalc-stop-{task.id}").start()
+
+    def _stop_remote_now(self, task: Task, reason: str, future: Future | None) -> None:
         worker = task.worker
         if future is not None:
             try:
