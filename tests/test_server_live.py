@@ -301,11 +301,11 @@ def test_live_interaction_energy_matches_single_points(api):
     assert res.guest_formula == "CO2"
 
 
-def test_live_chgnet_single_point_on_builtin(api, chgnet):
+def test_live_chgnet_single_point_on_builtin(api):
     tid = submit(api, "single-point", builtin="RSM0009", model="chgnet")
     res = result_of(api, tid, timeout_s=180)
     atoms = mc.load_structure("RSM0009")
-    ref = chgnet.evaluate([atoms])[0]
+    ref = mc.get_model("chgnet", device="cpu").evaluate([atoms])[0]
     assert res.n_atoms == 22 and res.model == "chgnet"
     assert res.energy_eV == pytest.approx(ref.energy_eV, abs=1e-3)
     np.testing.assert_allclose(res.forces_eV_per_A, ref.forces_eV_per_A, atol=1e-3)

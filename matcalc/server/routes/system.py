@@ -65,7 +65,7 @@ def gpus() -> dict[str, Any]:
         found = list_gpus()
     except Exception:  # noqa: BLE001 - NVML trouble means no usable GPU
         found = []
-    return ok([g.to_dict() if hasattr(g, "to_dict") else dict(g) if not isinstance(g, dict) else g for g in found])
+    return ok([dict(g) for g in found])
 
 
 @router.get("/system/queue", response_model=Envelope[QueueOut], dependencies=guarded,
