@@ -48,7 +48,8 @@ def ok(data: Any = None, message: str = "ok") -> dict[str, Any]:
     return _envelope(ErrorCode.OK, message, data)
 
 
-def error_response(code: ErrorCode, message: str, data: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(code: ErrorCode, message: str, data: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(_envelope(code, message, data), status_code=code.http_status, headers=headers)
 
 

@@ -16,9 +16,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; others need an API key)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--cluster", default=None,
-                   help="inprocess (default: threads in the server), local (start a dask cluster) or a scheduler address")
+                   help="inprocess (default: threads in the server), local (start a dask cluster) "
+                        "or a scheduler address")
     p.add_argument("--workers", type=int, default=None, help="in-process worker threads (default 2)")
-    p.add_argument("--db", dest="db_url", default=None, help="database URL (default $MATCALC_DB_URL or ~/.matcalc/matcalc.db)")
+    p.add_argument("--db", dest="db_url", default=None,
+                   help="database URL (default $MATCALC_DB_URL or ~/.matcalc/matcalc.db)")
     p.add_argument("--api-key", dest="api_keys", action="append", default=None,
                    help="accepted X-API-Key (repeat for several); required beyond loopback")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if torch sees one)")

@@ -70,10 +70,12 @@ class TaskRequestBase(BaseModel):
         "examples": [{"builtin": "RSM0009", "model": "chgnet", "protocol": "fast", "priority": "NORMAL"}],
     })
 
-    structure: str | None = Field(None, min_length=1, description="inline structure file contents (CIF, XYZ/extXYZ or POSCAR)")
+    structure: str | None = Field(None, min_length=1,
+                                  description="inline structure file contents (CIF, XYZ/extXYZ or POSCAR)")
     format: FormatName | None = Field(None, description="format of `structure` (default: detected)")
     structure_id: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="id of an uploaded structure")
-    builtin: BuiltinName | None = Field(None, description="name of a structure shipped with matcalc (GET /structures/builtin)")
+    builtin: BuiltinName | None = Field(None, description="name of a structure shipped with matcalc "
+                                                          "(GET /structures/builtin)")
     model: str = Field("chgnet", min_length=1, max_length=128, description="model name (GET /models)")
     protocol: Literal["mofsimbench", "fast"] | None = Field(None, description="parameter preset (default mofsimbench)")
     priority: PriorityName = "NORMAL"
@@ -106,7 +108,8 @@ class OptimizationRequest(TaskRequestBase):
     max_steps: PosInt | None = None
     optimizer: OptimizerName | None = None
     relax_cell: bool | None = None
-    fixed_atoms: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=100_000, description="indices of fixed atoms")
+    fixed_atoms: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=100_000,
+                                                                  description="indices of fixed atoms")
 
 
 class SinglePointRequest(TaskRequestBase):

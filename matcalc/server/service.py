@@ -60,7 +60,8 @@ def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, na
         try:
             content = content.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            raise ApiError(ErrorCode.INVALID_STRUCTURE,
+                           f"{what}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if "\x00" in content:
         raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: binary data (NUL bytes) is not a structure file")
     if not content.strip():
@@ -72,15 +73,18 @@ def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, na
     if fmt is not None:
         fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
         if fmt not in ("cif", "vasp", "extxyz"):
-            raise ApiError(ErrorCode.UNSUPPORTED_FORMAT, f"{what}: unsupported format {fmt!r}; use cif, vasp/poscar or xyz/extxyz")
+            raise ApiError(ErrorCode.UNSUPPORTED_FORMAT,
+                           f"{what}: unsupported format {fmt!r}; use cif, vasp/poscar or xyz/extxyz")
     try:
         detected = fmt or detect_format(content)
         atoms = read_structure(content, fmt=detected)
     except StructureError as exc:
-        code = ErrorCode.UNSUPPORTED_FORMAT if "recognise the structure format" in str(exc) else ErrorCode.INVALID_STRUCTURE
+        unknown = "recognise the structure format" in str(exc)
+        code = ErrorCode.UNSUPPORTED_FORMAT if unknown else ErrorCode.INVALID_STRUCTURE
         raise ApiError(code, f"{what}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a parser crash on hostile input is still the input's fault
-        raise ApiError(ErrorCode.INVALID_STRUCTURE, f"{what}: malformed structure ({type(exc).__name__}: {exc})") from exc
+        raise ApiError(ErrorCode.INVALID_STRUCTURE,
+                       f"{what}: malformed structure ({type(exc).__name__}: {exc})") from exc
     if len(atoms) > max_atoms:
         raise ApiError(ErrorCode.TOO_MANY_ATOMS, f"{what}: too many atoms: {len(atoms)} > limit {max_atoms}",
                        data={"n_atoms": len(atoms), "max_atoms": max_atoms})
@@ -195,7 +199,8 @@ class TaskService:
         if not self.accepting:
             raise ApiError(ErrorCode.SHUTTING_DOWN)
         if len(requests) > self.max_batch:
-            raise ApiError(ErrorCode.BATCH_TOO_LARGE, f"batch of {len(requests)} tasks exceeds max_batch={self.max_batch}")
+            raise ApiError(ErrorCode.BATCH_TOO_LARGE,
+                           f"batch of {len(requests)} tasks exceeds max_batch={self.max_batch}")
         news, structures = [], {}
         for i, req in enumerate(requests):
             try:
@@ -260,7 +265,8 @@ class TaskService:
             msg += f" E={event['energy_eV']:.6f} eV"
         if event.get("fmax_eV_per_A") is not None:
             msg += f" fmax={event['fmax_eV_per_A']:.3g} eV/Å"
-        self.store.add_logs([{"task_id": task_id, "level": "DEBUG", "event": "progress", "message": msg, "data": event}])
+        self.store.add_logs([{"task_id": task_id, "level": "DEBUG", "event": "progress", "message": msg,
+                              "data": event}])
 
     def on_log(self, task_id: str, record: dict[str, Any]) -> None:
         entry = {"task_id": task_id, "level": str(record.get("level", "INFO")).upper(), "event": "log",

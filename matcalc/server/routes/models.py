@@ -41,7 +41,8 @@ def _card(request: Request, name: str) -> ModelOut:
 
 
 @router.get("", response_model=Envelope[list[ModelOut]], summary="Registered models and where they are loaded")
-def list_models(request: Request, include_d3: Annotated[bool, Query(description="list the +d3 variants")] = True) -> dict[str, Any]:
+def list_models(request: Request,
+                include_d3: Annotated[bool, Query(description="list the +d3 variants")] = True) -> dict[str, Any]:
     from matcalc.models.registry import model_names
 
     return ok([_card(request, n) for n in model_names(include_d3=include_d3)])

@@ -68,7 +68,8 @@ async def _read_upload(request: Request) -> StructureUpload:
         try:
             content = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ApiError(ErrorCode.INVALID_STRUCTURE, f"file: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            raise ApiError(ErrorCode.INVALID_STRUCTURE,
+                           f"file: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         fields: dict[str, Any] = {"content": content}
         for key in ("format", "name"):
             v = form.get(key)
