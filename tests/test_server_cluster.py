@@ -61,6 +61,7 @@ def test_dask_executor_end_to_end(tmp_path):
         np.testing.assert_allclose(res["forces_eV_per_A"], ref.get_forces(), atol=1e-8)
         relaxed = c.get(f"{API}/tasks/{rx}/result").json()["data"]["result"]
         assert relaxed["converged"] and relaxed["final_energy_eV"] < relaxed["initial_energy_eV"]
+        assert done[rx]["queued_at"] <= done[rx]["started_at"] <= done[rx]["finished_at"]
         logs = [entry["message"] for entry in c.get(f"{API}/tasks/{rx}/logs").json()["data"]]
         assert logs[0] == "task submitted" and logs[-1] == "task completed"
         assert any("converged" in m for m in logs)  # the worker's log lines reach the task log

@@ -125,10 +125,10 @@ class ClusterExecutor:
     def _on_status(self, task: Any, status: Any) -> None:
         from matcalc.cluster import TaskStatus
 
-        if status == TaskStatus.RUNNING:
-            gpu = None
-            if self.cluster is not None and self.cluster.gpu:
-                gpu = "GPU"
+        gpu = "GPU" if self.cluster is not None and self.cluster.gpu else None
+        if status == TaskStatus.ASSIGNED:
+            self._forward("on_assigned", task.id, task.worker, gpu)
+        elif status == TaskStatus.RUNNING:
             attempt = self._forward("on_started", task.id, task.worker, gpu)
             with self._lock:
                 self._attempts[task.id] = attempt

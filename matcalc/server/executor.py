@@ -43,6 +43,9 @@ class Job:
 
 
 class ExecutorCallbacks(Protocol):
+    def on_assigned(self, task_id: str, worker: str | None, gpu: str | None) -> None:
+        """A worker took the task into its queue (executors that have such a step)."""
+
     def on_started(self, task_id: str, worker: str | None, gpu: str | None) -> int | None:
         """A worker starts the task; returns the attempt number, or None to skip it (e.g. cancelled)."""
 

@@ -243,6 +243,10 @@ class TaskService:
         return changed, status
 
     # -------------------------------------------------------------- executor callbacks
+    def on_assigned(self, task_id: str, worker: str | None, gpu: str | None) -> None:
+        if self.store.mark_assigned(task_id, worker, gpu):
+            self.bus.publish(task_id, {"event": "status", "status": TaskStatus.ASSIGNED.value, "worker": worker})
+
     def on_started(self, task_id: str, worker: str | None, gpu: str | None) -> int | None:
         attempt = self.store.mark_started(task_id, worker, gpu)
         if attempt is not None:
