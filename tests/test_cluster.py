@@ -101,6 +101,9 @@ def test_results_equal_in_process(cl):
     assert frame.loc[1, "energy_eV"] == pytest.approx(e0, abs=1e-10)
     d = task.to_dict()
     assert d["status"] == "COMPLETED" and d["result"]["kind"] == "relax" and d["worker"]
+    calls = []
+    task.add_done_callback(calls.append)  # already finished: called at once
+    assert calls == [task]
 
 
 def test_progress_events_arrive_during_relaxation(cl):
@@ -299,3 +302,14 @@ def test_cancel_from_a_status_callback(cl):
         task.result(60)
     assert task.status == TaskStatus.CANCELLED
     assert wait_for(lambda: cl.workers()[0]["running_tasks"] == [], timeout=60, every=0.3)
+
+
+def test_transient_error_classification():
+    from distributed.scheduler import KilledWorker
+
+    assert cluster.is_transient(KilledWorker("matcalc-relax-1", "tcp://127.0.0.1:1", "worker died"))
+    assert cluster.is_transient(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert not cluster.is_transient(ValueError("fmax must be > 0"))
+    assert not cluster.is_transient(mc.StructureError("partial occupancy"))
+    assert not cluster.is_transient(TaskTimeoutError("late"))
+    assert not cluster.is_transient(RuntimeError("model diverged"))

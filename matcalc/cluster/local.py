@@ -21,6 +21,7 @@ Scheduling choices (DESIGN §5):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -172,7 +173,8 @@ class Cluster:
             return None
 
     def close(self) -> None:
-        """Stop timers, unsubscribe, disconnect; shut the cluster down when :func:`start` made it."""
+        """Stop timers, unsubscribe, disconnect; shut the cluster down when :func:`start` made it.
+        Tasks still unfinished become CANCELLED ("cluster closed")."""
         if self._closed:
             return
         self._closed = True
@@ -181,6 +183,8 @@ class Cluster:
         for t in tasks:
             if t._timer is not None:
                 t._timer.cancel()
+            if not t.done():  # nobody will report on it any more
+                t._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {t.id}: cluster closed"))
         for topic in (self.topic, ASSIGNED_TOPIC):
             try:
                 self.client.unsubscribe_topic(topic)
@@ -608,6 +612,9 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         # glibc reads it at process start; workers spawned from here would inherit it
         log.info("removing %s=%s from this process' environment so dask workers do not inherit it",
                  MALLOC_TRIM, os.environ.pop(MALLOC_TRIM))
+    if dashboard and importlib.util.find_spec("bokeh") is None:
+        log.warning("matcalc cluster: no dashboard: dask's dashboard needs bokeh (pip install 'bokeh>=3.1')")
+        dashboard = False
     dashboard_address = ":0" if dashboard else None
     gpu_share = None
     if use_gpu:
