@@ -356,3 +356,26 @@ def test_live_widget_on_a_real_cluster(cl):
     assert list(df["status"]) == ["COMPLETED"] * 3 + ["FAILED"] * 2
     np.testing.assert_allclose(df["final_energy_eV"][:3], [t.result().final_energy_eV for t in tasks[:3]])
     w.close()
+
+
+def test_shown_once_per_cell(monkeypatch):
+    """progress() displays the widget and returns it; as the cell's last expression it must not
+    appear a second time (the same cell), but it may be shown again from a later cell."""
+    import IPython.display
+
+    import importlib
+
+    progress_module = importlib.import_module("matcalc.widgets.progress")  # the module, not the function
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append(a))
+    count = [5]
+    monkeypatch.setattr(progress_module, "_execution_count", lambda: count[0])
+    view = ProgressWidget([make_task(0)])
+    view._ipython_display_()          # progress(display=True) in cell 5
+    view._ipython_display_()          # the returned value, displayed by cell 5's displayhook
+    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0][0]
+    count[0] = 6
+    view._ipython_display_()          # `view` evaluated again in cell 6
+    assert len(shown) == 2
+    view.close()

@@ -82,9 +82,7 @@ def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, displa
                           "pip install 'matcalc[widgets]'")
     view = ProgressWidget(tasks, max_rate_hz=max_rate_hz)
     if display:
-        from IPython.display import display as show
-
-        show(view)
+        show_once(view)
     return view
 
 
@@ -132,6 +130,40 @@ class TqdmProgress:
             self._closed = True
             self._throttle.cancel()
             self.bar.close()
+
+
+def _execution_count() -> int | None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    return None if ip is None else getattr(ip, "execution_count", None)
+
+
+class ShowOnce:
+    """Mixin for widgets that :func:`progress`/:func:`~matcalc.widgets.results` display themselves
+    and also return: the returned object, being the cell's last expression, would be displayed a
+    second time. ``_ipython_display_`` skips that second display within the same cell execution."""
+
+    _shown_in: int | None = None
+
+    def _ipython_display_(self, **kwargs: Any) -> None:
+        now = _execution_count()
+        if self._shown_in is not None and self._shown_in == now:
+            return
+        self._shown_in = now
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(**kwargs), raw=True)  # type: ignore[attr-defined]
+
+
+def show_once(view: Any) -> None:
+    """Display ``view`` now (a :class:`ShowOnce` widget is then not shown again by this cell)."""
+    from IPython.display import display
+
+    view._shown_in = None
+    display(view)
 
 
 def counts_text(counts: dict[str, int]) -> str:
@@ -189,7 +221,7 @@ class _RowView:
             self.error.layout.display = "none"
 
 
-class ProgressWidget(_Base):  # type: ignore[misc,valid-type]
+class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     """Notebook view of many tasks: an overall bar with counts by status and a cancel-all button,
     then one row per task (structure, property, model, status, step, energy, fmax, elapsed time,
     a bar, a cancel button; the error below failed rows).

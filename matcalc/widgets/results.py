@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from matcalc.calculations.results import Result
-from matcalc.widgets.progress import _ipywidgets, in_kernel
+from matcalc.widgets.progress import ShowOnce, _ipywidgets, in_kernel, show_once
 from matcalc.widgets.state import Throttle, as_task, status_name
 
 if TYPE_CHECKING:
@@ -134,13 +134,11 @@ def results(items: Any, *, display: bool = True, max_rate_hz: float = 2.0) -> Re
     """
     view = ResultsWidget(items, max_rate_hz=max_rate_hz)
     if display and in_kernel():
-        from IPython.display import display as show
-
-        show(view)
+        show_once(view)
     return view
 
 
-class ResultsWidget(_Base):  # type: ignore[misc,valid-type]
+class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     """A table (HTML of the pandas frame) of finished results, a dropdown to pick one and its
     ``plot()`` below (EOS curve, Cv(T), MD traces, relaxation energy per step...).
 
