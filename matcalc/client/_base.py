@@ -1,0 +1,633 @@
+"""What the sync and async clients share: URL and headers, request building, structure
+encoding, envelope parsing and error mapping, the retry policy and the SSE decoder.
+
+Neither twin builds a request or reads a response by itself: both describe a call as an
+:class:`ApiRequest`, send it with their own httpx client, and hand the response to
+:func:`parse_response` (the layout of ``httpx._client.BaseClient`` / ``Client`` / ``AsyncClient``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeAlias, TypedDict
+
+import httpx
+
+from matcalc.client._errors import MatcalcError, NotFoundError, ServerError, ValidationError, error_class
+from matcalc.client._models import LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+
+log = logging.getLogger("matcalc.client")
+
+API_PREFIX = "/api/v1"
+API_KEY_HEADER = "X-API-Key"
+USER_AGENT = "matcalc-client"
+
+StructureLike: TypeAlias = Any
+"""A path, file text (CIF, POSCAR, XYZ/extXYZ), ``ase.Atoms``, pymatgen ``Structure``, builtin name,
+uploaded structure id (64 hex digits) or :class:`StructureInfo` — everything
+:func:`matcalc.load_structure` accepts, plus the server's own references."""
+
+Priority = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
+Protocol = Literal["mofsimbench", "fast"]
+Optimizer = Literal["FIRE", "BFGS", "LBFGS", "MDMin"]
+
+TASK_TYPES = ("optimization", "single-point", "bulk-modulus", "heat-capacity", "stability", "interaction-energy")
+_TYPE_ALIASES = {"relax": "optimization", "optimize": "optimization", "single_point": "single-point",
+                 "bulk_modulus": "bulk-modulus", "heat_capacity": "heat-capacity",
+                 "interaction_energy": "interaction-energy"}
+_SUFFIX_FORMAT = {".cif": "cif", ".vasp": "vasp", ".poscar": "vasp", ".xyz": "extxyz", ".extxyz": "extxyz"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_GASES = ("CO2", "H2O", "N2", "CH4")
+
+
+class TaskOptions(TypedDict, total=False):
+    """Options every task type takes (keyword arguments of the submit methods)."""
+
+    protocol: Protocol
+    """Parameter preset: ``mofsimbench`` (the server's default) or ``fast``."""
+    priority: Priority
+    """Queue priority (default ``NORMAL``)."""
+    timeout_s: float
+    """Wall-clock limit once running (s); the task ends TIMEOUT after it."""
+    label: str
+    """Your name for the task (shown in listings and results)."""
+    format: str
+    """Format of inline structure text (``cif``, ``vasp``/``poscar``, ``xyz``/``extxyz``; default detected)."""
+    notify_url: str
+    """Webhook receiver (http/https)."""
+    notify_events: list[str]
+    """Webhook events (``task.completed``...)."""
+    notify_secret: str
+    """HMAC-SHA256 key of the webhook signatures."""
+
+
+def task_type(name: str) -> str:
+    """The REST task type for a REST type or a local function name (``relax`` → ``optimization``)."""
+    key = str(name).strip()
+    key = _TYPE_ALIASES.get(key, key)
+    if key not in TASK_TYPES:
+        raise ValueError(f"task type must be one of {', '.join(TASK_TYPES)} (or relax, bulk_modulus, ...), "
+                         f"got {name!r}")
+    return key
+
+
+def normalize_base_url(base_url: str) -> str:
+    """``http://host:8000`` or ``http://host:8000/api/v1`` → ``http://host:8000/api/v1``."""
+    url = str(base_url).strip().rstrip("/")
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    if not url.endswith(API_PREFIX):
+        url += API_PREFIX
+    return url
+
+
+def default_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    out = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    if api_key:
+        out[API_KEY_HEADER] = api_key
+    out.update(headers or {})
+    return out
+
+
+# ----------------------------------------------------------------------------- structures
+def _builtin_name(name: str) -> str | None:
+    from matcalc.structures import list_builtins
+
+    lookup = {n.lower(): n for n in list_builtins()}
+    return lookup.get(name.strip().lower().removesuffix(".cif"))
+
+
+def _local_error(exc: Exception, what: str) -> ValidationError:
+    return ValidationError(f"{what}: {exc}", code=40002)
+
+
+def structure_text(structure: Any, *, what: str = "structure") -> tuple[str, str | None]:
+    """``(text, format or None)`` of a structure given as a path, text, bytes, Atoms or pymatgen
+    Structure. Files and text are sent as they are (the server keeps the original); objects as
+    extended XYZ, which keeps cell and pbc."""
+    from matcalc.structures import StructureError, load_structure, to_text
+
+    if isinstance(structure, bytes):
+        try:
+            structure = structure.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _local_error(exc, what) from exc
+    if isinstance(structure, str) and "\n" in structure.strip():
+        return structure, None
+    if isinstance(structure, (str, os.PathLike)):
+        path = Path(os.fspath(structure)).expanduser()
+        if not path.is_file():
+            raise ValidationError(f"{what}: {str(structure)!r} is neither a file, structure text, a builtin "
+                                  "nor an uploaded structure id", code=40002)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _local_error(exc, f"{what} {path.name}") from exc
+        fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+        if fmt is None and path.name.upper().startswith(("POSCAR", "CONTCAR")):
+            fmt = "vasp"
+        return text, fmt
+    try:
+        atoms = load_structure(structure, require_cell=False, max_atoms=None)
+    except StructureError as exc:
+        raise _local_error(exc, what) from exc
+    return to_text(atoms, "extxyz"), "extxyz"
+
+
+def structure_fields(structure: StructureLike, fmt: str | None = None) -> dict[str, Any]:
+    """The request fields naming ``structure``: ``builtin``, ``structure_id`` or ``structure`` (+ ``format``)."""
+    if isinstance(structure, StructureInfo):
+        return {"structure_id": structure.id}
+    if isinstance(structure, str) and "\n" not in structure.strip() and structure.strip():
+        name = structure.strip()
+        if _HEX64.match(name) and not Path(name).is_file():
+            return {"structure_id": name}
+        builtin = _builtin_name(name)
+        if builtin is not None and not Path(name).expanduser().is_file():
+            return {"builtin": builtin}
+    text, detected = structure_text(structure)
+    out: dict[str, Any] = {"structure": text}
+    if fmt or detected:
+        out["format"] = fmt or detected
+    return out
+
+
+def guest_field(guest: Any) -> str:
+    """A gas name (CO2, H2O, N2, CH4) as is; any other guest as structure text."""
+    if isinstance(guest, str) and guest.strip().upper() in _GASES:
+        return guest.strip().upper()
+    text, _ = structure_text(guest, what="guest")
+    return text
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def task_body(kind: str, structure: StructureLike, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON body of a task submission: type, structure fields, model, and every parameter
+    that is not ``None`` (the server resolves omitted ones from the protocol)."""
+    params = dict(params)
+    fmt = params.pop("format", None)
+    body: dict[str, Any] = {"type": task_type(kind), **structure_fields(structure, fmt), "model": model}
+    if "guest" in params and params["guest"] is not None:
+        params["guest"] = guest_field(params["guest"])
+    if isinstance(params.get("fixed_atoms"), Sequence) and params["fixed_atoms"] and isinstance(
+            params["fixed_atoms"][0], bool):  # a boolean mask, as the local relax takes it
+        params["fixed_atoms"] = [i for i, fixed in enumerate(params["fixed_atoms"]) if fixed]
+    body.update({k: _jsonable(v) for k, v in params.items() if v is not None})
+    return body
+
+
+def spec_body(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch entry ``{"type": ..., "structure": ..., "model": ..., **params}`` as a request body
+    (``builtin``/``structure_id`` given directly are passed through)."""
+    spec = dict(spec)
+    if "type" not in spec:
+        raise ValueError("every batch spec needs a 'type' (optimization/relax, single-point, bulk-modulus, ...)")
+    kind = spec.pop("type")
+    model = spec.pop("model", "chgnet")
+    if "structure" in spec:
+        structure = spec.pop("structure")
+    elif "builtin" in spec:
+        structure = spec.pop("builtin")
+    elif "structure_id" in spec:
+        structure = StructureInfo(id=str(spec.pop("structure_id")), formula="", n_atoms=0, format="", periodic=True)
+    else:
+        raise ValueError("every batch spec needs a 'structure' (or 'builtin' / 'structure_id')")
+    return task_body(kind, structure, model, spec)
+
+
+def upload_body(structure: StructureLike, name: str | None, fmt: str | None) -> dict[str, Any]:
+    if isinstance(structure, str) and "\n" not in structure.strip():
+        builtin = _builtin_name(structure)
+        if builtin is not None and not Path(structure).expanduser().is_file():
+            from matcalc.structures import builtin_path
+
+            structure = builtin_path(builtin)
+            name = name or builtin
+    text, detected = structure_text(structure)
+    if name is None and isinstance(structure, (str, os.PathLike)) and "\n" not in str(structure):
+        name = Path(os.fspath(structure)).name
+    body: dict[str, Any] = {"content": text}
+    if fmt or detected:
+        body["format"] = fmt or detected
+    if name:
+        body["name"] = name[:256]
+    return body
+
+
+# ----------------------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class ApiRequest:
+    """One call: method and path (under ``/api/v1``), query, JSON or multipart body, and whether
+    it may be retried (idempotent: GET, and cancel)."""
+
+    method: str
+    path: str
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    files: Mapping[str, Any] | None = None
+    data: Mapping[str, Any] | None = None
+    idempotent: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def get(cls, path: str, params: Mapping[str, Any] | None = None, **kw: Any) -> ApiRequest:
+        return cls("GET", path, params=_clean(params), idempotent=True, **kw)
+
+    @classmethod
+    def post(cls, path: str, json: Any = None, *, idempotent: bool = False, **kw: Any) -> ApiRequest:
+        return cls("POST", path, json=json, idempotent=idempotent, **kw)
+
+    def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        return client.build_request(self.method, self.path.lstrip("/"), params=self.params, json=self.json,
+                                    files=self.files, data=self.data, headers=dict(self.headers) or None)
+
+
+def _clean(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if params is None:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if v is None:
+            continue
+        if isinstance(v, datetime):
+            v = v.isoformat().replace("+00:00", "Z")
+        elif isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            v = [str(x) for x in v]
+        out[k] = v
+    return out
+
+
+def statuses(status: str | Iterable[str] | None) -> list[str] | None:
+    """A status filter as the list the API repeats (``status=A&status=B``)."""
+    if status is None:
+        return None
+    items = [status] if isinstance(status, str) else list(status)
+    return [str(getattr(s, "value", s)).upper() for s in items]
+
+
+def check_id(value: str, what: str = "task id") -> str:
+    """A path segment: non-empty, no slash (``ValueError`` otherwise)."""
+    s = str(value).strip()
+    if not s or "/" in s or len(s) > 128:
+        raise ValueError(f"{what} must be a non-empty string without '/', got {value!r}")
+    return s
+
+
+# ----------------------------------------------------------------------------- responses
+def _error_from(response: httpx.Response, body: Any) -> MatcalcError:
+    request_id = response.headers.get("x-request-id")
+    if isinstance(body, dict) and "code" in body and "message" in body:
+        code = body.get("code")
+        code = int(code) if isinstance(code, int) else None
+        message = str(body.get("message"))
+        request_id = body.get("request_id") or request_id
+        data = body.get("data")
+    else:
+        code, data = None, None
+        text = response.text.strip()
+        message = f"HTTP {response.status_code} {response.reason_phrase}" + (f": {text[:300]}" if text else "")
+    cls = error_class(code, response.status_code)
+    if code in (30000, 40009) or (code is None and response.status_code in (404, 405)):
+        message = (f"{message}: this server has no {response.request.method} {response.request.url.path} "
+                   "(an endpoint of a newer server version?)")
+    return cls(message, code=code, http_status=response.status_code, request_id=request_id, data=data)
+
+
+def parse_response(response: httpx.Response) -> Any:
+    """``data`` of a success envelope; the mapped :class:`MatcalcError` otherwise."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.is_success and isinstance(body, dict) and body.get("success") is True:
+        return body.get("data")
+    if response.is_success:
+        raise ServerError(f"unexpected response (HTTP {response.status_code}, not a matcalc envelope): "
+                          f"{response.text[:300]}", http_status=response.status_code,
+                          request_id=response.headers.get("x-request-id"))
+    raise _error_from(response, body)
+
+
+def route_missing(exc: MatcalcError) -> bool:
+    """The error says the server lacks the route (not: the task does not exist)."""
+    return isinstance(exc, NotFoundError) and (exc.code in (30000, 40009) or (
+        exc.code is None and exc.http_status in (404, 405)))
+
+
+# ----------------------------------------------------------------------------- retries
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for idempotent calls: ``backoff_s * 2**attempt`` (±25 % jitter, at most
+    ``max_backoff_s``), or the server's ``Retry-After`` when it sent one (capped the same way).
+
+    Retried: connection errors and timeouts, HTTP 503 (database, executor or server briefly
+    unavailable) and 429 (rate limited). Submissions (POST) are never retried: a lost answer
+    could mean the task was stored, and a retry would run it twice.
+    """
+
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    RETRY_STATUS: ClassVar[frozenset[int]] = frozenset({429, 503})
+
+    def __post_init__(self) -> None:
+        if int(self.retries) != self.retries or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if not self.backoff_s >= 0 or not self.max_backoff_s >= 0:
+            raise ValueError("backoff_s and max_backoff_s must be >= 0")
+
+    def retry_response(self, request: ApiRequest, response: httpx.Response, attempt: int) -> bool:
+        return request.idempotent and attempt < self.retries and response.status_code in self.RETRY_STATUS
+
+    def retry_error(self, request: ApiRequest, exc: Exception, attempt: int) -> bool:
+        return request.idempotent and attempt < self.retries and isinstance(exc, httpx.TransportError)
+
+    def delay(self, attempt: int, response: httpx.Response | None = None) -> float:
+        if response is not None and (after := _retry_after(response)) is not None:
+            return min(self.max_backoff_s, after)
+        base = min(self.max_backoff_s, self.backoff_s * 2.0 ** attempt)
+        return base * random.uniform(0.75, 1.25)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(when.tzinfo)).total_seconds())
+
+
+def transport_error(exc: Exception, request: ApiRequest, attempts: int) -> MatcalcError:
+    """The client error for an httpx transport failure after ``attempts`` tries."""
+    from matcalc.client._errors import TimeoutError as ClientTimeout
+
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    if isinstance(exc, httpx.TimeoutException):
+        return ClientTimeout(f"{request.method} {request.path}: HTTP request timed out{tries} ({exc!r})")
+    return ServerError(f"{request.method} {request.path}: cannot reach the server{tries} ({exc!r})")
+
+
+# ----------------------------------------------------------------------------- server-sent events
+class SSEDecoder:
+    """Decode ``text/event-stream`` lines into JSON records (one per event's ``data``).
+
+    Comment lines (``:`` keep-alives) are skipped; several ``data:`` lines of one event are joined
+    with newlines; an event named ``end``/``close``/``done`` ends the stream.
+    """
+
+    END_EVENTS = frozenset({"end", "close", "done", "eof"})
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._event = ""
+        self.last_id: str | None = None
+        self.ended = False
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """Feed one line (without its newline); returns a record when an event completes."""
+        line = line.rstrip("\r")
+        if line == "":
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self.last_id = value
+        return None
+
+    def flush(self) -> dict[str, Any] | None:
+        return self._dispatch()
+
+    def _dispatch(self) -> dict[str, Any] | None:
+        data, event = "\n".join(self._data), self._event
+        self._data, self._event = [], ""
+        if event in self.END_EVENTS:
+            self.ended = True
+        if not data:
+            return None
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = {"message": data}
+        if not isinstance(record, dict):
+            record = {"message": str(record)}
+        if event and event not in self.END_EVENTS and "event" not in record:
+            record["event"] = event
+        return record
+
+
+
+# ----------------------------------------------------------------------------- the shared client half
+def _load_result(data: Any) -> Any:
+    from matcalc.calculations import load_all
+    from matcalc.calculations.results import Result
+
+    load_all()  # registers every result kind for Result.from_dict
+    if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+        raise ServerError(f"unexpected result payload: {str(data)[:200]}")
+    return Result.from_dict(data["result"])
+
+
+class BaseClient:
+    """Configuration and every request/response translation of :class:`Client` and
+    :class:`AsyncClient` (which only send the :class:`ApiRequest` objects built here)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0, retries: int = 3, *,
+                 backoff_s: float = 0.5, max_backoff_s: float = 8.0, poll_interval: float = 1.0,
+                 headers: Mapping[str, str] | None = None) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        self.base_url = normalize_base_url(base_url)
+        self.api_key = api_key
+        self.timeout = float(timeout)
+        self.retry = RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.poll_interval = float(poll_interval)
+        self._headers = default_headers(api_key, headers)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.base_url}>"
+
+    # -- tasks
+    @staticmethod
+    def _r_submit(kind: str, structure: StructureLike, model: str, params: Mapping[str, Any]) -> ApiRequest:
+        body = task_body(kind, structure, model, params)
+        return ApiRequest.post(f"/tasks/{body['type']}", body)
+
+    @staticmethod
+    def _r_batch(specs: Iterable[Mapping[str, Any]]) -> ApiRequest:
+        tasks = [spec_body(s) for s in specs]
+        if not tasks:
+            raise ValueError("submit_batch needs at least one task spec")
+        return ApiRequest.post("/tasks/batch", {"tasks": tasks})
+
+    @staticmethod
+    def _r_get_task(task_id: str) -> ApiRequest:
+        return ApiRequest.get(f"/tasks/{check_id(task_id)}")
+
+    @staticmethod
+    def _r_list_tasks(status: str | Iterable[str] | None, type: str | None, model: str | None,  # noqa: A002
+                      priority: str | None, batch_id: str | None, created_after: datetime | str | None,
+                      created_before: datetime | str | None, page: int, page_size: int) -> ApiRequest:
+        return ApiRequest.get("/tasks", {
+            "status": statuses(status), "type": task_type(type) if type else None, "model": model,
+            "priority": priority, "batch_id": batch_id, "created_after": created_after,
+            "created_before": created_before, "page": page, "page_size": page_size})
+
+    @staticmethod
+    def _r_result(task_id: str) -> ApiRequest:
+        return ApiRequest.get(f"/tasks/{check_id(task_id)}/result")
+
+    @staticmethod
+    def _r_cancel(task_id: str) -> ApiRequest:
+        return ApiRequest.post(f"/tasks/{check_id(task_id)}/cancel", idempotent=True)
+
+    @staticmethod
+    def _r_logs(task_id: str, level: str | None, limit: int, after: int | None) -> ApiRequest:
+        return ApiRequest.get(f"/tasks/{check_id(task_id)}/logs", {"level": level, "limit": limit, "after": after})
+
+    @staticmethod
+    def _r_stream(task_id: str, level: str | None, after: int | None) -> ApiRequest:
+        return ApiRequest.get(f"/tasks/{check_id(task_id)}/logs/stream", {"level": level, "after": after},
+                              headers={"Accept": "text/event-stream"})
+
+    @staticmethod
+    def _p_task(data: Any) -> TaskInfo:
+        return TaskInfo.from_json(data)
+
+    @staticmethod
+    def _p_tasks(data: Any) -> Page[TaskInfo]:
+        return Page([TaskInfo.from_json(t) for t in data["items"]], int(data["total"]), int(data["page"]),
+                    int(data["page_size"]))
+
+    @staticmethod
+    def _p_batch(data: Any) -> list[TaskInfo]:
+        return [TaskInfo.from_json(t) for t in data["tasks"]]
+
+    @staticmethod
+    def _p_logs(data: Any) -> list[LogRecord]:
+        return [LogRecord.from_json(r) for r in data or []]
+
+    _p_result = staticmethod(_load_result)
+
+    # -- structures
+    @staticmethod
+    def _r_upload_structure(structure: StructureLike, name: str | None, fmt: str | None) -> ApiRequest:
+        return ApiRequest.post("/structures", upload_body(structure, name, fmt))
+
+    @staticmethod
+    def _r_list_structures(page: int, page_size: int, source: str | None) -> ApiRequest:
+        return ApiRequest.get("/structures", {"page": page, "page_size": page_size, "source": source})
+
+    @staticmethod
+    def _r_get_structure(structure_id: str) -> ApiRequest:
+        return ApiRequest.get(f"/structures/{check_id(structure_id, 'structure id')}")
+
+    @staticmethod
+    def _p_structure(data: Any) -> StructureInfo:
+        return StructureInfo.from_json(data)
+
+    @staticmethod
+    def _p_structures(data: Any) -> Page[StructureInfo]:
+        return Page([StructureInfo.from_json(s) for s in data["items"]], int(data["total"]), int(data["page"]),
+                    int(data["page_size"]))
+
+    # -- models
+    @staticmethod
+    def _r_list_models(include_d3: bool) -> ApiRequest:
+        return ApiRequest.get("/models", {"include_d3": include_d3})
+
+    @staticmethod
+    def _r_model(name: str, action: str | None = None) -> ApiRequest:
+        path = f"/models/{check_id(name, 'model name')}"
+        return ApiRequest.get(path) if action is None else ApiRequest.post(f"{path}/{action}")
+
+    @staticmethod
+    def _r_upload_model(path: str | os.PathLike[str], name: str, family: str,
+                        metadata: Mapping[str, Any]) -> tuple[ApiRequest, Any]:
+        """``POST /models/custom``: multipart ``file`` + ``metadata`` (JSON text) (issue 10's shape).
+        Returns the request and the open file (close it after sending)."""
+        p = Path(os.fspath(path)).expanduser()
+        if not p.is_file():
+            raise ValueError(f"path: no such model file: {p}")
+        meta = {"name": name, "family": family, **{k: _jsonable(v) for k, v in metadata.items() if v is not None}}
+        fh = p.open("rb")
+        req = ApiRequest("POST", "/models/custom", files={"file": (p.name, fh, "application/octet-stream")},
+                         data={"metadata": json.dumps(meta), "name": name, "family": family})
+        return req, fh
+
+    @staticmethod
+    def _p_models(data: Any) -> list[ModelInfo]:
+        return [ModelInfo.from_json(m) for m in data]
+
+    @staticmethod
+    def _p_model(data: Any) -> ModelInfo:
+        return ModelInfo.from_json(data)
+
+    # -- system
+    @staticmethod
+    def _r_system(what: str) -> ApiRequest:
+        paths = {"health": "/health", "gpus": "/system/gpus", "queue": "/system/queue", "config": "/system/config",
+                 "alerts/active": "/system/alerts/active", "alerts/rules": "/system/alerts/rules",
+                 "alerts/history": "/system/alerts/history"}
+        if what not in paths:
+            raise ValueError(f"unknown system resource {what!r}")
+        return ApiRequest.get(paths[what])
+
+    @staticmethod
+    def _alerts_key(which: str) -> str:
+        if which not in ("active", "rules", "history"):
+            raise ValueError(f"which must be 'active', 'rules' or 'history', got {which!r}")
+        return f"alerts/{which}"
+
+
+__all__ = [
+    "API_KEY_HEADER",
+    "API_PREFIX",
+    "ApiRequest",
+    "BaseClient",
+    "RetryPolicy",
+    "SSEDecoder",
+    "StructureLike",
+    "TaskOptions",
+    "parse_response",
+    "route_missing",
+    "spec_body",
+    "structure_fields",
+    "task_body",
+    "task_type",
+]

@@ -1,0 +1,606 @@
+"""matcalc.client against a real `matcalc serve` process on loopback: every method of the sync and
+the async client, results equal to the same calculation run locally here, errors mapped to the
+client's types; retries (503, connection errors, none for POST) and SSE decoding with
+httpx.MockTransport; mypy --strict on the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT
+from ase.io import write
+
+pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+import matcalc as mc  # noqa: E402
+from matcalc.client import (  # noqa: E402
+    AsyncClient,
+    AsyncRemoteTask,
+    AuthError,
+    Client,
+    MatcalcError,
+    NotFoundError,
+    RemoteTask,
+    ServerError,
+    StructureInfo,
+    TaskFailed,
+    TaskInfo,
+    TimeoutError,
+    ValidationError,
+)
+from matcalc.client._base import SSEDecoder  # noqa: E402
+
+KEY = "client-test-key-7"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cif_text(atoms) -> str:
+    buf = io.BytesIO()
+    write(buf, atoms, format="cif")
+    return buf.getvalue().decode()
+
+
+def emt_energy(atoms) -> float:
+    a = atoms.copy()
+    a.calc = EMT()
+    return float(a.get_potential_energy())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python -m matcalc.cli serve` with an API key, 2 in-process worker threads, a temp SQLite DB."""
+    work = tmp_path_factory.mktemp("client")
+    port = free_port()
+    log_path = work / "server.log"
+    cmd = [sys.executable, "-m", "matcalc.cli", "serve", "--port", str(port), "--db", f"sqlite:///{work / 'c.db'}",
+           "--workers", "2", "--api-key", KEY, "--rate-limit", "0"]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work,
+                                env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/api/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server not ready:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server, api_key=KEY, poll_interval=0.1) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- the cases, run locally once
+CU = bulk("Cu", "fcc", a=3.6, cubic=True)
+
+
+def _cu8():
+    a = CU.repeat((2, 1, 1))
+    a.rattle(0.05, seed=3)
+    return a
+
+
+def _slab():
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=8.0)
+    slab.pbc = True
+    top = slab.positions[:, 2].max()
+    return slab, [*slab.cell[:2].sum(axis=0)[:2] / 2, top + 3.0]
+
+
+SLAB, CENTRE = _slab()
+CASES = {
+    # name: (client method, structure, keyword arguments, local function)
+    "single_point": ("single_point", CU, {}, mc.single_point),
+    "optimization": ("optimization", _cu8(), {"fmax": 0.01, "optimizer": "BFGS", "label": "cu8"}, mc.relax),
+    "bulk_modulus": ("bulk_modulus", CU, {"protocol": "fast", "n_points": 5}, mc.bulk_modulus),
+    "heat_capacity": ("heat_capacity", bulk("Cu", "fcc", a=3.6),
+                      {"supercell": [2, 2, 2], "mesh": 8, "protocol": "fast"}, mc.heat_capacity),
+    "stability": ("stability", CU.repeat((2, 1, 1)),
+                  {"nvt_steps": 20, "npt_steps": 20, "interval": 10, "seed": 5, "protocol": "fast"}, mc.stability),
+    "interaction_energy": ("interaction_energy", SLAB, {"guest": "CO2", "position": CENTRE, "box_A": 25.0},
+                           mc.interaction_energy),
+}
+# the numbers compared per result type (scalars and arrays)
+FIELDS = {
+    "single_point": ("energy_eV", "forces_eV_per_A", "stress_GPa"),
+    "optimization": ("final_energy_eV", "final_volume_A3", "steps", "converged"),
+    "bulk_modulus": ("bulk_modulus_GPa", "volumes_A3", "energies_eV"),
+    "heat_capacity": ("cv_300K_J_per_K_g", "cv_J_per_K_g"),
+    "stability": ("volume_A3", "temperature_K", "stable"),
+    "interaction_energy": ("interaction_energy_eV", "host_energy_eV", "guest_energy_eV", "complex_energy_eV"),
+}
+
+
+def _local_kwargs(kw: dict) -> dict:
+    out = {k: v for k, v in kw.items() if k != "label"}
+    if "supercell" in out:
+        out["supercell"] = tuple(out["supercell"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_results():
+    """Every case computed in this process (plain matcalc functions, same model and parameters)."""
+    return {name: fn(atoms, "emt", **_local_kwargs(kw)) for name, (_, atoms, kw, fn) in CASES.items()}
+
+
+def assert_same(name: str, remote, local) -> None:
+    assert type(remote) is type(local), (type(remote), type(local))
+    assert remote.model == "emt" and remote.n_atoms == local.n_atoms
+    for f in FIELDS[name]:
+        r, loc = getattr(remote, f), getattr(local, f)
+        if isinstance(loc, (bool, int, np.bool_)) and not isinstance(loc, float):
+            assert r == loc, f
+        else:
+            np.testing.assert_allclose(np.asarray(r, float), np.asarray(loc, float), rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{name}.{f}")
+
+
+# ----------------------------------------------------------------------------- sync: tasks
+def test_every_task_type_equals_local_run(client, local_results):
+    tasks = {name: getattr(client, method)(atoms, "emt", **kw) for name, (method, atoms, kw, _) in CASES.items()}
+    assert all(isinstance(t, RemoteTask) and len(t.id) >= 8 for t in tasks.values())
+    for name, task in tasks.items():
+        res = task.result(timeout=120, poll=0.1)
+        assert_same(name, res, local_results[name])
+        assert task.status == "COMPLETED" and task.done() and task.exception() is None
+    assert tasks["optimization"].label == "cu8" and tasks["optimization"].result().label == "cu8"
+    assert tasks["optimization"].property == "relax"
+    # relax is optimization; the interaction energy is the difference of the three energies
+    r = local_results["interaction_energy"]
+    assert r.interaction_energy_eV == pytest.approx(r.complex_energy_eV - r.host_energy_eV - r.guest_energy_eV)
+    assert Client.relax is Client.optimization and AsyncClient.relax is AsyncClient.optimization
+
+
+def test_every_structure_form_reaches_the_server(client, tmp_path):
+    atoms = CU.copy()
+    atoms.rattle(0.02, seed=11)
+    text = cif_text(atoms)
+    path = tmp_path / "cu.cif"
+    path.write_text(text)
+    poscar = tmp_path / "POSCAR"
+    write(poscar, atoms, format="vasp")
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    uploaded = client.upload_structure(path)
+    forms = {"atoms": atoms, "cif text": text, "bytes": text.encode(), "path": path, "path str": str(path),
+             "poscar file": poscar, "pymatgen": AseAtomsAdaptor.get_structure(atoms), "upload": uploaded,
+             "upload id": uploaded.id}
+    tasks = {k: client.single_point(v, "emt") for k, v in forms.items()}
+    ref = emt_energy(atoms)
+    for k, t in tasks.items():
+        res = t.result(timeout=60, poll=0.1)
+        assert res.n_atoms == 4, k
+        assert res.energy_eV == pytest.approx(ref, abs=1e-5), k  # CIF/POSCAR text rounds positions
+    assert tasks["upload"].info.structure_id == uploaded.id == tasks["upload id"].info.structure_id
+
+
+def test_chgnet_single_point_on_a_builtin(client):
+    task = client.single_point("RSM0009", model="chgnet")
+    res = task.result(timeout=180, poll=0.2)
+    ref = mc.get_model("chgnet", device="cpu").evaluate([mc.load_structure("RSM0009")])[0]
+    assert res.n_atoms == 22 and res.model == "chgnet" and task.label == "RSM0009"
+    assert res.energy_eV == pytest.approx(ref.energy_eV, abs=1e-3)
+    np.testing.assert_allclose(res.forces_eV_per_A, ref.forces_eV_per_A, atol=1e-3)
+
+
+def _slow_relax_kwargs(seed: int = 1) -> tuple:
+    slow = CU.repeat((2, 2, 2))
+    slow.rattle(0.1, seed=seed)
+    return slow, {"fmax": 1e-6, "optimizer": "FIRE", "max_steps": 100000}
+
+
+def test_batch_list_get_logs_and_cancel(client):
+    specs = [{"type": "single-point", "structure": CU, "model": "emt", "label": "b0"},
+             {"type": "relax", "structure": _cu8(), "model": "emt", "fmax": 0.05, "label": "b1"},
+             {"type": "bulk_modulus", "structure": CU, "model": "emt", "protocol": "fast", "n_points": 5,
+              "label": "b2"}]
+    batch = client.submit_batch(specs)
+    assert [t.label for t in batch] == ["b0", "b1", "b2"]
+    batch_id = batch[0].info.batch_id
+    assert batch_id and {t.info.batch_id for t in batch} == {batch_id}
+    assert [t.info.type for t in batch] == ["single-point", "optimization", "bulk-modulus"]
+    for t in batch:
+        assert t.wait(timeout=60, poll=0.1).status == "COMPLETED"
+    page = client.list_tasks(batch_id=batch_id, page_size=2)
+    assert page.total == 3 and len(page) == 2 and page.pages == 2
+    page2 = client.list_tasks(batch_id=batch_id, page=2, page_size=2)
+    assert {t.id for t in [*page, *page2]} == {t.id for t in batch}
+    assert client.list_tasks(batch_id=batch_id, type="relax").total == 1
+    assert client.list_tasks(batch_id=batch_id, status=["COMPLETED", "FAILED"]).total == 3
+    assert client.list_tasks(batch_id=batch_id, status="RUNNING").total == 0
+    got = client.get_task(batch[1].id)
+    assert got.info.parameters["fmax"] == 0.05 and got.status == "COMPLETED"
+    assert got.result().converged
+
+    logs = got.logs()
+    assert logs[0].message == "task submitted" and logs[-1].message == "task completed"
+    assert [r.id for r in got.logs(after=logs[0].id)] == [r.id for r in logs[1:]]
+    steps = [r for r in got.logs(level="debug") if r.event == "progress"]
+    assert steps and all(r.level == "DEBUG" for r in steps)
+    streamed = list(got.stream_logs(poll=0.1))  # finished task: the whole log, then the end
+    assert [r.message for r in streamed] == [r.message for r in logs]
+
+    # cancel a running task: True, then False; its result() raises TaskFailed(CANCELLED)
+    slow, kw = _slow_relax_kwargs()
+    running = client.relax(slow, "emt", **kw)
+    deadline = time.monotonic() + 60
+    while running.status != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    live = []
+    reader = threading.Thread(target=lambda: live.extend(running.stream_logs(poll=0.1)))
+    reader.start()
+    time.sleep(0.5)
+    assert running.cancel() is True
+    assert running.status == "CANCELLED" and running.info.done
+    assert running.cancel() is False and client.cancel(running.id) is False
+    reader.join(30)
+    assert not reader.is_alive() and live[0].message == "task submitted"
+    assert any(r.message.startswith("task started") for r in live)
+    assert "cancel" in live[-1].message.lower()
+    with pytest.raises(TaskFailed) as exc:
+        running.result(timeout=30)
+    assert exc.value.status == "CANCELLED" and exc.value.code == 50004 and exc.value.http_status == 409
+
+
+# ----------------------------------------------------------------------------- sync: errors
+def test_errors_are_mapped(client, server, tmp_path):
+    with pytest.raises(ValidationError) as e:
+        client.single_point("data_broken\n_cell_length_a 3.6\n_atom_site_label\nnonsense\n", "emt")
+    assert e.value.code in (40002, 40006) and e.value.http_status == 422 and e.value.request_id
+    assert isinstance(e.value, ValueError) and e.value.message in str(e.value)
+    with pytest.raises(ValidationError) as e:
+        client.single_point(CU, "no-such-model")
+    assert e.value.code == 40005 and "no-such-model" in e.value.message
+    with pytest.raises(ValidationError) as e:
+        client.optimization(CU, "emt", fmax=-1.0)
+    assert e.value.code == 40001 and "fmax" in e.value.message
+    with pytest.raises(ValidationError):  # checked here, never sent
+        client.single_point(str(tmp_path / "missing.cif"), "emt")
+    with pytest.raises(NotFoundError) as e:
+        client.get_task("0" * 32)
+    assert e.value.code == 30001 and e.value.http_status == 404 and e.value.request_id
+    with pytest.raises(NotFoundError):
+        client.get_structure("f" * 64)
+    with pytest.raises(NotFoundError) as e:
+        client.get_model("no-such-model")
+    assert e.value.code == 30002
+    for key in ("wrong-key-123", None):
+        with Client(server, api_key=key, retries=0) as bad:
+            with pytest.raises(AuthError) as e:
+                bad.list_tasks()
+            assert e.value.code == (20002 if key else 20001) and e.value.http_status == 401
+            assert bad.health()["ready"] is True  # health needs no key
+    # a task that fails on the worker: EMT has no Zn
+    zn = bulk("Zn", "hcp", a=2.66, c=4.95)
+    task = client.single_point(zn, "emt")
+    with pytest.raises(TaskFailed) as e:
+        task.result(timeout=60, poll=0.1)
+    assert e.value.code == 50002 and "Zn" in e.value.message and e.value.status == "FAILED"
+    assert task.status == "FAILED" and "Zn" in (task.error or "")
+    assert isinstance(task.exception(), TaskFailed)
+    # waiting runs out: the client's TimeoutError, also a builtin TimeoutError; the task goes on
+    slow, kw = _slow_relax_kwargs(2)
+    long_task = client.relax(slow, "emt", **kw)
+    with pytest.raises(TimeoutError) as e:
+        long_task.wait(timeout=0.3, poll=0.1)
+    assert isinstance(e.value, builtins.TimeoutError) and isinstance(e.value, MatcalcError)
+    assert long_task.cancel() is True
+    # endpoints of later issues are absent on this server: NotFoundError, nothing faked
+    model_file = tmp_path / "model.pt"
+    model_file.write_bytes(b"\x00" * 16)
+    with pytest.raises(NotFoundError) as e:
+        client.upload_model(model_file, name="mine", family="mace")
+    assert "/models/custom" in e.value.message
+    with pytest.raises(NotFoundError):
+        client.alerts()
+    with pytest.raises(ValueError):
+        client.alerts("sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Client("localhost:8000")
+
+
+# ----------------------------------------------------------------------------- sync: structures, models, system
+def test_structures_models_and_system(client):
+    atoms = CU.copy()
+    atoms.rattle(0.01, seed=4)
+    first = client.upload_structure(atoms, name="cu-rattled")
+    again = client.upload_structure(atoms, name="cu-rattled")
+    assert first.created is True and again.created is False and first.id == again.id
+    assert first.n_atoms == 4 and first.formula == "Cu4" and first.id == mc.structure_hash(
+        mc.load_structure(mc.structures.to_text(atoms), require_cell=False))
+    builtin = client.upload_structure("RSM0010")
+    assert builtin.n_atoms == 22 and builtin.name == "RSM0010"
+    listed = client.list_structures(source="upload", page_size=500)
+    assert {first.id, builtin.id} <= {s.id for s in listed}
+    full = client.get_structure(first.id)
+    assert mc.load_structure(full.content, require_cell=False).get_chemical_formula() == "Cu4"
+    names = {b["name"]: b["n_atoms"] for b in client.builtin_structures()}
+    assert names["RSM0009"] == 22 and set(names) == set(mc.list_builtins())
+
+    models = {m.name: m for m in client.list_models()}
+    assert models["emt"].available and "chgnet+d3" in models
+    assert "chgnet+d3" not in {m.name for m in client.list_models(include_d3=False)}
+    loaded = client.load_model("lj")
+    assert loaded.name == "lj" and loaded.loaded and loaded.loaded_on
+    assert client.get_model("lj").loaded
+    assert client.unload_model("lj") is True and client.unload_model("lj") is False
+    assert client.get_model("lj").loaded is False
+
+    health = client.health()
+    assert health["ready"] is True and health["version"] == mc.__version__
+    status = client.system_status()
+    assert status["health"]["ready"] and sum(status["queue"]["by_status"].values()) >= 1
+    assert client.config()["api_keys"] == ["***"]
+    assert client.gpus() == []  # no GPU on this machine (NVML sees none)
+
+
+def test_remote_tasks_drive_the_progress_view(client):
+    """RemoteTask has the task-like protocol: matcalc.widgets.progress follows it via the poller."""
+    from matcalc.widgets import progress
+
+    slow, _ = _slow_relax_kwargs(5)
+    long_relax = client.relax(slow, "emt", fmax=1e-3, optimizer="FIRE", max_steps=600)
+    quick = client.single_point(CU, "emt")
+    events: list[dict] = []
+    statuses: list[str] = []
+    long_relax.add_progress_callback(lambda t, ev: events.append(ev))
+    long_relax.add_status_callback(lambda t, s: statuses.append(s))
+    out = io.StringIO()
+    view = progress([long_relax, quick], mode="tqdm", file=out)
+    assert view.wait(timeout=120)
+    assert view.counts() == {"COMPLETED": 2}
+    assert events and all(ev.get("stage") and ev.get("step") is not None for ev in events)
+    steps = [ev["step"] for ev in events if ev["stage"] == events[0]["stage"]]
+    assert steps == sorted(steps)
+    assert statuses[-1] == "COMPLETED"
+    done: list[str] = []
+    quick.add_done_callback(lambda t: done.append(t.status))  # already finished: called at once
+    assert done == ["COMPLETED"]
+    row = view.state.row(long_relax.id)
+    assert row.property == "relax" and row.model == "emt" and row.done
+    assert row.elapsed_s() is not None and row.elapsed_s() >= 0
+
+
+# ----------------------------------------------------------------------------- async twin
+def test_async_client_end_to_end(server, local_results, tmp_path):
+    async def main() -> None:
+        async with AsyncClient(server, api_key=KEY) as c:
+            tasks = {name: await getattr(c, method)(atoms, "emt", **kw)
+                     for name, (method, atoms, kw, _) in CASES.items()}
+            assert all(isinstance(t, AsyncRemoteTask) for t in tasks.values())
+            results = await asyncio.gather(*(t.result(timeout=120, poll=0.1) for t in tasks.values()))
+            for (name, _), res in zip(tasks.items(), results, strict=True):
+                assert_same(name, res, local_results[name])
+            sp = tasks["single_point"]
+            assert sp.status == "COMPLETED" and sp.done() and await sp.exception() is None
+
+            batch = await c.submit_batch([{"type": "single_point", "structure": CU, "model": "emt"},
+                                          {"type": "optimization", "builtin": "RSM0009", "model": "lj",
+                                           "max_steps": 3, "fmax": 0.5}])
+            infos = [await t.wait(timeout=60, poll=0.1) for t in batch]
+            assert [i.status for i in infos] == ["COMPLETED", "COMPLETED"]
+            page = await c.list_tasks(batch_id=batch[0].info.batch_id)
+            assert page.total == 2 and all(isinstance(t, AsyncRemoteTask) for t in page)
+            got = await c.get_task(batch[1].id)
+            assert got.property == "relax" and (await got.result()).steps <= 3
+            logs = await got.logs()
+            assert logs[-1].message == "task completed"
+            streamed = [r async for r in got.stream_logs(poll=0.1)]
+            assert [r.message for r in streamed] == [r.message for r in logs]
+
+            slow, kw = _slow_relax_kwargs(3)
+            running = await c.relax(slow, "emt", **kw)
+            assert await running.cancel() is True and running.status == "CANCELLED"
+            assert await c.cancel(running.id) is False
+            with pytest.raises(TaskFailed):
+                await running.result()
+
+            up = await c.upload_structure(CU)
+            assert (await c.get_structure(up.id)).n_atoms == 4
+            assert up.id in {s.id for s in await c.list_structures(page_size=500)}
+            assert len(await c.builtin_structures()) == len(mc.list_builtins())
+            assert (await c.single_point(up, "emt")).info.structure_id == up.id
+            assert "emt" in {m.name for m in await c.list_models()}
+            assert (await c.get_model("emt")).available
+            assert (await c.load_model("lj")).loaded and await c.unload_model("lj") is True
+            assert (await c.health())["ready"] and (await c.system_status())["health"]["ready"]
+            assert (await c.config())["workers"] == 2 and await c.gpus() == []
+
+            with pytest.raises(ValidationError):
+                await c.single_point("data_x\nnot a cif\n", "emt")
+            with pytest.raises(NotFoundError):
+                await c.get_task("missing-task-id")
+            with pytest.raises(TaskFailed):
+                await (await c.single_point(bulk("Zn", "hcp", a=2.66, c=4.95), "emt")).result(timeout=60, poll=0.1)
+            with pytest.raises(NotFoundError):
+                await c.alerts("rules")
+            f = tmp_path / "m.pt"
+            f.write_bytes(b"x")
+            with pytest.raises(NotFoundError):
+                await c.upload_model(f, name="m", family="mace")
+            slow2 = await c.relax(slow, "emt", **kw)
+            with pytest.raises(TimeoutError):
+                await slow2.wait(timeout=0.2, poll=0.05)
+            assert await slow2.cancel()
+        async with AsyncClient(server, api_key="bad-key-000") as bad:
+            with pytest.raises(AuthError):
+                await bad.list_models()
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- retries (MockTransport)
+def _envelope(code: int, data=None, message: str = "x") -> dict:
+    return {"success": code == 0, "code": code, "message": message, "data": data, "timestamp": "2026-01-01T00:00:00Z",
+            "request_id": "rid-1"}
+
+
+TASK = {"id": "t1", "type": "single-point", "model": "emt", "status": "QUEUED", "priority": "NORMAL",
+        "parameters": {}, "structure_id": "a" * 64, "created_at": "2026-01-01T00:00:00Z"}
+
+
+class Flaky:
+    """Answers 503 (or raises ConnectError) ``fails`` times, then succeeds; counts calls per method."""
+
+    def __init__(self, fails: int, how: str = "503") -> None:
+        self.fails, self.how, self.calls = fails, how, {"GET": 0, "POST": 0}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls[request.method] += 1
+        if self.calls[request.method] <= self.fails:
+            if self.how == "connect":
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(503, json=_envelope(10002, message="executor unavailable"))
+        if request.url.path.endswith("/cancel"):
+            return httpx.Response(200, json=_envelope(0, {"task_id": "t1", "status": "CANCELLED", "cancelled": True}))
+        return httpx.Response(201 if request.method == "POST" else 200, json=_envelope(0, TASK))
+
+
+def mock_client(handler, retries: int = 3) -> Client:
+    return Client("http://mock", retries=retries, backoff_s=0.001, transport=httpx.MockTransport(handler))
+
+
+@pytest.mark.parametrize("how", ["503", "connect"])
+def test_get_and_cancel_are_retried_with_backoff(how):
+    flaky = Flaky(2, how)
+    with mock_client(flaky) as c:
+        assert c.get_task("t1").id == "t1"
+    assert flaky.calls["GET"] == 3
+    flaky = Flaky(2, how)
+    with mock_client(flaky) as c:
+        assert c.cancel("t1") is True
+    assert flaky.calls["POST"] == 3
+    flaky = Flaky(10, how)
+    with mock_client(flaky, retries=2) as c, pytest.raises(ServerError) as e:
+        c.get_task("t1")
+    assert flaky.calls["GET"] == 3
+    if how == "503":
+        assert e.value.code == 10002 and e.value.http_status == 503 and e.value.request_id == "rid-1"
+
+
+@pytest.mark.parametrize("how", ["503", "connect"])
+def test_submissions_are_never_retried(how):
+    flaky = Flaky(1, how)
+    with mock_client(flaky) as c, pytest.raises(ServerError):
+        c.single_point(CU, "emt")
+    assert flaky.calls["POST"] == 1
+    flaky = Flaky(1, how)
+    with mock_client(flaky) as c, pytest.raises(ServerError):
+        c.submit_batch([{"type": "single-point", "structure": CU, "model": "emt"}])
+    assert flaky.calls["POST"] == 1
+
+
+def test_async_retries_and_backoff_policy():
+    flaky = Flaky(2)
+
+    async def main() -> None:
+        async with AsyncClient("http://mock", backoff_s=0.001, transport=httpx.MockTransport(flaky)) as c:
+            assert (await c.get_task("t1")).id == "t1"
+            with pytest.raises(ServerError):
+                await c.relax(CU, "emt")
+
+    asyncio.run(main())
+    assert flaky.calls == {"GET": 3, "POST": 1}
+    from matcalc.client import RetryPolicy
+
+    p = RetryPolicy(retries=5, backoff_s=0.5, max_backoff_s=4.0)
+    delays = [p.delay(i) for i in range(6)]
+    assert all(0.75 * min(4.0, 0.5 * 2**i) <= d <= 1.25 * min(4.0, 0.5 * 2**i) for i, d in enumerate(delays))
+    assert p.delay(0, httpx.Response(429, headers={"Retry-After": "3"})) == 3.0
+    with pytest.raises(ValueError):
+        RetryPolicy(retries=-1)
+
+
+def test_sse_stream_is_decoded():
+    """The documented stream shape (text/event-stream, one JSON record per data line, ends with the
+    task) against a mock server; the live server's fallback to polling is covered above."""
+    records = [{"id": 1, "level": "INFO", "event": "log", "message": "task submitted"},
+               {"id": 2, "level": "DEBUG", "event": "progress", "message": "relax: step 1", "data": {"step": 1}},
+               {"id": 3, "level": "INFO", "event": "log", "message": "task completed"}]
+    body = ": keep-alive\n\n" + "".join(f"id: {r['id']}\ndata: {json.dumps(r)}\n\n" for r in records)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/tasks/t1/logs/stream"
+        assert request.headers["accept"] == "text/event-stream" and request.headers["x-api-key"] == "k"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    with Client("http://mock/api/v1/", api_key="k", transport=httpx.MockTransport(handler)) as c:
+        task = RemoteTask(c, TaskInfo.from_json(TASK))
+        got = list(task.stream_logs())
+    assert [r.message for r in got] == [r["message"] for r in records]
+    assert got[1].data == {"step": 1} and got[1].event == "progress" and got[2].id == 3
+
+    async def amain() -> list:
+        async with AsyncClient("http://mock", api_key="k", transport=httpx.MockTransport(handler)) as c:
+            t = AsyncRemoteTask(c, TaskInfo.from_json(TASK))
+            return [r async for r in t.stream_logs()]
+
+    assert [r.message for r in asyncio.run(amain())] == [r["message"] for r in records]
+    d = SSEDecoder()
+    assert d.feed("data: {\"message\": \"a\",") is None and d.feed("data: \"level\": \"WARNING\"}") is None
+    assert d.feed("") == {"message": "a", "level": "WARNING"}
+    d.feed("event: end")
+    assert d.feed("") is None and d.ended
+
+
+def test_structure_fields_choose_the_reference():
+    from matcalc.client._base import structure_fields
+
+    assert structure_fields("calf-20") == {"builtin": "CALF-20"}
+    assert structure_fields("ab" * 32) == {"structure_id": "ab" * 32}
+    info = StructureInfo(id="cd" * 32, formula="Cu4", n_atoms=4, format="cif", periodic=True)
+    assert structure_fields(info) == {"structure_id": "cd" * 32}
+    f = structure_fields(CU)
+    assert f["format"] == "extxyz" and mc.load_structure(f["structure"]).get_chemical_formula() == "Cu4"
+    text = cif_text(CU)
+    assert structure_fields(text) == {"structure": text}
+    with pytest.raises(ValidationError):
+        structure_fields("not-a-file-or-builtin")
+
+
+@pytest.mark.skipif(shutil.which("mypy") is None and not (Path(sys.executable).parent / "mypy").exists(),
+                    reason="mypy not installed")
+def test_mypy_strict_is_clean():
+    mypy = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")
+    r = subprocess.run([mypy, "--strict", "matcalc/client"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
