@@ -327,6 +327,7 @@ def _run_cluster(cluster: Any, items: list[Item], model: str, kwargs: dict[str, 
     else:
         raise ValueError(f"cluster must be 'inprocess', 'local', a scheduler address or a Cluster, got {cluster!r}")
     finished: queue.Queue[Any] = queue.Queue()
+    tasks: list[Any] = []
     try:
         by_id = {it.key: it for it in items}
         tasks = cl.map(prop, [it.atoms for it in items], model, priority=priority, timeout_s=timeout_s,
@@ -343,7 +344,7 @@ def _run_cluster(cluster: Any, items: list[Item], model: str, kwargs: dict[str, 
             else:
                 record(_row(it, prop, model, protocol, error=t.error, status=t.status.value))
     except BaseException:
-        for t in cl.tasks():
+        for t in tasks:  # only this run's tasks (the cluster may be shared)
             t.cancel()
         raise
     finally:
