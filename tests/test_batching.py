@@ -120,7 +120,7 @@ def assert_same(ev: Evaluation, ref: Evaluation, tol: float = 1e-10) -> None:
 
 
 def test_engine_results_equal_direct_evaluation(engine_factory):
-    engine = engine_factory(BatchEMT())
+    engine = engine_factory(BatchEMT(), budget_atoms=1024)
     cells = [cu_cell(r, i) for i, r in enumerate(SIZES)]
     for ev, a in zip(engine.evaluate(cells), cells, strict=True):
         assert_same(ev, emt_eval(a))
@@ -132,7 +132,7 @@ def test_engine_results_equal_direct_evaluation(engine_factory):
 
 def test_concurrent_relaxations_fuse_and_match_serial(engine_factory):
     pot = BatchEMT()
-    engine = engine_factory(pot, max_wait_s=0.5)  # generous: this shared CI CPU is slow and noisy
+    engine = engine_factory(pot, budget_atoms=1024, max_wait_s=0.5)  # generous: this shared CI CPU is slow and noisy
     starts = [cu_cell(SIZES[i % 3], seed=10 + i) for i in range(8)]
 
     def relax(atoms: Atoms, calc) -> float:
@@ -215,7 +215,7 @@ def test_out_of_memory_on_one_structure_fails_only_its_caller(engine_factory):
 
 def test_model_error_goes_only_to_its_caller(engine_factory):
     pot = BatchEMT()
-    engine = engine_factory(pot, max_wait_s=0.2)
+    engine = engine_factory(pot, budget_atoms=1024, max_wait_s=0.2)
     pot.gate = threading.Event()
     warm = threading.Thread(target=engine.evaluate, args=([cu_cell((1, 1, 1), 0)],))
     warm.start()
