@@ -250,7 +250,12 @@ def test_connect_to_running_scheduler(cl):
         assert task.result(60).energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-10)
         assert [w["address"] for w in other.workers()] == [w["address"] for w in cl.workers()]
         assert not other.gpu
-    # disconnecting leaves the cluster running
+        running = blocker(other)
+        assert wait_for(lambda: running.status == TaskStatus.RUNNING)
+    # closing a connection cancels its unfinished tasks (also on the workers) ...
+    assert running.status == TaskStatus.CANCELLED
+    assert wait_for(lambda: cl.workers()[0]["running_tasks"] == [], timeout=60, every=0.3)
+    # ... and leaves the cluster running
     assert cl.submit("single_point", atoms, model="emt").result(60).n_atoms == len(atoms)
     with pytest.raises(ValueError, match="address"):
         cluster.connect("")

@@ -50,6 +50,7 @@ from matcalc.cluster.worker import (
     MatcalcWorkerPlugin,
     TaskSpec,
     request_stop_async,
+    request_stop_many_async,
     run_task,
     worker_info,
 )
@@ -180,11 +181,23 @@ class Cluster:
         self._closed = True
         with self._lock:
             tasks = list(self._tasks.values())
+        futures, started = [], []
         for t in tasks:
             if t._timer is not None:
                 t._timer.cancel()
-            if not t.done():  # nobody will report on it any more
-                t._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {t.id}: cluster closed"))
+            future = t._future
+            if t._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {t.id}: cluster closed")):
+                if future is not None:
+                    futures.append(future)
+                if t.worker:
+                    started.append(t.id)
+        try:  # unfinished work must not keep running for nobody (on a cluster we only connected to)
+            if futures:
+                self.client.cancel(futures)
+            if started:
+                self.client.run(request_stop_many_async, started, "cancel", on_error="ignore")
+        except Exception as exc:  # noqa: BLE001 - closing must not fail
+            log.debug("cancelling unfinished tasks on close failed: %s", exc)
         for topic in (self.topic, ASSIGNED_TOPIC):
             try:
                 self.client.unsubscribe_topic(topic)

@@ -85,6 +85,11 @@ async def request_stop_async(task_id: str, reason: str = "cancel") -> bool:
     return request_stop(task_id, reason)
 
 
+async def request_stop_many_async(task_ids: list[str], reason: str = "cancel") -> int:
+    """Stop requests for several tasks; returns how many were running here."""
+    return sum(request_stop(t, reason) for t in task_ids)
+
+
 def running_tasks() -> list[str]:
     """Ids of the tasks running in this process."""
     with _REG_LOCK:
@@ -375,6 +380,13 @@ def worker_info(dask_worker: Any = None) -> dict[str, Any]:
         "gpu": None,
         "device": "cpu",
     }
+    try:
+        from matcalc import batching
+
+        info["batching"] = [{"model": e.potential.name, "device": str(e.potential.device),
+                             **e.stats_snapshot().summary()} for e in batching.engines()]
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        info["batching"] = f"unavailable: {exc}"
     if torch.cuda.is_available():
         idx = torch.cuda.current_device()
         info["device"] = f"cuda:{idx}"
