@@ -379,3 +379,21 @@ def test_shown_once_per_cell(monkeypatch):
     view._ipython_display_()          # `view` evaluated again in cell 6
     assert len(shown) == 2
     view.close()
+
+
+@pytest.mark.slow
+def test_dask_futures_on_a_real_cluster(cl):
+    """Plain dask futures (no matcalc Task): status, result and error in the widget and the table."""
+    import operator
+
+    futs = [cl.client.submit(operator.add, 1, 2, pure=False), cl.client.submit(operator.truediv, 1, 0, pure=False)]
+    w = ProgressWidget(futs, max_rate_hz=1000)
+    assert w.wait(60)
+    w.refresh()
+    assert w.counts() == {"COMPLETED": 1, "FAILED": 1}
+    assert "ZeroDivisionError" in w.rows[futs[1].key].error.value
+    view = ResultsWidget(futs)
+    df = view.frame()  # 3 is not a matcalc result: the row says so instead of failing
+    assert list(df["error"]) == ["not a matcalc result: int", "ZeroDivisionError: division by zero"]
+    view.close()
+    w.close()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from matcalc.calculations.results import Result
 from matcalc.widgets.progress import ShowOnce, _ipywidgets, in_kernel, show_once
-from matcalc.widgets.state import Throttle, as_task, status_name
+from matcalc.widgets.state import DONE_TIMEOUT_S, Throttle, as_task, status_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +65,7 @@ class _Entry:
             return
         if self.status() == "COMPLETED":
             try:
-                value = self.task.result(0)
+                value = self.task.result(DONE_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001
                 self.error = f"{type(exc).__name__}: {exc}"
                 return
@@ -76,7 +76,7 @@ class _Entry:
         elif self.status() in ("FAILED", "CANCELLED", "TIMEOUT"):
             err = getattr(self.task, "error", None)
             if err is None:
-                exc = self.task.exception(0)
+                exc = self.task.exception(DONE_TIMEOUT_S)
                 err = None if exc is None else f"{type(exc).__name__}: {exc}"
             self.error = err or self.status()
 

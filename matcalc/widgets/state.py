@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 STATUSES = ("PENDING", "QUEUED", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 """Every status, in lifecycle order (DESIGN §5)."""
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+DONE_TIMEOUT_S = 10.0
+"""Wait for ``result()``/``exception()`` of a task already finished: a dask future or a remote task
+may still have to fetch it over the network (``timeout=0`` would fail there)."""
 
 
 @runtime_checkable
@@ -104,7 +107,7 @@ class FutureTask:
             return None
         if self.status == "CANCELLED":
             return "CancelledError: cancelled"
-        exc = self.exception(0)
+        exc = self.exception(DONE_TIMEOUT_S)
         return None if exc is None else f"{type(exc).__name__}: {exc}"
 
     def done(self) -> bool:
@@ -232,7 +235,7 @@ class ProgressState:
         error = getattr(task, "error", None) if status in TERMINAL else None
         if status in ("FAILED", "TIMEOUT", "CANCELLED") and error is None:
             try:
-                exc = task.exception(0)
+                exc = task.exception(DONE_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - the task's own error API failed
                 exc = e
             error = None if exc is None else f"{type(exc).__name__}: {exc}"
