@@ -63,20 +63,28 @@ def blocker(cl, **kw):
 @pytest.fixture(scope="module")
 def cl():
     with cluster.start(n_gpus=0, n_workers=1, threads_per_worker=1, preload=("emt",), dashboard=False,
-                       torch_threads=1) as c:
+                       torch_threads=2) as c:
         yield c
 
 
 def test_workers_report_setup_and_env(cl):
     (info,) = cl.workers()
     assert info["nthreads"] == 1
-    assert info["torch_threads"] == 1
+    assert info["torch_threads"] == 2  # set deliberately (dask's default environment says 1)
     assert "emt" in info["models"]  # preloaded
     assert info["gpu"] is None and info["device"] == "cpu"
     env = cl.client.run(cluster.worker.worker_environ)
     (worker_env,) = env.values()
     assert "MALLOC_TRIM_THRESHOLD_" not in worker_env
-    assert worker_env["OMP_NUM_THREADS"] == "1"
+    assert worker_env["OMP_NUM_THREADS"] == "2"
+
+    def torch_threads_in_task(structure, model, **params):  # runs in a dask task thread
+        import torch
+
+        torch.ones(64, 64) @ torch.ones(64, 64)  # initialises this thread's intra-op pool
+        return torch.get_num_threads()
+
+    assert cl.submit(torch_threads_in_task, cu(1), model="emt").result(60) == 2
 
 
 def test_results_equal_in_process(cl):
@@ -245,7 +253,7 @@ def test_connect_to_running_scheduler(cl):
     atoms = cu(2, 0.05, seed=5)
     ref = atoms.copy()
     ref.calc = EMT()
-    with cluster.connect(cl.address, torch_threads=1, dashboard=False) as other:
+    with cluster.connect(cl.address, torch_threads=2, dashboard=False) as other:
         task = other.submit("single_point", atoms, model="emt")
         assert task.result(60).energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-10)
         assert [w["address"] for w in other.workers()] == [w["address"] for w in cl.workers()]

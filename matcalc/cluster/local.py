@@ -680,7 +680,9 @@ def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | N
             log_level: str = "INFO", dashboard: bool = True, timeout_s: float = 30.0) -> Cluster:
     """Attach to a running dask scheduler at ``address`` (e.g. ``"tcp://host:8786"``).
 
-    The matcalc worker plugin is registered on its workers (matcalc must be installed there).
+    The matcalc worker plugin is registered on its workers (matcalc must be installed there);
+    ``torch_threads`` reaches only worker threads that have not run torch yet, so give it to the
+    first client that connects (or start the workers with ``OMP_NUM_THREADS`` set).
     Workers that carry the resource ``GPU`` make tasks request a share of it.
     ``close()`` disconnects without stopping the cluster.
     """

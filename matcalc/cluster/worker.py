@@ -313,7 +313,9 @@ def _cpu_count() -> int:
 class MatcalcWorkerPlugin(WorkerPlugin):
     """Set up a worker for matcalc tasks.
 
-    * torch intra-op threads = ``torch_threads`` (default: this host's CPUs / its workers);
+    * torch intra-op threads = ``torch_threads`` (default: this host's CPUs / its workers). OpenMP
+      keeps the setting per thread: it reaches threads that run torch for the first time after
+      setup (dask's task threads, the batching engine's dispatcher), not those that already did;
     * per-task log capture of the ``matcalc`` loggers at ``log_level``;
     * ``preload``: model names loaded once at start (kept in the per-process model cache);
     * announces tasks arriving on the worker's queue (status ASSIGNED) on :data:`ASSIGNED_TOPIC`;
