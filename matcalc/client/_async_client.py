@@ -241,7 +241,10 @@ class AsyncClient(BaseClient):
                 tail = decoder.flush()
                 if tail is not None:
                     yield LogRecord.from_json(tail)
+            # the stream closed without its end: resume by polling when the task goes on
+            if last_id is None or (await self._get_task_info(task_id)).done:
                 return
+            log.info("log stream of %s closed early; polling from record %d", task_id, last_id)
         except MatcalcError as exc:
             if not route_missing(exc):
                 raise
@@ -430,6 +433,9 @@ class AsyncClient(BaseClient):
         data: list[dict[str, Any]] = await self._send(self._r_system("gpus"))
         return data
 
-    async def alerts(self, which: Literal["active", "rules", "history"] = "active") -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = await self._send(self._r_system(self._alerts_key(which)))
-        return data
+    async def alerts(self, which: Literal["active", "rules", "history"] = "active", *, page: int = 1,
+                     page_size: int = 50) -> list[dict[str, Any]]:
+        """Alerts: ``active`` ones, the ``rules``, or the ``history`` (newest first, paged);
+        :class:`NotFoundError` on a server without alerting."""
+        data = await self._send(self._r_alerts(which, page, page_size))
+        return self._p_alerts(data)

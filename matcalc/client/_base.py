@@ -190,6 +190,8 @@ def task_body(kind: str, structure: StructureLike, model: str, params: Mapping[s
     if isinstance(params.get("fixed_atoms"), Sequence) and params["fixed_atoms"] and isinstance(
             params["fixed_atoms"][0], bool):  # a boolean mask, as the local relax takes it
         params["fixed_atoms"] = [i for i, fixed in enumerate(params["fixed_atoms"]) if fixed]
+    if isinstance(params.get("priority"), str):
+        params["priority"] = params["priority"].strip().upper()
     body.update({k: _jsonable(v) for k, v in params.items() if v is not None})
     return body
 
@@ -246,6 +248,8 @@ class ApiRequest:
     data: Mapping[str, Any] | None = None
     idempotent: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
+    retry_status: bool = True
+    """Retry on HTTP 503/429 (False for ``/health``, whose 503 is the answer: not ready)."""
 
     @classmethod
     def get(cls, path: str, params: Mapping[str, Any] | None = None, **kw: Any) -> ApiRequest:
@@ -358,7 +362,8 @@ class RetryPolicy:
             raise ValueError("backoff_s and max_backoff_s must be >= 0")
 
     def retry_response(self, request: ApiRequest, response: httpx.Response, attempt: int) -> bool:
-        return request.idempotent and attempt < self.retries and response.status_code in self.RETRY_STATUS
+        return (request.idempotent and request.retry_status and attempt < self.retries
+                and response.status_code in self.RETRY_STATUS)
 
     def retry_error(self, request: ApiRequest, exc: Exception, attempt: int) -> bool:
         return request.idempotent and attempt < self.retries and isinstance(exc, httpx.TransportError)
@@ -601,18 +606,22 @@ class BaseClient:
     # -- system
     @staticmethod
     def _r_system(what: str) -> ApiRequest:
-        paths = {"health": "/health", "gpus": "/system/gpus", "queue": "/system/queue", "config": "/system/config",
-                 "alerts/active": "/system/alerts/active", "alerts/rules": "/system/alerts/rules",
-                 "alerts/history": "/system/alerts/history"}
+        paths = {"health": "/health", "gpus": "/system/gpus", "queue": "/system/queue", "config": "/system/config"}
         if what not in paths:
             raise ValueError(f"unknown system resource {what!r}")
-        return ApiRequest.get(paths[what])
+        return ApiRequest.get(paths[what], retry_status=what != "health")
 
     @staticmethod
-    def _alerts_key(which: str) -> str:
+    def _r_alerts(which: str, page: int, page_size: int) -> ApiRequest:
         if which not in ("active", "rules", "history"):
             raise ValueError(f"which must be 'active', 'rules' or 'history', got {which!r}")
-        return f"alerts/{which}"
+        params = {"page": page, "page_size": page_size} if which == "history" else None
+        return ApiRequest.get(f"/system/alerts/{which}", params)
+
+    @staticmethod
+    def _p_alerts(data: Any) -> list[dict[str, Any]]:
+        items = data.get("items", []) if isinstance(data, dict) else data
+        return [dict(a) for a in items or []]
 
 
 __all__ = [

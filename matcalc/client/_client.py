@@ -299,7 +299,9 @@ class _Watcher:
                     return
                 try:
                     finished = task._poll()
-                except MatcalcError as exc:
+                except Exception as exc:  # noqa: BLE001 - keep polling the others; try again next round
+                    if self._stop.is_set():
+                        return
                     log.warning("polling task %s failed: %s", task.id, exc)
                     continue
                 if finished:
@@ -420,7 +422,10 @@ class Client(BaseClient):
                 tail = decoder.flush()
                 if tail is not None:
                     yield LogRecord.from_json(tail)
+            # the stream closed without its end: resume by polling when the task goes on
+            if last_id is None or (self._get_task_info(task_id)).done:
                 return
+            log.info("log stream of %s closed early; polling from record %d", task_id, last_id)
         except MatcalcError as exc:
             if not route_missing(exc):
                 raise
@@ -630,8 +635,8 @@ class Client(BaseClient):
         data: list[dict[str, Any]] = self._send(self._r_system("gpus"))
         return data
 
-    def alerts(self, which: Literal["active", "rules", "history"] = "active") -> list[dict[str, Any]]:
-        """Alerts: ``active`` ones, the ``rules``, or the ``history``. :class:`NotFoundError` on a
-        server without alerting."""
-        data: list[dict[str, Any]] = self._send(self._r_system(self._alerts_key(which)))
-        return data
+    def alerts(self, which: Literal["active", "rules", "history"] = "active", *, page: int = 1,
+               page_size: int = 50) -> list[dict[str, Any]]:
+        """Alerts: ``active`` ones, the ``rules``, or the ``history`` (newest first, paged);
+        :class:`NotFoundError` on a server without alerting."""
+        return self._p_alerts(self._send(self._r_alerts(which, page, page_size)))
