@@ -77,6 +77,7 @@ def test_workers_report_setup_and_env(cl):
     (worker_env,) = env.values()
     assert "MALLOC_TRIM_THRESHOLD_" not in worker_env
     assert worker_env["OMP_NUM_THREADS"] == "2"
+    assert worker_env["OPENBLAS_NUM_THREADS"] == "1"  # numpy's small linear algebra: one thread
 
     def torch_threads_in_task(structure, model, **params):  # runs in a dask task thread
         import torch

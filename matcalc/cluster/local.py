@@ -574,13 +574,15 @@ def _gpu_devices(n_gpus: int | str | Sequence[int]) -> list[int]:
 
 
 def _env_config(torch_threads: int) -> dict[str, Any]:
-    """dask config for the worker environment: no MALLOC_TRIM_THRESHOLD_, BLAS/OpenMP threads
-    = the worker's CPU share."""
-    n = str(torch_threads)
+    """dask config for the worker environment: no MALLOC_TRIM_THRESHOLD_; OpenMP (torch) threads =
+    the worker's CPU share; OpenBLAS/MKL for numpy stay at 1 thread (ASE's small linear algebra,
+    e.g. FrechetCellFilter's expm: an EMT Cu32 cell relaxation took 43 s with OpenBLAS' default 2
+    threads vs 6.6 s with 1 on a busy 2-core machine here; torch sets its own MKL threads through
+    ``torch.set_num_threads``)."""
     return {f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None,
-            "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": n,
-            "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": n,
-            "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": n}
+            "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": str(torch_threads),
+            "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": "1",
+            "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": "1"}
 
 
 def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = None,
