@@ -362,3 +362,17 @@ def _wait_until(cond, timeout_s: float = 30.0) -> None:
         if time.monotonic() - t0 > timeout_s:
             raise AssertionError("condition not reached")
         time.sleep(0.005)
+
+
+def test_finished_caller_is_dropped_once(engine_factory):
+    """Coalescing policy: a caller that does not come back costs one wait, then it is no longer awaited."""
+    engine = engine_factory(BatchEMT(), budget_atoms=1024, max_wait_s=0.05)
+    a = cu_cell((1, 1, 1), 1)
+    t = threading.Thread(target=engine.evaluate, args=([a],))
+    t.start()
+    t.join(30)  # caller A: one request, then gone (but still registered as active)
+    engine.evaluate([a])  # caller B (this thread): waits once for A, drops it
+    assert engine.stats.dropped_callers == 1
+    engine.evaluate([a])  # B again: the only active caller, dispatched without waiting for A
+    assert engine.stats.dropped_callers == 1
+    assert engine.stats.calls == 3 and engine.stats.think_s > 0
