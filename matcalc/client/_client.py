@@ -216,7 +216,8 @@ class RemoteTask:
         _safe(fn, self)
 
     def add_progress_callback(self, fn: ProgressCallback) -> None:
-        """Call ``fn(task, event)`` for each new progress snapshot seen by the poller."""
+        """Call ``fn(task, event)`` for each new progress snapshot seen by the poller (the server
+        stores one per ``progress_interval_s``, and always the last step of a run)."""
         with self._lock:
             self._progress_callbacks.append(fn)
         if not self._info.done:
@@ -236,15 +237,14 @@ class RemoteTask:
         self._set_info(info)
         with self._lock:
             status_cbs = list(self._status_callbacks) if info.status != old.status else []
-            progress_cbs = (list(self._progress_callbacks)
-                            if info.progress and info.progress != old.progress and not info.done else [])
+            progress_cbs = list(self._progress_callbacks) if info.progress and info.progress != old.progress else []
             done_cbs: list[DoneCallback] = []
             if info.done:
                 done_cbs, self._done_callbacks = self._done_callbacks, []
+        for pcb in progress_cbs:  # the newest progress first (also the last one of a task that just ended)
+            _safe(pcb, self, dict(info.progress or {}))
         for scb in status_cbs:
             _safe(scb, self, info.status)
-        for pcb in progress_cbs:
-            _safe(pcb, self, dict(info.progress or {}))
         for dcb in done_cbs:
             _safe(dcb, self)
         return info.done
