@@ -303,13 +303,22 @@ def _run_inprocess(fn: Callable[..., Any], items: list[Item], model: str, kwargs
             return
         record(_row(it, prop, model, protocol, result=result))
 
-    if threads == 1:
-        for it in items:
-            one(it)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="matcalc-run") as pool:
-        for f in [pool.submit(one, it) for it in items]:
-            f.result()
+    import contextlib
+
+    try:  # numpy's BLAS at 1 thread: ASE's small linear algebra thrashes with more on shared CPUs
+        from threadpoolctl import threadpool_limits
+
+        limits: Any = threadpool_limits(limits=1, user_api="blas")
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack
+        limits = contextlib.nullcontext()
+    with limits:
+        if threads == 1:
+            for it in items:
+                one(it)
+            return
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="matcalc-run") as pool:
+            for f in [pool.submit(one, it) for it in items]:
+                f.result()
 
 
 def _run_cluster(cluster: Any, items: list[Item], model: str, kwargs: dict[str, Any], prop: str, protocol: str,
