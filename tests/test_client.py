@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -260,6 +261,12 @@ def test_batch_list_get_logs_and_cancel(client):
     assert client.list_tasks(batch_id=batch_id, type="relax").total == 1
     assert client.list_tasks(batch_id=batch_id, status=["COMPLETED", "FAILED"]).total == 3
     assert client.list_tasks(batch_id=batch_id, status="RUNNING").total == 0
+    hour = timedelta(hours=1)
+    assert client.list_tasks(batch_id=batch_id, created_after=datetime.now(UTC) - hour).total == 3
+    assert client.list_tasks(batch_id=batch_id, created_before=datetime.now(UTC) - hour).total == 0
+    generic = client.submit("single_point", CU, "emt", priority="high", timeout_s=60)
+    assert generic.info.priority == "HIGH" and generic.info.timeout_s == 60
+    assert generic.result(timeout=60, poll=0.1).energy_eV == pytest.approx(emt_energy(CU), abs=1e-6)
     got = client.get_task(batch[1].id)
     assert got.info.parameters["fmax"] == 0.05 and got.status == "COMPLETED"
     assert got.result().converged
