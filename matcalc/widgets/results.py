@@ -76,8 +76,8 @@ class _Entry:
         elif self.status() in ("FAILED", "CANCELLED", "TIMEOUT"):
             err = getattr(self.task, "error", None)
             if err is None:
-                exc = self.task.exception(DONE_TIMEOUT_S)
-                err = None if exc is None else f"{type(exc).__name__}: {exc}"
+                failure = self.task.exception(DONE_TIMEOUT_S)
+                err = None if failure is None else f"{type(failure).__name__}: {failure}"
             self.error = err or self.status()
 
     def row(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ The *task-like protocol* (what :func:`matcalc.widgets.progress` needs from a tas
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 import time
@@ -179,7 +180,7 @@ class Row:
     finished_at: float | None = None
     error: str | None = None
 
-    @property
+    @builtins.property  # the field ``property`` shadows the builtin in this class body
     def done(self) -> bool:
         return self.status in TERMINAL
 
