@@ -397,3 +397,27 @@ def test_dask_futures_on_a_real_cluster(cl):
     assert list(df["error"]) == ["not a matcalc result: int", "ZeroDivisionError: division by zero"]
     view.close()
     w.close()
+
+
+def test_many_tasks_show_running_and_failed_first():
+    tasks = [make_task(i) for i in range(5)]
+    w = ProgressWidget(tasks, max_rate_hz=1000, max_rows=2)
+    w.refresh()
+    assert list(w.rows) == ["t0", "t1"] and len(w.children) == 2 + 2 + 1  # header rows, 2 slots, note
+    assert "showing 2 of 5 tasks" in w.more.value
+    tasks[3]._advance(TaskStatus.RUNNING)
+    tasks[3]._on_progress({"stage": "relax", "step": 3, "total_steps": 10, "energy_eV": -2.0})
+    tasks[4]._finish(TaskStatus.FAILED, error=RuntimeError("worker died"))
+    w._throttle.flush()
+    assert list(w.rows) == ["t3", "t4"]
+    assert w.rows["t3"].cells["step"].value == "relax 3/10"
+    assert "RuntimeError: worker died" in w.rows["t4"].error.value
+    assert w.counts() == {"PENDING": 3, "RUNNING": 1, "FAILED": 1} and w.overall.description == "1/5"
+    w.rows["t3"].cancel.click()  # the slot's button cancels the task it shows now
+    assert tasks[3].status == TaskStatus.CANCELLED
+    w._throttle.flush()
+    assert list(w.rows) == ["t4", "t0"]  # failed first, then waiting in order
+    assert w.rows["t0"].bar.value == 0.0 and w.rows["t0"].cells["step"].value == ""  # slot fully redrawn
+    with pytest.raises(ValueError, match="max_rows"):
+        ProgressWidget(tasks, max_rows=0)
+    w.close()

@@ -54,7 +54,7 @@ def widgets_available() -> bool:
 
 
 def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, display: bool = True,
-             file: TextIO | None = None) -> ProgressWidget | TqdmProgress:
+             file: TextIO | None = None, max_rows: int = 50) -> ProgressWidget | TqdmProgress:
     """Show live progress of ``tasks`` and return the view at once (the cell does not block).
 
     Args:
@@ -65,6 +65,8 @@ def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, displa
         max_rate_hz: most refreshes per second of the view (callbacks in between are merged).
         display: show the widget now (``False``: return it for placing in your own layout).
         file: stream of the tqdm bar (default stderr).
+        max_rows: most task rows in the widget (beyond that, running and failed tasks are shown
+            first; the counts cover all).
 
     Returns:
         A :class:`ProgressWidget` (an ``ipywidgets.VBox``) or a :class:`TqdmProgress`; both have
@@ -80,7 +82,7 @@ def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, displa
     if not widgets_available():
         raise ImportError("matcalc.widgets.progress(mode='widget') needs ipywidgets: "
                           "pip install 'matcalc[widgets]'")
-    view = ProgressWidget(tasks, max_rate_hz=max_rate_hz)
+    view = ProgressWidget(tasks, max_rate_hz=max_rate_hz, max_rows=max_rows)
     if display:
         show_once(view)
     return view
@@ -186,19 +188,21 @@ except ImportError:  # pragma: no cover - exercised only without the [widgets] e
 
 
 class _RowView:
-    """The widgets of one task's row."""
+    """The widgets of one row slot; ``task_id`` is the task it shows now."""
 
-    def __init__(self, w: Any, row: Row, on_cancel: Any) -> None:
+    def __init__(self, w: Any, task_id: str, on_cancel: Any) -> None:
+        self.task_id = task_id
         self.cells = {name: w.HTML(layout=w.Layout(width=width, overflow="hidden")) for name, width in COLUMNS}
         self.bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, layout=w.Layout(width="90px"))
-        self.cancel = w.Button(description="", icon="times", tooltip=f"cancel task {row.id}",
+        self.cancel = w.Button(description="", icon="times", tooltip="cancel this task",
                                layout=w.Layout(width="34px"))
-        self.cancel.on_click(lambda _b: on_cancel(row.id))
+        self.cancel.on_click(lambda _b: on_cancel(self.task_id))
         self.error = w.HTML(layout=w.Layout(display="none", margin="0 0 4px 12px"))
         self.line = w.HBox([*self.cells.values(), self.bar, self.cancel], layout=w.Layout(align_items="center"))
         self.box = w.VBox([self.line, self.error])
 
     def show(self, row: Row, now: float) -> None:
+        self.task_id = row.id
         c = self.cells
         c["structure"].value = f"<span title='{html.escape(row.id)}'>{html.escape(row.label or row.id[:12])}</span>"
         c["property"].value = html.escape(row.property)
@@ -209,8 +213,7 @@ class _RowView:
         c["energy"].value = fmt_float(row.energy_eV, ".4f", "eV")
         c["fmax"].value = fmt_float(row.fmax_eV_per_A, ".3g", "eV/Å")
         c["elapsed"].value = fmt_elapsed(row.elapsed_s(now))
-        if row.fraction is not None:
-            self.bar.value = float(row.fraction)
+        self.bar.value = float(row.fraction) if row.fraction is not None else 0.0
         self.bar.bar_style = {"COMPLETED": "success", "FAILED": "danger", "TIMEOUT": "danger",
                               "CANCELLED": "warning"}.get(row.status, "info")
         self.cancel.disabled = row.done
@@ -229,10 +232,15 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     Attributes:
         state: the :class:`~matcalc.widgets.state.ProgressState` (rows, counts, cancel).
         overall: ``IntProgress`` of finished tasks. summary: ``HTML`` with the counts.
-        cancel_all_button: cancels every unfinished task. rows: task id -> its row's widgets.
+        cancel_all_button: cancels every unfinished task. rows: task id -> the widgets of its row
+        (the tasks shown now). more: ``HTML`` note when not every task has a row.
+
+    With more than ``max_rows`` tasks, ``max_rows`` row slots show the most relevant tasks:
+    running first, then failed, then waiting, then finished (each group in submission order);
+    the overall bar and counts always cover every task.
     """
 
-    def __init__(self, tasks: Any, *, max_rate_hz: float = 5.0, tick_s: float = 1.0) -> None:
+    def __init__(self, tasks: Any, *, max_rate_hz: float = 5.0, tick_s: float = 1.0, max_rows: int = 50) -> None:
         w = _ipywidgets()
         self.state = ProgressState(tasks)
         n = len(self.state.tasks)
@@ -244,12 +252,16 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         self.cancel_all_button.on_click(lambda _b: self.cancel_all())
         header = w.HBox([w.HTML(f"<b>{name}</b>", layout=w.Layout(width=width)) for name, width in COLUMNS],
                         layout=w.Layout(border_bottom="1px solid #ccc"))
-        self.rows = {r.id: _RowView(w, r, self._cancel_one) for r in self.state.rows()}
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
+        self.max_rows = int(max_rows)
+        self._slots = [_RowView(w, r.id, self._cancel_one) for r in self.state.rows()[: self.max_rows]]
+        self.more = w.HTML()
         super().__init__([w.HBox([self.overall, self.summary, self.cancel_all_button],
                                  layout=w.Layout(align_items="center")),
-                          header, *(v.box for v in self.rows.values())])
+                          header, *(v.box for v in self._slots), self.more])
         self._throttle = Throttle(self._render, 1.0 / max_rate_hz)
-        self._dirty: set[str] = set(self.rows)
+        self._dirty: set[str] = {t.id for t in self.state.tasks}
         self._dirty_lock = threading.Lock()
         self.state.add_listener(self._mark)
         self._render()
@@ -264,16 +276,32 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     def _tick(self) -> None:
         self._mark({r.id for r in self.state.rows() if r.status == "RUNNING"})
 
+    @property
+    def rows(self) -> dict[str, _RowView]:
+        """Task id -> the widgets of its row, for the tasks shown now."""
+        return {v.task_id: v for v in self._slots}
+
     def _render(self) -> None:
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
         now = time.time()
-        for tid in dirty:
-            self.rows[tid].show(self.state.row(tid), now)
+        rows = self.state.rows()
+        if len(rows) <= self.max_rows:  # one fixed slot per task: redraw the changed ones
+            for slot in self._slots:
+                if slot.task_id in dirty:
+                    slot.show(self.state.row(slot.task_id), now)
+        else:
+            rank = {"RUNNING": 0, "ASSIGNED": 0, "FAILED": 1, "TIMEOUT": 1, "PENDING": 2, "QUEUED": 2}
+            order = sorted(range(len(rows)), key=lambda i: (rank.get(rows[i].status, 3), i))
+            for slot, i in zip(self._slots, order, strict=False):
+                if slot.task_id != rows[i].id or rows[i].id in dirty:
+                    slot.show(rows[i], now)
+            self.more.value = (f"<i>showing {len(self._slots)} of {len(rows)} tasks: running, then failed, "
+                               f"then waiting, then finished</i>")
         counts = self.state.counts()
         done = self.state.n_done()
         self.overall.value = done
-        self.overall.description = f"{done}/{len(self.rows)}"
+        self.overall.description = f"{done}/{len(rows)}"
         failed = counts.get("FAILED", 0) + counts.get("TIMEOUT", 0)
         self.overall.bar_style = "danger" if failed else ("success" if self.state.all_done() else "info")
         self.summary.value = " · ".join(
@@ -284,7 +312,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         """Re-read every task and redraw now (normally not needed: callbacks drive the view)."""
         self.state.refresh()
         with self._dirty_lock:
-            self._dirty |= set(self.rows)
+            self._dirty |= {t.id for t in self.state.tasks}
         self._throttle.flush()
 
     # ------------------------------------------------------------------ actions
@@ -295,7 +323,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     def cancel_all(self) -> int:
         """Cancel every unfinished task; returns how many accepted the cancel."""
         n = self.state.cancel_all()
-        self._mark(set(self.rows))
+        self._mark({t.id for t in self.state.tasks})
         return n
 
     def counts(self) -> dict[str, int]:
