@@ -22,7 +22,9 @@ from matcalc.server.config import Settings
 from matcalc.server.errors import ApiError, ErrorCode, error_table
 from matcalc.server.events import EventBus
 from matcalc.server.executor import Executor, make_executor
+from matcalc.server.metrics import MetricsMiddleware
 from matcalc.server.middleware import RequestContextMiddleware, install_log_filter, request_id_var
+from matcalc.server.observability import Observability
 from matcalc.server.service import TaskService
 from matcalc.store import Store
 
@@ -138,6 +140,10 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
                               progress_interval_s=settings.progress_interval_s, bus=app.state.bus)
         app.state.store = store
         app.state.service = service
+        obs: Observability = app.state.observability
+        service.observer = obs
+        obs.install_logging()
+        await anyio.to_thread.run_sync(obs.start, store, service)
         n = await anyio.to_thread.run_sync(service.start)
         log.info("matcalc server ready (executor %s, %d task(s) requeued, db %s)", ex.name, n,
                  settings.redacted()["db_url"] or "default")
@@ -145,6 +151,7 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
             yield
         finally:
             await anyio.to_thread.run_sync(service.shutdown, settings.shutdown_timeout_s)
+            await anyio.to_thread.run_sync(obs.stop)
             store.close()
             log.info("matcalc server stopped")
 
@@ -161,13 +168,17 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
     )
     app.state.settings = settings
     app.state.bus = EventBus()
+    app.state.observability = Observability(settings)
+    app.state.metrics = app.state.observability.metrics
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.state.error_codes = error_table()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
-    from matcalc.server.routes import models, structures, system, tasks
+    from matcalc.server.routes import models, observability, structures, system, tasks
 
-    for module in (tasks, structures, models, system):
+    for module in (tasks, structures, models, system, observability):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(observability.metrics_router)
     return app

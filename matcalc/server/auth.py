@@ -46,13 +46,17 @@ def _fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def _matches(key: str, keys: list[str]) -> bool:
+    return any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
+
+
 async def require_api_key(request: Request, key: str | None = Security(api_key_scheme)) -> str:
     """Check the key (when keys are configured) and the rate limit; returns the client identity."""
     settings = request.app.state.settings
-    if settings.api_keys:
+    if settings.api_keys or settings.admin_api_keys:
         if not key:
             raise ApiError(ErrorCode.API_KEY_MISSING, f"missing {API_KEY_HEADER} header")
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+        if not _matches(key, [*settings.api_keys, *settings.admin_api_keys]):
             raise ApiError(ErrorCode.API_KEY_INVALID, f"invalid {API_KEY_HEADER}")
         client = f"key:{_fingerprint(key)}"
     else:
@@ -62,4 +66,13 @@ async def require_api_key(request: Request, key: str | None = Security(api_key_s
     if wait > 0:
         raise ApiError(ErrorCode.RATE_LIMITED, f"rate limit of {settings.rate_limit_per_s:g} requests/s exceeded",
                        data={"retry_after_s": round(wait, 3)}, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return client
+
+
+async def require_admin(request: Request, key: str | None = Security(api_key_scheme)) -> str:
+    """Like :func:`require_api_key`; with ``admin_api_keys`` configured the key must be one of them."""
+    client = await require_api_key(request, key)
+    admins = request.app.state.settings.admin_api_keys
+    if admins and not (key and _matches(key, admins)):
+        raise ApiError(ErrorCode.ADMIN_REQUIRED, "this endpoint needs an admin API key")
     return client

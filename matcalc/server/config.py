@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_CONFIG_FILE = Path("~/.matcalc/config.toml")
-SECRET_FIELDS = ("api_keys",)
+SECRET_FIELDS = ("api_keys", "admin_api_keys")
 
 
 class Settings(BaseModel):
@@ -53,15 +53,70 @@ class Settings(BaseModel):
     """Store at most one progress update per task per interval (s)."""
     log_level: str = "info"
     config_file: str | None = None
+    admin_api_keys: list[str] = Field(default_factory=list)
+    """Keys allowed on admin endpoints (``/system/logs/stream``); they are valid API keys too. Without
+    any, every accepted key (or anyone on an open loopback server) is an admin."""
+    public_url: str | None = Field(None, pattern=r"^https?://")
+    """Base URL receivers should use (webhook ``result_url``); default ``http://host:port``."""
+    # ---- logs
+    log_dir: str | None = None
+    """Directory of the JSON log files (``matcalc.jsonl``, rotated daily); ``None``: no log files."""
+    log_compress_after_days: int = Field(7, ge=0)
+    log_pack_after_days: int = Field(30, ge=0)
+    log_stream_backlog: int = Field(200, ge=1, le=100_000)
+    """System log records kept in memory for ``/system/logs/stream`` replay."""
+    sse_heartbeat_s: float = Field(15.0, gt=0)
+    """Keep-alive comment interval of the SSE streams (also how soon a vanished client is noticed)."""
+    sse_poll_s: float = Field(2.0, gt=0)
+    """Log streams re-read the store at least this often (events normally wake them at once)."""
+    # ---- webhooks
+    webhook_max_attempts: int = Field(5, ge=1, le=100)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+    """Wait after the first failed attempt; doubles after each further failure."""
+    webhook_backoff_max_s: float = Field(300.0, ge=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_workers: int = Field(4, ge=1, le=64)
+    webhook_progress_interval_s: float = Field(10.0, ge=0)
+    """At most one ``task.progress`` webhook per task per interval."""
+    # ---- alerts
+    alert_interval_s: float = Field(30.0, gt=0)
+    alert_gpu_free_memory_gb: float = Field(2.0, ge=0)
+    alert_gpu_temperature_c: float = Field(85.0)
+    alert_queue_backlog: int = Field(100, ge=0)
+    alert_consecutive_failures: int = Field(5, ge=1)
+    alert_disk_free_gb: float = Field(50.0, ge=0)
+    alert_disk_paths: list[str] = Field(default_factory=list)
+    """Paths whose file systems are watched (default: the SQLite file's directory and ``log_dir``)."""
+    alert_api_p99_s: float = Field(5.0, gt=0)
+    alert_api_window_s: float = Field(300.0, gt=0)
+    alert_api_min_samples: int = Field(20, ge=1)
+    alert_expected_gpus: int | None = Field(None, ge=0)
+    """GPUs that must be present (default: every GPU seen since start)."""
+    alert_rules_disabled: list[str] = Field(default_factory=list)
+    alert_webhook_urls: list[str] = Field(default_factory=list)
+    alert_webhook_signing_key: str | None = None
+    alert_file: str | None = None
+    """Append alert events as JSON lines to this file."""
+    metrics_public: bool = False
+    """Serve ``GET /metrics`` without an API key (for scrapers that cannot send headers)."""
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "alert_webhook_urls", "alert_rules_disabled", "alert_disk_paths",
+                     mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
-    @field_validator("api_keys")
+    @field_validator("alert_webhook_urls")
+    @classmethod
+    def _check_urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"alert_webhook_urls: {u!r} is not an http(s) URL")
+        return v
+
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _check_keys(cls, v: list[str]) -> list[str]:
         for k in v:
@@ -79,7 +134,7 @@ class Settings(BaseModel):
 
     def check_security(self) -> None:
         """Refuse to serve beyond loopback without an API key."""
-        if not self.loopback and not self.api_keys:
+        if not self.loopback and not self.api_keys and not self.admin_api_keys:
             raise ValueError(
                 f"refusing to bind to {self.host!r} without an API key: set --api-key, MATCALC_API_KEY(S) "
                 "or api_keys in the config file (only loopback addresses may run without one)")
@@ -91,6 +146,8 @@ class Settings(BaseModel):
         d = self.model_dump()
         for name in SECRET_FIELDS:
             d[name] = ["***"] * len(d[name])
+        if d.get("alert_webhook_signing_key"):
+            d["alert_webhook_signing_key"] = "***"
         if d.get("db_url"):
             d["db_url"] = redact_url(d["db_url"])
         if "://" in d["cluster"] and "@" in d["cluster"]:

@@ -25,6 +25,7 @@ class ErrorCode(enum.IntEnum):
     API_KEY_MISSING = 20001
     API_KEY_INVALID = 20002
     RATE_LIMITED = 20003
+    ADMIN_REQUIRED = 20004
     # 30xxx resource
     NOT_FOUND = 30000
     TASK_NOT_FOUND = 30001
@@ -69,6 +70,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.API_KEY_MISSING: 401,
     ErrorCode.API_KEY_INVALID: 401,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.ADMIN_REQUIRED: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.TASK_NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -102,6 +104,7 @@ _DESCRIPTION: dict[ErrorCode, str] = {
     ErrorCode.API_KEY_MISSING: "the X-API-Key header is required",
     ErrorCode.API_KEY_INVALID: "the X-API-Key is not valid",
     ErrorCode.RATE_LIMITED: "too many requests for this key; retry after the Retry-After seconds",
+    ErrorCode.ADMIN_REQUIRED: "the endpoint needs an admin API key",
     ErrorCode.NOT_FOUND: "no such route",
     ErrorCode.TASK_NOT_FOUND: "no task with that id",
     ErrorCode.MODEL_NOT_FOUND: "no model with that name",

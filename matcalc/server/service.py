@@ -134,9 +134,20 @@ class TaskService:
         self.progress_interval_s = progress_interval_s
         self.bus = bus or EventBus()
         self.accepting = False
+        self.observer: Any = None
+        """The observability layer (:class:`~matcalc.server.observability.Observability`), told of task events."""
         self._last_progress: dict[str, float] = {}
         self._lock = threading.Lock()
         self.started_at = time.time()
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        """Tell the observability layer (metrics, webhooks); never raises into a worker or a request."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:  # noqa: BLE001
+            log.warning("observability hook %s failed", hook, exc_info=True)
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> int:
@@ -217,6 +228,7 @@ class TaskService:
         rows = self.store.create_tasks(news, batch_id=batch_id, structures=list(structures.values()))
         for row in rows:
             self._dispatch(row)
+        self._observe("task_submitted", rows)
         return batch_id, self.store.get_tasks([r.id for r in rows])
 
     def _dispatch(self, row: Task) -> None:
@@ -240,6 +252,8 @@ class TaskService:
         if changed:
             self.executor.cancel(task_id)
             self.bus.publish(task_id, {"event": "status", "status": status})
+            self.bus.close(task_id)
+            self._observe("task_finished", task_id, status, "cancelled on request", None)
         return changed, status
 
     # -------------------------------------------------------------- executor callbacks
@@ -251,15 +265,17 @@ class TaskService:
         attempt = self.store.mark_started(task_id, worker, gpu)
         if attempt is not None:
             self.bus.publish(task_id, {"event": "status", "status": TaskStatus.RUNNING.value, "attempt": attempt})
+            self._observe("task_started", task_id, attempt, worker)
         return attempt
 
     def on_progress(self, task_id: str, event: dict[str, Any]) -> None:
-        self.bus.publish(task_id, {"event": "progress", **event})
+        self._observe("task_progress", task_id, event)
         now = time.monotonic()
         with self._lock:
             last = self._last_progress.get(task_id, 0.0)
             final = event.get("total_steps") is not None and event.get("step") == event.get("total_steps")
             if now - last < self.progress_interval_s and not final:
+                self.bus.publish(task_id, {"event": "progress", **event})
                 return
             self._last_progress[task_id] = now
         self.store.set_progress(task_id, event)
@@ -271,15 +287,16 @@ class TaskService:
             msg += f" fmax={event['fmax_eV_per_A']:.3g} eV/Å"
         self.store.add_logs([{"task_id": task_id, "level": "DEBUG", "event": "progress", "message": msg,
                               "data": event}])
+        self.bus.publish(task_id, {"event": "progress", **event})  # after the write: streams read the store
 
     def on_log(self, task_id: str, record: dict[str, Any]) -> None:
         entry = {"task_id": task_id, "level": str(record.get("level", "INFO")).upper(), "event": "log",
                  "message": str(record.get("message", "")), "data": {"logger": record.get("logger")}}
-        self.bus.publish(task_id, {"event": "log", **entry})
         try:
             self.store.add_logs([entry])
         except Exception:  # noqa: BLE001 - e.g. a log line after the task row vanished
             log.debug("could not store a log line of task %s", task_id, exc_info=True)
+        self.bus.publish(task_id, {"event": "log", **entry})
 
     def on_done(self, task_id: str, status: str, result: dict[str, Any] | None, error: str | None,
                 attempt: int | None) -> None:
@@ -293,3 +310,4 @@ class TaskService:
         if changed:
             self.bus.publish(task_id, {"event": "status", "status": status, "error": error})
             self.bus.close(task_id)
+            self._observe("task_finished", task_id, status, error, result)

@@ -11,6 +11,7 @@ from matcalc.server.schemas import ErrorEnvelope
 _DESCRIPTIONS = {
     400: "malformed request (40xxx)",
     401: "missing or invalid API key (20001/20002)",
+    403: "the endpoint needs an admin API key (20004)",
     404: "no such resource (30xxx)",
     409: "conflict with the resource's state (30xxx/50xxx)",
     413: "body exceeds the upload limit (40003)",

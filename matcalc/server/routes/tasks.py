@@ -58,8 +58,17 @@ def _get(request: Request, task_id: str) -> Any:
         raise ApiError(ErrorCode.TASK_NOT_FOUND, f"task {task_id!r} not found") from exc
 
 
+def _audit(request: Request, message: str, **extra: Any) -> None:
+    """One audit record (who did what): the client identity is the API key's fingerprint or the address."""
+    from matcalc.server.logs import audit_log
+
+    audit_log.info(message, extra={"client": getattr(request.state, "client_id", None), **extra})
+
+
 def _submit_one(request: Request, body: TaskRequestBase) -> dict[str, Any]:
     _, rows = service(request).submit([body])
+    _audit(request, f"task {rows[0].id} submitted ({body.type}, model {rows[0].model})", task_id=rows[0].id,
+           action="submit")
     return ok(TaskOut.of(rows[0]), f"{body.type} task queued")
 
 
@@ -93,6 +102,8 @@ def submit_batch(request: Request, body: BatchRequest) -> dict[str, Any]:
     """Every task is validated first; if any is invalid nothing is stored and the error names its index."""
     batch_id, rows = service(request).submit(body.tasks, batch=True)
     assert batch_id is not None
+    _audit(request, f"batch {batch_id} of {len(rows)} tasks submitted", action="submit_batch", batch_id=batch_id,
+           task_ids=[r.id for r in rows])
     return ok(BatchOut(batch_id=batch_id, tasks=[TaskOut.of(r) for r in rows]), f"{len(rows)} tasks queued")
 
 
@@ -139,6 +150,8 @@ def get_result(request: Request, task_id: TaskId) -> dict[str, Any]:
 def cancel_task(request: Request, task_id: TaskId) -> dict[str, Any]:
     _get(request, task_id)
     changed, status_after = service(request).cancel(task_id)
+    if changed:
+        _audit(request, f"task {task_id} cancelled", task_id=task_id, action="cancel")
     if not changed:
         raise ApiError(ErrorCode.TASK_ALREADY_FINISHED, f"task {task_id} already finished ({status_after})",
                        data={"status": status_after})
