@@ -6,7 +6,8 @@ harmonic thermal properties come from phonopy.
 
 Conventions (documented choices):
 
-* phonopy's *unit cell* is the input cell and ``primitive_matrix="P"`` (identity; phonopy 4 defaults to "auto"): thermal properties are
+* phonopy's *unit cell* is the input cell and ``primitive_matrix="P"`` (identity; phonopy 4
+  defaults to "auto", which would silently switch to a reduced cell): thermal properties are
   per mole of the input cell (``n_atoms`` atoms), so ``cv_J_per_K_mol`` tends to 3·n_atoms·R and
   ``cv_J_per_K_g`` = ``cv_J_per_K_mol`` / molar mass of the cell.
 * The mean force of each displaced supercell (drift) is subtracted before building force constants,
@@ -18,8 +19,9 @@ Conventions (documented choices):
   letting noise-level frequencies in adds a spurious ≈3·k_B per mesh point to Cv at every
   temperature (visible below ~30 K; < 0.01 % at 300 K with the default mesh).
 * Force constants are not symmetrized (as in MOFSimBench and plain phonopy).
-* Imaginary modes: mesh frequencies below −``IMAGINARY_TOLERANCE_THZ`` (0.1 THz) (phonopy reports imaginary
-  frequencies as negative numbers), excluding the three acoustic modes at Γ.
+* Imaginary modes: modes of the irreducible q-point mesh below −``IMAGINARY_TOLERANCE_THZ``
+  (0.1 THz; phonopy reports imaginary frequencies as negative numbers), excluding the three
+  acoustic modes at Γ. They are left out of the thermal sums (phonopy's behaviour) and warned about.
 """
 
 from __future__ import annotations
@@ -218,12 +220,12 @@ def heat_capacity(
     tp = phonon.get_thermal_properties_dict()
 
     mesh_dict = phonon.get_mesh_dict()
-    n_imag, lowest = count_imaginary(np.asarray(mesh_dict["qpoints"]), np.asarray(mesh_dict["frequencies"]),
-                                     IMAGINARY_TOLERANCE_THZ)
+    frequencies = np.asarray(mesh_dict["frequencies"])
+    n_imag, lowest = count_imaginary(np.asarray(mesh_dict["qpoints"]), frequencies, IMAGINARY_TOLERANCE_THZ)
     if n_imag:
-        warnings.append(f"{n_imag} imaginary mode(s) of {np.asarray(mesh_dict['frequencies']).size} on the q-point mesh (lowest {lowest:.3f} THz, tolerance "
-                        f"−{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes excluded): the structure is not at a "
-                        "minimum of the model; imaginary modes are left out of the thermal properties")
+        warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest {lowest:.3f} "
+                        f"THz, tolerance −{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes excluded): the structure "
+                        "is not at a minimum of the model; imaginary modes are left out of the thermal properties")
 
     temperatures = np.asarray(tp["temperatures"], dtype=float)
     cv_mol = np.asarray(tp["heat_capacity"], dtype=float)
@@ -245,7 +247,7 @@ def heat_capacity(
         molar_mass_g_per_mol=molar_mass,
         n_displacements=len(supercells),
         imaginary_modes=n_imag,
-        mesh_modes=int(np.asarray(mesh_dict["frequencies"]).size),
+        mesh_modes=int(frequencies.size),
         lowest_frequency_THz=lowest,
         imaginary_tolerance_THz=IMAGINARY_TOLERANCE_THZ,
         max_drift_eV_per_A=max_drift,
