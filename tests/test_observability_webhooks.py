@@ -1,0 +1,196 @@
+"""Webhooks: a local HTTP receiver (a tiny server in a thread) gets signed task webhooks from a live
+uvicorn server; the HMAC is recomputed here with hmac/hashlib; a receiver answering 500 gets the
+delivery again (exponential backoff) and every attempt is a row of webhook_deliveries; a receiver
+that never answers delays nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import select
+
+pytest.importorskip("uvicorn")
+
+from test_observability_logs import LiveApp, cif_of, submit, wait_for, wait_status  # noqa: E402
+
+from matcalc.server.webhooks import WebhookDispatcher, signature, verify_signature  # noqa: E402
+from matcalc.store.models import WebhookDelivery  # noqa: E402
+
+SECRET = "webhook-secret-42"
+PAYLOAD_KEYS = {"event", "task_id", "status", "timestamp", "result_url", "summary"}
+
+
+class Receiver:
+    """Records every POST; answers the statuses scripted per event (then 200)."""
+
+    def __init__(self, script: dict[str, list[int]] | None = None) -> None:
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.received: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                event = self.headers.get("X-Matcalc-Event", "")
+                with outer.lock:
+                    codes = outer.script.get(event, [])
+                    code = codes.pop(0) if codes else 200
+                    outer.received.append({"t": time.monotonic(), "headers": dict(self.headers), "body": body,
+                                           "status": code, "event": event})
+                self.send_response(code)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def of(self, event: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.received if r["event"] == event]
+
+
+def hmac_ok(secret: str, rec: dict) -> bool:
+    """Independent check: HMAC-SHA256(secret, timestamp + "." + raw body) as sent in the header."""
+    ts = rec["headers"]["X-Matcalc-Timestamp"]
+    expected = "sha256=" + hmac.new(secret.encode(), ts.encode() + b"." + rec["body"], hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, rec["headers"]["X-Matcalc-Signature"])
+
+
+def deliveries(srv: LiveApp, task_id: str | None = None) -> list[WebhookDelivery]:
+    with srv.state.store.read() as s:
+        q = select(WebhookDelivery).order_by(WebhookDelivery.id)
+        if task_id is not None:
+            q = q.where(WebhookDelivery.task_id == task_id)
+        return list(s.scalars(q).all())
+
+
+def cu_cif() -> str:
+    from ase.build import bulk
+
+    return cif_of(bulk("Cu", "fcc", a=3.6, cubic=True))
+
+
+def test_signed_webhooks_with_retries_all_recorded(tmp_path):
+    with Receiver({"task.completed": [500, 500]}) as rx, \
+            LiveApp(tmp_path, webhook_backoff_s=0.05, webhook_max_attempts=4) as srv, srv.client() as c:
+        tid = submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=rx.url,
+                     notify_events=["task.started", "task.completed"], notify_secret=SECRET)
+        wait_status(c, tid, {"COMPLETED"})
+        wait_for(lambda: any(r["status"] == 200 for r in rx.of("task.completed")), 30, "the completed webhook")
+        assert srv.state.observability.webhooks.wait_idle(10)
+        result = c.get(f"/tasks/{tid}/result").json()["data"]["result"]
+        rows = deliveries(srv, tid)
+        metrics = srv.state.metrics
+        failures = metrics.webhook_attempts.labels("task.completed", "failure")._value.get()
+        successes = metrics.webhook_attempts.labels("task.completed", "success")._value.get()
+        completed = rx.of("task.completed")
+        result_url = json.loads(completed[-1]["body"])["result_url"]
+        fetched = c.get(result_url)  # absolute URL that works
+    started = rx.of("task.started")
+    assert len(started) == 1 and [r["status"] for r in completed] == [500, 500, 200]
+    now = time.time()
+    for rec in started + completed:
+        assert hmac_ok(SECRET, rec), rec["headers"]
+        assert not hmac_ok("wrong-secret", rec)
+        assert abs(now - int(rec["headers"]["X-Matcalc-Timestamp"])) < 300
+        assert verify_signature(SECRET, rec["body"], rec["headers"]["X-Matcalc-Timestamp"],
+                                rec["headers"]["X-Matcalc-Signature"])
+        payload = json.loads(rec["body"])
+        assert set(payload) == PAYLOAD_KEYS and payload["task_id"] == tid
+    # one delivery id for the three attempts, retried after >= 0.05 s then >= 0.1 s (exponential backoff)
+    assert len({r["headers"]["X-Matcalc-Delivery"] for r in completed}) == 1
+    assert completed[1]["t"] - completed[0]["t"] >= 0.05 and completed[2]["t"] - completed[1]["t"] >= 0.1
+    p_started, p_done = json.loads(started[0]["body"]), json.loads(completed[-1]["body"])
+    assert p_started["event"] == "task.started" and p_started["status"] == "RUNNING"
+    assert p_started["result_url"] is None and p_started["summary"]["attempt"] == 1
+    assert p_done["event"] == "task.completed" and p_done["status"] == "COMPLETED"
+    assert p_done["result_url"].endswith(f"/api/v1/tasks/{tid}/result")
+    assert fetched.status_code == 200 and fetched.json()["data"]["result"]["energy_eV"] == result["energy_eV"]
+    assert p_done["summary"]["energy_eV"] == result["energy_eV"] and p_done["summary"]["n_atoms"] == 4
+    # every attempt recorded
+    by_event = {e: [r for r in rows if r.event == e] for e in ("task.started", "task.completed")}
+    assert [(r.attempt, r.status_code, r.success) for r in by_event["task.started"]] == [(1, 200, True)]
+    assert [(r.attempt, r.status_code, r.success) for r in by_event["task.completed"]] == [
+        (1, 500, False), (2, 500, False), (3, 200, True)]
+    assert all(r.url == rx.url and r.payload["task_id"] == tid and r.duration_s >= 0 for r in rows)
+    assert by_event["task.completed"][0].error == "HTTP 500"
+    assert (failures, successes) == (2, 1)
+
+
+def test_dead_receivers_never_block_tasks(tmp_path):
+    hole = socket.socket()  # accepts connections into its backlog and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+    closed.close()  # nothing listens there: connection refused
+    hole_url = f"http://127.0.0.1:{hole.getsockname()[1]}/hook"
+    try:
+        with LiveApp(tmp_path, webhook_timeout_s=0.5, webhook_max_attempts=2, webhook_backoff_s=0.05,
+                     workers=2) as srv, srv.client() as c:
+            ids = [submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=url, notify_secret=SECRET)
+                   for url in (hole_url, hole_url, refused_url, hole_url)]
+            tasks = [wait_status(c, t, {"COMPLETED", "FAILED"}) for t in ids]
+            assert srv.state.observability.webhooks.wait_idle(60)
+            rows = deliveries(srv)
+    finally:
+        hole.close()
+    assert all(t["status"] == "COMPLETED" for t in tasks)
+    for t in tasks:
+        mine = [r for r in rows if r.task_id == t["id"]]
+        assert sorted((r.event, r.attempt) for r in mine) == [("task.completed", 1), ("task.completed", 2),
+                                                              ("task.started", 1), ("task.started", 2)]
+        assert not any(r.success for r in mine) and all(r.status_code is None for r in mine)
+        expect = "refused" if t["id"] == ids[2] else "timed out"
+        assert all(expect in r.error.lower() for r in mine), [r.error for r in mine]
+        last = max(r.created_at for r in mine if r.event == "task.completed")
+        finished = datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00"))
+        assert finished < last  # the task did not wait for its webhooks
+
+
+def test_dispatcher_rules_and_signature_helpers(tmp_path):
+    with Receiver({"task.failed": [400], "task.timeout": [429, 503]}) as rx:
+        d = WebhookDispatcher(None, max_attempts=5, backoff_s=0.01, backoff_max_s=0.02, workers=2)
+        d.start()
+        try:
+            d.enqueue(rx.url, "task.failed", {"event": "task.failed"}, task_id="a")  # 4xx: not retried
+            d.enqueue(rx.url, "task.timeout", {"event": "task.timeout"}, task_id="b")  # 429, 503: retried
+            assert d.wait_idle(20)
+        finally:
+            d.stop()
+    assert [r["status"] for r in rx.of("task.failed")] == [400]
+    assert [r["status"] for r in rx.of("task.timeout")] == [429, 503, 200]
+    assert "X-Matcalc-Signature" not in rx.of("task.failed")[0]["headers"]  # no secret, no signature
+    assert [d.backoff(n) for n in (1, 2, 3, 4)] == [0.01, 0.02, 0.02, 0.02]
+    body, ts = b'{"a":1}', 1_700_000_000
+    sig = signature("k", ts, body)
+    assert verify_signature("k", body, str(ts), sig, now=ts + 10)
+    assert not verify_signature("k", body, str(ts), sig, now=ts + 301)  # a replay after the tolerance
+    assert not verify_signature("k", b'{"a":2}', str(ts), sig, now=ts)  # tampered body
+    assert not verify_signature("k", body, str(ts + 1), sig, now=ts)  # timestamp changed
+    assert not verify_signature("other", body, str(ts), sig, now=ts)
+    with pytest.raises(ValueError, match="max_attempts"):
+        WebhookDispatcher(None, max_attempts=0)
