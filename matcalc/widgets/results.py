@@ -230,16 +230,22 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
 
 
 def _frame_html(df: pd.DataFrame, max_rows: int = 200) -> str:
+    """The table as HTML: label, status, model and property first; ids and duplicates left out
+    (``frame()`` keeps every column)."""
     if df.empty:
         return "<i>no finished results yet</i>"
-    drop = [c for c in ("structure_hash",) if c in df.columns]
+    drop = [c for c in ("structure_hash", "task_id") if c in df.columns]
+    if "property" in df.columns and "kind" in df.columns:
+        drop.append("kind")
     view = df.drop(columns=drop)
     if "error" in view.columns and view["error"].isna().all():
         view = view.drop(columns=["error"])
+    first = [c for c in ("label", "status", "model", "property", "kind", "error") if c in view.columns]
+    view = view[first + [c for c in view.columns if c not in first]]
     text = view.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="",
                                        escape=True, border=0)
     more = f"<br><i>… {len(view) - max_rows} more rows</i>" if len(view) > max_rows else ""
-    return (f"<div style='max-height:320px;overflow:auto;font-size:12px'>{text}{more}</div>")
+    return f"<div style='max-height:320px;overflow:auto;font-size:12px'>{text}{more}</div>"
 
 
 __all__ = ["ResultsWidget", "figure_png", "results", "results_table"]
