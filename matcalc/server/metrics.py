@@ -255,6 +255,14 @@ class Metrics:
         self.latency.add(seconds)
 
 
+def route_template(scope: Scope) -> str:
+    """``/api/v1/tasks/{task_id}`` for ``/api/v1/tasks/abc`` (bounded label values); ``unmatched`` for 404s."""
+    if scope.get("route") is None:
+        return "unmatched"
+    params = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
+    return "/".join(f"{{{params[seg]}}}" if seg in params else seg for seg in scope.get("path", "").split("/"))
+
+
 class MetricsMiddleware:
     """Times every HTTP request (log streams excluded: they last as long as the task) by route template."""
 
@@ -277,8 +285,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = route_template(scope)
             try:
                 self.metrics.observe_request(scope.get("method", "?"), template, status["code"],
                                              time.perf_counter() - t0)
