@@ -87,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads-per-worker", type=int, default=2)
+    ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--model", default="chgnet")
     ap.add_argument("--latency-n", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each path (best is reported)")

@@ -63,7 +63,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THREADS_GPU = 4
 """Concurrent tasks per GPU worker (their force requests are fused by the batching engine)."""
-DEFAULT_THREADS_CPU = 2
+DEFAULT_THREADS_CPU = 1
+"""On a CPU, fusing MOF-sized CHGNet calls does not pay (benchmarks/README.md) and a second task thread
+per worker made one-at-a-time tasks wait for the batching engine's idle "active caller" (~40 ms)."""
 WORKER_REFRESH_S = 2.0
 
 
@@ -599,7 +601,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
     Args:
         n_gpus: ``"all"``, a count, or a list of GPU indices; ``0`` forces CPU workers.
         n_workers: CPU path only: worker processes (default: CPUs // 4, at least 1).
-        threads_per_worker: concurrent tasks per worker (default 4 on GPU, 2 on CPU).
+        threads_per_worker: concurrent tasks per worker (default 4 on GPU, 1 on CPU).
         dashboard: serve dask's dashboard (``Cluster.dashboard_link``) on a free port.
         preload: model names each worker loads at start (a model that cannot load is skipped
             with a warning).
@@ -630,7 +632,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
     if dashboard and importlib.util.find_spec("bokeh") is None:
         log.warning("matcalc cluster: no dashboard: dask's dashboard needs bokeh (pip install 'bokeh>=3.1')")
         dashboard = False
-    dashboard_address = ":0" if dashboard else None
+    dashboard_address = ":0"  # a free port: the scheduler's HTTP server (health, metrics) runs regardless
     gpu_share = None
     if use_gpu:
         from dask_cuda import LocalCUDACluster
