@@ -346,3 +346,40 @@ def test_maintenance_gzips_after_7_days_and_packs_by_month_after_30(tmp_path):
                             [f"matcalc-{today - timedelta(days=30):%Y-%m-%d}.jsonl.gz"]}
     with pytest.raises(ValueError, match="compress_after_days"):
         maintain_log_dir(tmp_path, compress_after_days=-1)
+
+
+def test_serve_cli_json_logs_to_stderr_and_files(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "matcalc.cli", "serve", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'c.db'}",
+           "--workers", "0", "--log-format", "json", "--log-dir", str(logs)]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: proc.poll() is not None or _up(url), 90, "matcalc serve")
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        assert httpx.get(url + "/metrics", headers={"X-Request-ID": "cli-probe"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    out = [json.loads(x) for x in (tmp_path / "stderr.txt").read_text().splitlines() if x.startswith("{")]
+    assert any(r["request_id"] == "cli-probe" and r["kind"] == "access" for r in out)
+    assert any(r["message"].startswith("matcalc server ready") for r in out)
+    files = [json.loads(x) for x in (logs / "matcalc.jsonl").read_text().splitlines()]
+    assert any(r["request_id"] == "cli-probe" for r in files) and any(r["message"].startswith("matcalc server ready")
+                                                                       for r in files)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + API + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

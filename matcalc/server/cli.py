@@ -32,6 +32,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=None,
                    help="seconds to wait for running tasks on shutdown (default 30)")
     p.add_argument("--log-level", default=None, help="debug, info (default), warning, error")
+    p.add_argument("--log-dir", default=None,
+                   help="write JSON log files here (matcalc.jsonl, rotated daily, gzipped after 7 days, "
+                        "packed by month after 30)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="format of the log on stderr (default text; json: one JSON object per line)")
     p.set_defaults(func=run_serve_command)
 
 
@@ -44,7 +49,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("host", "port", "cluster", "workers", "db_url", "api_keys", "device",
                                            "max_upload_mb", "max_atoms", "rate_limit_per_s", "shutdown_timeout_s",
-                                           "log_level")}
+                                           "log_level", "log_dir", "log_format")}
     try:
         settings = load_settings(flags, config_file=args.config_file)
     except Exception as exc:  # pydantic ValidationError included: report, do not trace
@@ -54,7 +59,12 @@ def run_serve_command(args: argparse.Namespace) -> int:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if settings.log_format == "json":
+        from matcalc.server.logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

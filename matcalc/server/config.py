@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -61,6 +61,8 @@ class Settings(BaseModel):
     # ---- logs
     log_dir: str | None = None
     """Directory of the JSON log files (``matcalc.jsonl``, rotated daily); ``None``: no log files."""
+    log_format: Literal["text", "json"] = "text"
+    """Format of the stderr log of ``matcalc serve`` (files are always JSON lines)."""
     log_compress_after_days: int = Field(7, ge=0)
     log_pack_after_days: int = Field(30, ge=0)
     log_stream_backlog: int = Field(200, ge=1, le=100_000)
