@@ -73,12 +73,13 @@ ENV_BUDGET_ATOMS = "MATCALC_BATCH_ATOMS"
 ENV_WAIT_MS = "MATCALC_BATCH_WAIT_MS"
 ENV_ATOMS_PER_GB = "MATCALC_ATOMS_PER_GB"
 
-CPU_BUDGET_ATOMS = 64
+CPU_BUDGET_ATOMS = 32
 """Default atom budget on CPU: small on purpose. On a CPU, fusing only pays while the per-call overhead
 dominates (tiny cells: 32 Si8 cells fused ran 2.8x faster); for MOF-sized graphs (22-54 atoms, ~1500-2500
 CHGNet edges) a fused CHGNet call was *slower* per structure than single calls on the 2-core machine
-(8 cells: 2.6-3.0 s one by one, 5.0-5.5 s as one batch), so the CPU default keeps MOF batches at 1-2
-structures. GPUs get a budget from free memory instead. See benchmarks/README.md."""
+(8 cells: 2.6-3.0 s one by one, 5.0-5.5 s as one batch; relax_many with pairs fused: 0.53x), so on a CPU
+MOF cells are not fused (each call holds one) while tiny cells still are. GPUs get a budget from free
+memory instead. See benchmarks/README.md."""
 ATOMS_PER_GB = 1000
 """GPU heuristic: atoms per GiB of free device memory (conservative for CHGNet/MACE-size models)."""
 GPU_MEMORY_FRACTION = 0.8

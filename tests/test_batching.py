@@ -325,6 +325,7 @@ def test_is_out_of_memory():
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
+@pytest.mark.slow  # 19-72 s measured on the shared 2-core machine (model load included)
 def test_chgnet_batched_equals_unbatched():
     """CHGNet float32: fused batches of mixed sizes vs chgnet's own ASE calculator, one structure at a time."""
     from chgnet.model.dynamics import CHGNetCalculator
