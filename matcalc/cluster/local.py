@@ -156,7 +156,7 @@ class Cluster:
     def __repr__(self) -> str:
         kind = "GPU" if self.gpu else "CPU"
         try:
-            n = len(self._worker_addresses(force=False))
+            n = str(len(self._worker_addresses(force=False)))
         except Exception:  # noqa: BLE001
             n = "?"
         return f"<matcalc Cluster {self.client.scheduler.address} {kind} workers={n} dashboard={self.dashboard_link}>"
@@ -403,10 +403,11 @@ class Cluster:
                 elif status == "cancelled":
                     outcome = ("cancelled", None)
                 else:
-                    exc = future.exception()
-                    outcome = ("error", exc if exc is not None else
+                    err = future.exception()
+                    outcome = ("error", err if err is not None else
                                WorkerTaskError(f"task {task.id} ended with dask status {status!r}"))
-            kind, value = outcome
+            kind: str = outcome[0]
+            value: Any = outcome[1]
             if kind == "finished":
                 task._merge_logs(value.get("logs", []))
                 worker = value.get("worker")

@@ -335,8 +335,8 @@ class Task:
             status_callbacks = list(self._status_callbacks)
             self._done_callbacks.clear()
             self._done.set()
-        for cb in status_callbacks:
-            _safe(cb, self, status)
+        for status_cb in status_callbacks:
+            _safe(status_cb, self, status)
         for cb in callbacks:
             _safe(cb, self)
         return True
