@@ -188,7 +188,7 @@ def main() -> int:
     print(f"fast relaxations x{len(relax_cells)}: cluster {t_rx_cluster:.2f} s, in-process batched "
           f"{t_rx_local:.2f} s -> {t_rx_local / t_rx_cluster:.1f}x")
     if samples:
-        peak = {}
+        peak: dict[int, float] = {}
         for snap in samples:
             for g in snap:
                 peak[g["index"]] = max(peak.get(g["index"], 0.0), g.get("utilization_percent") or 0.0)
