@@ -11,10 +11,10 @@ per-task overhead of the cluster path (target <= 20 ms/task), measured two ways:
 * latency: one trivial task (EMT, 4 atoms) at a time, submit -> result, minus the same call
   in-process (median of ``--latency-n``).
 
-The in-process baseline runs in a separate, dask-free process (a LocalCluster's scheduler and
-nannies live in the client process; their event-loop thread competes for the GIL, which on a
-loaded machine slowed in-process calls there by 5-20x). Baseline and cluster runs alternate so that
-load from other processes hits both alike. Cluster start and model loading are not timed.
+The in-process baseline runs in separate, dask-free processes (a LocalCluster's scheduler and
+nannies live in the client process and would share its CPU time and GIL), one per torch thread
+setting, each set before any torch work. Baseline and cluster runs alternate so that load from
+other processes hits both alike. Cluster start and model loading are not timed.
 """
 
 from __future__ import annotations
