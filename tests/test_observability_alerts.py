@@ -98,7 +98,8 @@ def test_gpu_rules_from_nvml_readings_and_notifiers(tmp_path, nvml):
         assert {(a["rule"], a["key"]) for a in opened} == {("gpu_memory_low", "0"), ("gpu_temperature_high", "1")}
         a = active(c)
         assert a[("gpu_memory_low", "0")]["data"]["value"] == pytest.approx(1.5)
-        assert a[("gpu_temperature_high", "1")]["data"]["value"] == 91 and "91" in a[("gpu_temperature_high", "1")]["message"]
+        hot = a[("gpu_temperature_high", "1")]
+        assert hot["data"]["value"] == 91 and "91" in hot["message"]
         assert engine.evaluate() == ([], [])  # still true: nothing new, nothing duplicated
         nvml.devices[0]["free"] = 50 * GIB
         nvml.devices[1]["lost"] = True  # NVML error on GPU 1
@@ -119,7 +120,8 @@ def test_gpu_rules_from_nvml_readings_and_notifiers(tmp_path, nvml):
         wait_for(lambda: len(rx.of("alert.resolved")) == 3, 20, "alert webhooks")
     events = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert [(e["event"], e["rule"]) for e in events].count(("alert.opened", "gpu_unavailable")) == 1
-    assert sum(e["event"] == "alert.opened" for e in events) == 3 and sum(e["event"] == "alert.resolved" for e in events) == 3
+    assert sum(e["event"] == "alert.opened" for e in events) == 3
+    assert sum(e["event"] == "alert.resolved" for e in events) == 3
     hooks = rx.of("alert.opened")
     assert len(hooks) == 3 and all(hmac_ok(key, h) for h in hooks)
     assert {json.loads(h["body"])["alert"]["rule"] for h in hooks} == {"gpu_memory_low", "gpu_temperature_high",

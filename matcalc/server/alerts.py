@@ -423,7 +423,8 @@ class AlertEngine:
             return [alert_dict(r) for r in s.scalars(select(Alert).where(Alert.resolved_at.is_(None))
                                                       .order_by(Alert.id)).all()]
 
-    def history(self, *, page: int = 1, page_size: int = 50, rule: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    def history(self, *, page: int = 1, page_size: int = 50,
+                rule: str | None = None) -> tuple[list[dict[str, Any]], int]:
         from sqlalchemy import func, select
 
         from matcalc.store.models import Alert

@@ -248,7 +248,8 @@ def installed(handlers: list[logging.Handler], logger_names: tuple[str, ...] = (
 
 
 # ----------------------------------------------------------------------------- SSE
-def sse(data: dict[str, Any] | None = None, *, event: str | None = None, id: int | str | None = None) -> bytes:  # noqa: A002
+def sse(data: dict[str, Any] | None = None, *, event: str | None = None,
+        id: int | str | None = None) -> bytes:  # noqa: A002
     """One Server-Sent Event: optional ``event:``/``id:`` lines and one ``data:`` line of JSON."""
     lines = []
     if event:

@@ -142,20 +142,22 @@ class _StateCollector(Collector):
                 "structures": "Structures requested from the batching engine",
                 "calls": "Fused model calls made by the batching engine"}
         for name, values in counters.items():
-            fam = CounterMetricFamily(f"matcalc_batching_{name}", docs[name], labels=labels)
-            for key, v in values.items():
-                fam.add_metric(list(key), v)
-            yield fam
-        fam = GaugeMetricFamily("matcalc_batching_budget_atoms", "Atom budget of each batching engine", labels=labels)
-        for key, v in budget.items():
-            fam.add_metric(list(key), v)
-        yield fam
+            counter = CounterMetricFamily(f"matcalc_batching_{name}", docs[name], labels=labels)
+            for ckey, v in values.items():
+                counter.add_metric(list(ckey), v)
+            yield counter
+        gauge = GaugeMetricFamily("matcalc_batching_budget_atoms", "Atom budget of each batching engine",
+                                  labels=labels)
+        for gkey, v in budget.items():
+            gauge.add_metric(list(gkey), v)
+        yield gauge
 
     def _gpus(self) -> Iterator[Metric]:
         readings = self.m.gpu_reader()
         labels = ["gpu", "name"]
         fams = {
-            "memory_total_MiB": GaugeMetricFamily("matcalc_gpu_memory_total_bytes", "GPU memory (bytes)", labels=labels),
+            "memory_total_MiB": GaugeMetricFamily("matcalc_gpu_memory_total_bytes", "GPU memory (bytes)",
+                                                  labels=labels),
             "memory_used_MiB": GaugeMetricFamily("matcalc_gpu_memory_used_bytes", "GPU memory used (bytes)",
                                                  labels=labels),
             "memory_free_MiB": GaugeMetricFamily("matcalc_gpu_memory_free_bytes", "GPU memory free (bytes)",

@@ -237,7 +237,7 @@ async def metrics_guard(request: Request, key: str | None = Security(api_key_sch
         await require_api_key(request, key)
 
 
-METRICS_DOC = {200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+METRICS_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
                      "description": "Prometheus text exposition format"}}
 
 
