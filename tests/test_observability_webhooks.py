@@ -11,7 +11,6 @@ import json
 import socket
 import threading
 import time
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -31,7 +30,8 @@ PAYLOAD_KEYS = {"event", "task_id", "status", "timestamp", "result_url", "summar
 class Receiver:
     """Records every POST; answers the statuses scripted per event (then 200)."""
 
-    def __init__(self, script: dict[str, list[int]] | None = None) -> None:
+    def __init__(self, script: dict[str, list[int]] | None = None, gate: threading.Event | None = None) -> None:
+        self.gate = gate
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.received: list[dict] = []
         self.lock = threading.Lock()
@@ -40,6 +40,8 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.gate is not None:
+                    outer.gate.wait(120)
                 event = self.headers.get("X-Matcalc-Event", "")
                 with outer.lock:
                     codes = outer.script.get(event, [])
@@ -140,38 +142,56 @@ def test_signed_webhooks_with_retries_all_recorded(tmp_path):
 
 
 def test_dead_receivers_never_block_tasks(tmp_path):
-    hole = socket.socket()  # accepts connections into its backlog and never answers
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(64)
+    gate = threading.Event()  # the receiver hangs on every request until the gate opens
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
     closed.close()  # nothing listens there: connection refused
-    hole_url = f"http://127.0.0.1:{hole.getsockname()[1]}/hook"
-    try:
-        with LiveApp(tmp_path, webhook_timeout_s=0.5, webhook_max_attempts=2, webhook_backoff_s=0.05,
-                     workers=2) as srv, srv.client() as c:
+    with Receiver(gate=gate) as rx, LiveApp(tmp_path, webhook_timeout_s=60, webhook_max_attempts=2,
+                                           webhook_backoff_s=0.05, workers=2) as srv, srv.client() as c:
+        try:
+            urls = (rx.url, rx.url, refused_url, rx.url)
             ids = [submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=url, notify_secret=SECRET)
-                   for url in (hole_url, hole_url, refused_url, hole_url)]
-            tasks = [wait_status(c, t, {"COMPLETED", "FAILED"}) for t in ids]
-            assert srv.state.observability.webhooks.wait_idle(60)
-            rows = deliveries(srv)
-    finally:
-        hole.close()
+                   for url in urls]
+            # every task completes while its receiver has not answered a single request
+            tasks = [wait_status(c, t, {"COMPLETED", "FAILED"}, timeout_s=50) for t in ids]
+            hanging = [t for t, u in zip(ids, urls, strict=True) if u == rx.url]
+            assert not [r for r in deliveries(srv) if r.task_id in hanging]  # all still in flight or queued
+            assert srv.state.observability.webhooks.pending > 0
+        finally:
+            gate.set()
+        assert srv.state.observability.webhooks.wait_idle(60)
+        rows = deliveries(srv)
     assert all(t["status"] == "COMPLETED" for t in tasks)
-    for t in tasks:
-        mine = [r for r in rows if r.task_id == t["id"]]
-        assert sorted((r.event, r.attempt) for r in mine) == [("task.completed", 1), ("task.completed", 2),
-                                                              ("task.started", 1), ("task.started", 2)]
-        assert not any(r.success for r in mine) and all(r.status_code is None for r in mine)
-        expect = "refused" if t["id"] == ids[2] else "timed out"
-        assert all(expect in r.error.lower() for r in mine), [r.error for r in mine]
-        last = max(r.created_at for r in mine if r.event == "task.completed")
-        finished = datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00"))
-        assert finished < last  # the task did not wait for its webhooks
+    for tid in hanging:
+        mine = sorted((r.event, r.attempt, r.status_code, r.success) for r in rows if r.task_id == tid)
+        assert mine == [("task.completed", 1, 200, True), ("task.started", 1, 200, True)]
+    refused = [r for r in rows if r.task_id == ids[2]]
+    assert sorted((r.event, r.attempt) for r in refused) == [("task.completed", 1), ("task.completed", 2),
+                                                             ("task.started", 1), ("task.started", 2)]
+    assert all(not r.success and r.status_code is None and "refused" in r.error.lower() for r in refused)
 
 
 def test_dispatcher_rules_and_signature_helpers(tmp_path):
+    from matcalc.store import Store
+
+    hole = socket.socket()  # accepts connections into its backlog and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    d = WebhookDispatcher(store, max_attempts=2, backoff_s=0.01, timeout_s=0.3, workers=1)
+    d.start()
+    try:
+        d.enqueue(f"http://127.0.0.1:{hole.getsockname()[1]}/x", "alert.opened", {"n": 1}, secret="k")
+        assert d.wait_idle(20)
+    finally:
+        d.stop()
+        hole.close()
+    with store.read() as s:
+        rows = list(s.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all())
+    store.close()
+    assert [(r.attempt, r.success, r.status_code) for r in rows] == [(1, False, None), (2, False, None)]
+    assert all("timed out" in r.error for r in rows) and rows[0].payload == {"n": 1} and rows[0].task_id is None
     with Receiver({"task.failed": [400], "task.timeout": [429, 503]}) as rx:
         d = WebhookDispatcher(None, max_attempts=5, backoff_s=0.01, backoff_max_s=0.02, workers=2)
         d.start()
