@@ -214,3 +214,25 @@ def test_dispatcher_rules_and_signature_helpers(tmp_path):
     assert not verify_signature("other", body, str(ts), sig, now=ts)
     with pytest.raises(ValueError, match="max_attempts"):
         WebhookDispatcher(None, max_attempts=0)
+
+
+def test_progress_webhooks_throttled_per_task(tmp_path):
+    from test_observability_logs import RELAX, rattled_cu
+
+    with Receiver() as rx, LiveApp(tmp_path, webhook_progress_interval_s=0) as srv, srv.client() as c:
+        every = submit(c, "optimization", structure=rattled_cu(1, (2, 1, 1)), notify_url=rx.url,
+                       notify_events=["task.progress"], **RELAX)
+        wait_status(c, every, {"COMPLETED"})
+        assert srv.state.observability.webhooks.wait_idle(30)
+        steps = c.get(f"/tasks/{every}/result").json()["data"]["result"]["steps"]
+        srv.state.observability.settings.webhook_progress_interval_s = 3600  # then at most one per task
+        once = submit(c, "optimization", structure=rattled_cu(2, (2, 1, 1)), notify_url=rx.url,
+                      notify_events=["task.progress"], **RELAX)
+        wait_status(c, once, {"COMPLETED"})
+        assert srv.state.observability.webhooks.wait_idle(30)
+    got = [json.loads(r["body"]) for r in rx.of("task.progress")]
+    mine = [p for p in got if p["task_id"] == every]
+    assert [p["summary"]["step"] for p in mine] == list(range(steps + 1))  # every step, in order (one shard)
+    assert all(p["status"] == "RUNNING" and p["summary"]["stage"] == "relax" for p in mine)
+    assert len([p for p in got if p["task_id"] == once]) == 1
+    assert not rx.of("task.completed")  # only the subscribed events
