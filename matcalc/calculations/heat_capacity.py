@@ -204,7 +204,7 @@ def heat_capacity(
 
     phonon = make_phonopy(relaxed, params["supercell"])
     phonon.generate_displacements(distance=params["displacement"])
-    supercells = [to_ase(s) for s in phonon.supercells_with_displacements]
+    supercells = [to_ase(s) for s in phonon.supercells_with_displacements or []]
     progress.report("phonons", 0, len(supercells))
     evaluations = prep.evaluator.evaluate(supercells)
     progress.report("phonons", len(supercells), len(supercells))
@@ -214,14 +214,13 @@ def heat_capacity(
     max_drift = float(np.linalg.norm(drift, axis=2).max()) if len(forces) else 0.0
     phonon.forces = forces
     phonon.produce_force_constants()
-    phonon.run_mesh(params["mesh"])
+    qmesh = phonon.run_mesh(params["mesh"])
     phonon.run_thermal_properties(t_min=params["t_min"], t_max=params["t_max"], t_step=params["t_step"],
                                   exclude_gamma_acoustic=True)
     tp = phonon.get_thermal_properties_dict()
 
-    mesh_dict = phonon.get_mesh_dict()
-    frequencies = np.asarray(mesh_dict["frequencies"])
-    n_imag, lowest = count_imaginary(np.asarray(mesh_dict["qpoints"]), frequencies, IMAGINARY_TOLERANCE_THZ)
+    frequencies = np.asarray(qmesh.frequencies)
+    n_imag, lowest = count_imaginary(np.asarray(qmesh.qpoints), frequencies, IMAGINARY_TOLERANCE_THZ)
     if n_imag:
         warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest {lowest:.3f} "
                         f"THz, tolerance −{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes excluded): the structure "
@@ -251,7 +250,7 @@ def heat_capacity(
         lowest_frequency_THz=lowest,
         imaginary_tolerance_THz=IMAGINARY_TOLERANCE_THZ,
         max_drift_eV_per_A=max_drift,
-        mesh_numbers=[int(n) for n in phonon.mesh_numbers],
+        mesh_numbers=[int(n) for n in qmesh.mesh_numbers],
         relax_converged=relax_converged,
         relax_steps=relax_steps,
         relaxed_structure=relaxed,
