@@ -58,8 +58,9 @@ async def _next_event(queue: asyncio.Queue[Any], timeout_s: float) -> tuple[bool
     except TimeoutError:
         return False, False
     ended = item is None
-    while not queue.empty():
-        ended = ended or queue.get_nowait() is None
+    while not queue.empty():  # drain everything: a short-circuited get would spin here forever
+        if queue.get_nowait() is None:
+            ended = True
     return True, ended
 
 
