@@ -133,7 +133,7 @@ def peak_memory_note(device: str, n_atoms: int) -> str:
 
     peak = torch.cuda.max_memory_allocated()
     return (f"peak CUDA memory {peak / 2**20:.0f} MiB for {n_atoms} atoms in one call = "
-            f"{peak / 2**20 / max(n_atoms, 1):.3f} MiB/atom (ATOMS_PER_GB heuristic assumes ~1 MiB/atom)")
+            f"{peak / 2**20 / max(n_atoms, 1):.3f} MiB/atom (matcalc.batching.ATOMS_PER_GB = 90 assumes ~11 MiB/atom)")
 
 
 def sync(device: str) -> None:

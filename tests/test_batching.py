@@ -304,6 +304,10 @@ def test_budget_defaults(monkeypatch):
     assert batching.default_budget(gpu) == int(8 * batching.GPU_MEMORY_FRACTION * batching.ATOMS_PER_GB)
     monkeypatch.setenv("MATCALC_ATOMS_PER_GB", "500")
     assert batching.default_budget(gpu) == int(8 * batching.GPU_MEMORY_FRACTION * 500)
+    gpu.max_batch_atoms = 1000  # the adapter's own limit caps the derived budget
+    assert batching.default_budget(gpu) == 1000
+    pot.max_batch_atoms = 10
+    assert batching.default_budget(pot) == 10
 
 
 def test_bad_arguments():
