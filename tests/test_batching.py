@@ -381,3 +381,29 @@ def test_finished_caller_is_dropped_once(engine_factory):
     engine.evaluate([a])  # B again: the only active caller, dispatched without waiting for A
     assert engine.stats.dropped_callers == 1
     assert engine.stats.calls == 3 and engine.stats.think_s > 0
+
+
+def test_model_runs_with_the_callers_torch_thread_count(engine_factory):
+    """OpenMP thread counts are per OS thread: the dispatcher must adopt the callers' setting."""
+    seen: list[int] = []
+
+    class SpyEMT(BatchEMT):
+        def _evaluate_batch(self, atoms_list):
+            seen.append(torch.get_num_threads())
+            return super()._evaluate_batch(atoms_list)
+
+    engine = engine_factory(SpyEMT(), budget_atoms=1024)
+    before = torch.get_num_threads()
+
+    def caller(n: int) -> None:
+        torch.set_num_threads(n)
+        engine.evaluate([cu_cell(1, n)])
+
+    try:
+        for n in (1, 2, 1):
+            t = threading.Thread(target=caller, args=(n,))
+            t.start()
+            t.join(60)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2, 1]
