@@ -169,3 +169,19 @@ def test_sevennet_matches_its_calculator() -> None:
 def test_model_rejects_unsupported_elements() -> None:
     with pytest.raises(StructureError, match="elements not supported by the model: Co"):
         matcalc.single_point("RSM0009", model="emt")
+
+
+def test_lj_matches_ase_lennard_jones() -> None:
+    from ase.calculators.lj import LennardJones
+
+    from matcalc.models.lj import ARGON_EPSILON_EV, ARGON_SIGMA_A, LJ_CUTOFF_A
+
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=2)
+    ev = get_model("lj").evaluate([atoms])[0]
+    ref = atoms.copy()
+    ref.calc = LennardJones(sigma=ARGON_SIGMA_A, epsilon=ARGON_EPSILON_EV, rc=LJ_CUTOFF_A, smooth=True)
+    assert ev.energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(ev.forces_eV_per_A, ref.get_forces(), atol=1e-10)
+    # physics: solid argon is bound by ~0.08 eV/atom (experiment 0.080 eV/atom)
+    assert -0.10 < ev.energy_eV / len(atoms) < -0.06
