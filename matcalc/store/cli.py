@@ -1,4 +1,4 @@
-"""``matcalc db upgrade|downgrade|current``: manage the store's schema (Alembic migrations)."""
+"""``matcalc db upgrade|downgrade|current|backup|restore``: the store's schema (Alembic) and backups."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def add_db_command(sub: argparse._SubParsersAction) -> None:
     down = actions.add_parser("downgrade", help="revert migrations down to REVISION ('base' drops everything)")
     down.add_argument("revision")
     actions.add_parser("current", help="print the database's revision and the newest one")
+    bk = actions.add_parser("backup", help="write a consistent copy of the database to PATH (SQLite online "
+                            "backup; pg_dump custom format for PostgreSQL)")
+    bk.add_argument("path")
+    rs = actions.add_parser("restore", help="replace the database's contents with the backup at PATH "
+                            "(stop the server first)")
+    rs.add_argument("path")
     p.set_defaults(func=run_db_command)
 
 
@@ -26,6 +32,15 @@ def run_db_command(args: argparse.Namespace) -> int:
         if args.db_action == "upgrade":
             db.upgrade(engine, args.revision)
             print(f"{where}: at revision {db.current_revision(engine)}")
+        elif args.db_action == "backup":
+            from matcalc.store.backup import backup
+
+            print(f"{where}: backup written to {backup(engine, args.path)}")
+        elif args.db_action == "restore":
+            from matcalc.store.backup import restore
+
+            restore(engine, args.path)
+            print(f"{where}: restored from {args.path} (revision {db.current_revision(engine)})")
         elif args.db_action == "downgrade":
             db.downgrade(engine, args.revision)
             print(f"{where}: at revision {db.current_revision(engine)}")
