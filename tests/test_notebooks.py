@@ -1,13 +1,16 @@
 """The example notebooks run top to bottom (nbclient) without an error.
 
 The kernel is this interpreter (a kernelspec written to a temp dir that points at ``sys.executable``),
-so the notebooks see the same venv and the installed ``matcalc``. ``04_remote_server`` needs the
-REST client of issue 8 and is not executed here (its first cell says so).
+so the notebooks see the same venv and the installed ``matcalc``. ``04_remote_server`` runs against a
+real ``matcalc serve`` that the test starts on loopback (URL and API key passed in the kernel's env).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,24 +22,66 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-EXECUTED = ["01_quickstart", "02_screening_on_a_cluster", "03_heat_capacity_and_stability"]
-NOT_EXECUTED = {"04_remote_server": "needs matcalc.client (issue 8)"}
+EXECUTED = ["01_quickstart", "02_screening_on_a_cluster", "03_heat_capacity_and_stability", "04_remote_server"]
+REMOTE = "04_remote_server"
+API_KEY = "notebook-test-key-1"
+THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def remote_server(tmp_path_factory):
+    """`matcalc serve` on a free loopback port with a temp SQLite DB (for notebook 04)."""
+    httpx = pytest.importorskip("httpx")
+    work = tmp_path_factory.mktemp("serve")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(work / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "matcalc.cli", "serve", "--port", str(port), "--db",
+                             f"sqlite:///{work / 'nb.db'}", "--workers", "2", "--api-key", API_KEY],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, **THREAD_ENV})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {(work / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/api/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready: {(work / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def write_kernelspec(root: Path, env: dict[str, str]) -> Path:
+    spec = root / "matcalc-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "matcalc test", "language": "python", "env": env,
+    }))
+    return root
 
 
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory) -> Path:
-    """A kernelspec for this very interpreter, independent of any system-wide ``python3`` spec."""
-    root = tmp_path_factory.mktemp("kernels")
-    spec = root / "matcalc-test"
-    spec.mkdir()
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "matcalc test", "language": "python",
-        # one BLAS/torch thread: spin-waiting thread pools collapse on a shared, oversubscribed CPU
-        # (measured 20x slower CHGNet calls here; see docs/troubleshooting.md)
-        "env": {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
-    }))
-    return root
+    """A kernelspec for this very interpreter, independent of any system-wide ``python3`` spec.
+
+    One BLAS/torch thread: spin-waiting thread pools collapse on a shared, oversubscribed CPU
+    (measured 20x slower CHGNet calls here; see docs/troubleshooting.md).
+    """
+    return write_kernelspec(tmp_path_factory.mktemp("kernels"), dict(THREAD_ENV))
 
 
 def run_notebook(path: Path, kernel_dir: Path, cwd: Path) -> nbformat.NotebookNode:
@@ -54,7 +99,7 @@ def run_notebook(path: Path, kernel_dir: Path, cwd: Path) -> nbformat.NotebookNo
 
 def test_committed_without_outputs():
     books = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
-    assert books == sorted(EXECUTED + list(NOT_EXECUTED))
+    assert books == sorted(EXECUTED)
     for name in books:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(nb)
@@ -63,14 +108,13 @@ def test_committed_without_outputs():
                 assert cell.outputs == [] and cell.execution_count is None, name
 
 
-def test_remote_notebook_is_marked_as_needing_the_client():
-    nb = nbformat.read(NOTEBOOKS / "04_remote_server.ipynb", as_version=4)
-    assert "issue 8" in nb.cells[0].source and "not** executed in CI" in nb.cells[0].source
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXECUTED)
-def test_notebook_runs(name, kernel_dir, tmp_path):
+def test_notebook_runs(name, kernel_dir, tmp_path, request):
+    if name == REMOTE:  # its own kernelspec, pointing the notebook at a live server
+        url = request.getfixturevalue("remote_server")
+        kernel_dir = write_kernelspec(tmp_path / "kernels-remote",
+                                      {**THREAD_ENV, "MATCALC_URL": url, "MATCALC_API_KEY": API_KEY})
     t0 = time.monotonic()
     try:
         nb = run_notebook(NOTEBOOKS / f"{name}.ipynb", kernel_dir, tmp_path)
