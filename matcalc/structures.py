@@ -286,7 +286,10 @@ def load_structure(
     Args:
         source: path, file text, ``ase.Atoms``, pymatgen ``Structure`` or builtin name.
         fmt: force a format (``cif``, ``vasp``, ``xyz``, ``extxyz``); default: by suffix and content.
-        require_cell, max_atoms, min_distance_A, elements: see :func:`validate_structure`.
+        require_cell: the calculation needs a 3D periodic cell.
+        max_atoms: largest accepted number of atoms (``None``: no limit).
+        min_distance_A: smallest accepted interatomic distance (Å).
+        elements: chemical symbols the chosen model supports (``None``: any).
 
     Returns:
         A new ``ase.Atoms`` (the input is never modified), with no calculator attached.

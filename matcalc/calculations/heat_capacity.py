@@ -167,7 +167,9 @@ def heat_capacity(
         displacement: finite displacement (Å); default 0.01.
         mesh: q-point mesh: a number is phonopy's length-based mesh density (Å, >= 1), three
             integers an explicit mesh; default 100 (``"fast"``: 30).
-        t_min, t_max, t_step: temperature grid (K); default 0 to 1000 step 10.
+        t_min: lowest temperature (K); default 0.
+        t_max: highest temperature (K), >= t_min; default 1000.
+        t_step: temperature step (K), > 0; default 10.
         relax_first: relax positions and cell first (default True).
         fmax: force threshold of the pre-relaxation (eV/Å); default 1e-3 (``"fast"``: 0.05).
         relax_max_steps: step limit of the pre-relaxation; default 5000 (``"fast"``: 500).

@@ -192,7 +192,9 @@ class Task:
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds (the task goes on).
-            TaskTimeoutError / TaskCancelledError / the calculation's exception.
+            TaskTimeoutError: the task ran past its own ``timeout_s``.
+            TaskCancelledError: the task was cancelled.
+            Exception: the calculation's own exception, re-raised.
         """
         if not self._wait(timeout):
             raise TimeoutError(f"task {self.id} not finished after {timeout} s (status {self.status})")
