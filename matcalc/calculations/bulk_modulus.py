@@ -230,9 +230,8 @@ def bulk_modulus(
         trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["relax_max_steps"],
                          optimizer=params["relax_optimizer"], relax_cell=True, stage="relax")
         relax_converged, relax_steps = trace.converged, trace.steps
-        if not trace.converged:
-            warnings.append(f"pre-relaxation not converged: fmax {trace.final_fmax_eV_per_A:.3g} eV/Å > "
-                            f"{params['fmax']} after {trace.steps} steps")
+        if (w := trace.warning("pre-relaxation", params["fmax"])) is not None:
+            warnings.append(w)
     reference = atoms.copy()
     reference.calc = None
     reference.set_constraint()

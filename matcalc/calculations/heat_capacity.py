@@ -197,9 +197,8 @@ def heat_capacity(
         trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["relax_max_steps"],
                          optimizer=params["relax_optimizer"], relax_cell=True, stage="relax")
         relax_converged, relax_steps = trace.converged, trace.steps
-        if not trace.converged:
-            warnings.append(f"pre-relaxation not converged: fmax {trace.final_fmax_eV_per_A:.3g} eV/Å > "
-                            f"{params['fmax']} after {trace.steps} steps")
+        if (w := trace.warning("pre-relaxation", params["fmax"])) is not None:
+            warnings.append(w)
     relaxed = atoms.copy()
     relaxed.calc = None
     relaxed.set_constraint()

@@ -39,6 +39,13 @@ class OptimizationTrace:
     fmax_eV_per_A: list[float] = field(default_factory=list)
     stopped_early: bool = False
 
+    def warning(self, what: str, fmax: float) -> str | None:
+        """The warning a result carries when ``what`` did not converge (``None`` when it did)."""
+        if self.converged:
+            return None
+        return (f"{what} not converged: fmax {self.final_fmax_eV_per_A:.3g} eV/Å > {fmax} after {self.steps} steps"
+                + (" (stopped early)" if self.stopped_early else ""))
+
 
 def check_optimizer_params(fmax: float, max_steps: int, optimizer: str) -> str:
     checks.positive("fmax", fmax)

@@ -104,10 +104,8 @@ def relax(
     atoms = prep.atoms
     trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["max_steps"],
                      optimizer=params["optimizer"], relax_cell=bool(params["relax_cell"]), fixed=mask)
-    warnings = []
-    if not trace.converged:
-        warnings.append(f"not converged: fmax {trace.final_fmax_eV_per_A:.3g} eV/Å > {params['fmax']} "
-                        f"after {trace.steps} steps" + (" (stopped early)" if trace.stopped_early else ""))
+    w = trace.warning("relaxation", params["fmax"])
+    warnings = [] if w is None else [w]
     final = atoms.copy()
     final.calc = None
     disp = displacements(initial, final)

@@ -419,9 +419,8 @@ def stability(
         opt = optimize(atoms, atoms.calc, fmax=params["fmax"], max_steps=params["relax_max_steps"],
                        optimizer="LBFGS", relax_cell=False, stage="relax")
         relax_converged, relax_steps, stopped = opt.converged, opt.steps, opt.stopped_early
-        if not opt.converged and not stopped:
-            warnings.append(f"pre-relaxation not converged: fmax {opt.final_fmax_eV_per_A:.3g} eV/Å > "
-                            f"{params['fmax']} after {opt.steps} steps")
+        if not stopped and (w := opt.warning("pre-relaxation", params["fmax"])) is not None:
+            warnings.append(w)
     reference = atoms.copy()
     reference.calc = None
     coord_before = _coordination(reference, "relaxed start", warnings)
