@@ -10,9 +10,7 @@ import asyncio
 import builtins
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -47,15 +45,10 @@ from matcalc.client import (  # noqa: E402
     ValidationError,
 )
 from matcalc.client._base import SSEDecoder  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 
 KEY = "client-test-key-7"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cif_text(atoms) -> str:
@@ -74,34 +67,11 @@ def emt_energy(atoms) -> float:
 def server(tmp_path_factory):
     """`python -m matcalc.cli serve` with an API key, 2 in-process worker threads, a temp SQLite DB."""
     work = tmp_path_factory.mktemp("client")
-    port = free_port()
-    log_path = work / "server.log"
-    cmd = [sys.executable, "-m", "matcalc.cli", "serve", "--port", str(port), "--db", f"sqlite:///{work / 'c.db'}",
-           "--workers", "2", "--api-key", KEY]
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work,
-                                env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/api/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server not ready:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    srv = LiveServer(work, f"sqlite:///{work / 'c.db'}", "--workers", "2", api_key=KEY,
+                     env={"OPENBLAS_NUM_THREADS": "1"})
+    srv.start()
+    yield srv.url
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

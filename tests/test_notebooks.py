@@ -8,9 +8,6 @@ real ``matcalc serve`` that the test starts on loopback (URL and API key passed 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,38 +27,17 @@ THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def remote_server(tmp_path_factory):
-    """`matcalc serve` on a free loopback port with a temp SQLite DB (for notebook 04)."""
-    httpx = pytest.importorskip("httpx")
+    """`matcalc serve` on a free loopback port with a temp SQLite DB and an API key (for notebook 04)."""
+    pytest.importorskip("httpx")
+    from live_server import LiveServer
+
     work = tmp_path_factory.mktemp("serve")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(work / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "matcalc.cli", "serve", "--port", str(port), "--db",
-                             f"sqlite:///{work / 'nb.db'}", "--workers", "2", "--api-key", API_KEY],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, **THREAD_ENV})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    srv = LiveServer(work, f"sqlite:///{work / 'nb.db'}", "--workers", "2", api_key=API_KEY, env=THREAD_ENV)
+    srv.start(timeout_s=120)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {(work / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/api/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready: {(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url
+        yield srv.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        srv.stop()
 
 
 def write_kernelspec(root: Path, env: dict[str, str]) -> Path:

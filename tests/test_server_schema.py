@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("schemathesis")
 
-from test_server_live import KEY, LiveServer  # noqa: E402
+from live_server import KEY, LiveServer  # noqa: E402
 
 
 @pytest.mark.slow
