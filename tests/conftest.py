@@ -8,7 +8,20 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see scripts/test
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for subprocesses (servers, kernels); see scripts/test
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    """One BLAS thread in this process too (numpy may load before the variable above is read).
+
+    OpenBLAS threads thrash on a shared 2-core machine (ASE's 3x3 linear algebra ran 20x slower);
+    one BLAS thread changes no result, only the speed.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @pytest.fixture(scope="session")

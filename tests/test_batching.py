@@ -20,19 +20,6 @@ from matcalc.calculations.common import evaluator_for
 from matcalc.models import Evaluation, Potential, get_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """OpenBLAS threads thrash on a shared 2-core machine (ASE's 3x3 linear algebra ran 20x slower);
-    one BLAS thread changes no result, only the speed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 class BatchEMT(Potential):
     """A *batching* test potential: EMT per structure, but one ``_evaluate_batch`` per fused call.
 

@@ -27,7 +27,7 @@ PRIORITY_RANK = {"CRITICAL": 0, "HIGH": 1, "NORMAL": 2, "LOW": 3}
 
 @dataclass
 class Job:
-    """One task as the executor sees it (everything JSON-safe except nothing: plain values only)."""
+    """One task as the executor sees it (plain, JSON-safe values only)."""
 
     task_id: str
     prop: str
