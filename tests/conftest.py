@@ -10,6 +10,10 @@ from ase.build import bulk
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for subprocesses (servers, kernels); see scripts/test
 
+# tests/families/test_<family>.py run in the family's own environment (.venvs/<family>, built by
+# scripts/setup-family), each started by scripts/test with MATCALC_REQUIRE_FAMILY=<family>.
+collect_ignore = [] if os.environ.get("MATCALC_REQUIRE_FAMILY") else ["families"]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_blas_thread():

@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from matcalc.models.base import Potential, SumPotential
+from matcalc.models.weights import Family, WeightsEntry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class ModelSpec:
     install_hint: str = ""
     check: Callable[[], str | None] | None = None
     """Extra availability check returning a reason when unavailable (e.g. a missing weight file)."""
+    dtype: str = "float64"
+    """Precision of the model's arithmetic."""
+    batching: bool = False
+    """True when one model call evaluates many structures together."""
 
     def unavailable_reason(self) -> str | None:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -68,6 +74,8 @@ class ModelCard:
     cutoff_A: float | None
     device: str
     available: bool
+    dtype: str = "float64"
+    batching: bool = False
     reason: str = ""
     loaded: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +88,18 @@ _REGISTRY: dict[str, ModelSpec] = {}
 _LOADED: dict[tuple[str, str], Potential] = {}
 _LOCK = threading.RLock()
 _LOAD_TIMES_S: dict[tuple[str, str], float] = {}
+_FAMILIES: dict[str, Family] = {}
+
+FAMILY_MODULES = (
+    "matcalc.models.sevennet",
+    "matcalc.models.mace",
+    "matcalc.models.mattersim",
+    "matcalc.models.orb",
+    "matcalc.models.fairchem",
+    "matcalc.models.grace",
+)
+"""Modules that declare ``FAMILY`` (a :class:`~matcalc.models.weights.Family`); importing them is cheap:
+each imports its package only when a model loads."""
 
 
 def register_model(
@@ -93,6 +113,8 @@ def register_model(
     requires: tuple[str, ...] = (),
     install_hint: str = "",
     check: Callable[[], str | None] | None = None,
+    dtype: str = "float64",
+    batching: bool = False,
     overwrite: bool = False,
 ) -> None:
     """Register ``factory(name=..., device=...) -> Potential`` under ``name`` (lower-case)."""
@@ -103,7 +125,7 @@ def register_model(
         if key in _REGISTRY and not overwrite:
             raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
         _REGISTRY[key] = ModelSpec(key, factory, family, description, elements, cutoff_A, tuple(requires),
-                                   install_hint, check)
+                                   install_hint, check, dtype, batching)
         for k in [k for k in _LOADED if k[0] in (key, key + D3_SUFFIX)]:
             del _LOADED[k]
 
@@ -189,6 +211,45 @@ def _load(spec: ModelSpec, device: str) -> Potential:
     return potential
 
 
+def register_family(family: Family, *, overwrite: bool = False) -> None:
+    """Register every catalogue entry of ``family``: each loads its local weight file on first use."""
+    with _LOCK:
+        _FAMILIES[family.name] = family
+    for entry in family.catalogue:
+        register_model(
+            entry.name,
+            partial(_load_entry, family, entry),
+            family=family.name,
+            description=entry.description,
+            elements=entry.elements,
+            cutoff_A=entry.cutoff_A,
+            requires=family.requires,
+            install_hint=family.install_hint,
+            check=entry.missing_reason,
+            dtype=entry.dtype,
+            batching=family.supports_batching,
+            overwrite=overwrite,
+        )
+
+
+def _load_entry(family: Family, entry: WeightsEntry, *, name: str, device: str) -> Potential:
+    return family.loader(entry.path(), name=name, device=device, **entry.options)
+
+
+def get_family(name: str) -> Family:
+    """The declared family ``name`` (``mace``, ``orb``, ...); ``UnknownModelError`` lists the known ones."""
+    with _LOCK:
+        if name not in _FAMILIES:
+            raise UnknownModelError(f"unknown model family {name!r}; known: {', '.join(sorted(_FAMILIES))}")
+        return _FAMILIES[name]
+
+
+def families() -> list[str]:
+    """Names of the declared model families."""
+    with _LOCK:
+        return sorted(_FAMILIES)
+
+
 def unload_model(name: str, device: str | None = None) -> bool:
     """Drop a loaded model (and its ``+d3`` variant) from the cache; True if one was loaded."""
     base, _ = _split(name)
@@ -230,6 +291,8 @@ def model_card(name: str, device: str | None = None) -> ModelCard:
         cutoff_A=spec.cutoff_A,
         device=device,
         available=reason is None,
+        dtype=spec.dtype,
+        batching=spec.batching,
         reason=reason or "",
         loaded=loaded,
     )
@@ -271,12 +334,24 @@ def _register_builtins() -> None:
     register_model("lj", lj, family="lj", description="Lennard-Jones, argon parameters (instant; toy)",
                    cutoff_A=10.2)
     register_model("chgnet", chgnet, family="chgnet", description="CHGNet 0.3.0 (MPtrj), weights in the wheel",
-                   elements="H-Pu (Z 1-94)", cutoff_A=5.0, requires=("chgnet",), install_hint="pip install chgnet")
+                   elements="H-Pu (Z 1-94)", cutoff_A=5.0, requires=("chgnet",), install_hint="pip install chgnet",
+                   dtype="float32", batching=True)
     register_model("sevennet", sevennet, family="sevennet", description="SevenNet-0 (MPtrj), weights in the wheel",
                    elements="H-Bi and more (89 elements)", cutoff_A=5.0, requires=("sevenn",),
-                   install_hint="pip install 'matcalc[sevennet]'")
+                   install_hint="pip install 'matcalc[sevennet]'", dtype="float32")
     register_model("d3", d3, family="d3", description="Grimme D3(BJ) dispersion, PBE parameters (torch-dftd)",
                    elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint="pip install 'matcalc[d3]'")
+
+    for module_name in FAMILY_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a family module not written yet in a development tree
+            if exc.name != module_name:
+                raise
+            continue
+        family = getattr(module, "FAMILY", None)
+        if family is not None:
+            register_family(family)
 
 
 _register_builtins()
