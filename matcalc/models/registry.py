@@ -91,6 +91,7 @@ _LOAD_TIMES_S: dict[tuple[str, str], float] = {}
 _FAMILIES: dict[str, Family] = {}
 
 FAMILY_MODULES = (
+    "matcalc.models.torchscript",
     "matcalc.models.sevennet",
     "matcalc.models.mace",
     "matcalc.models.mattersim",
@@ -128,6 +129,16 @@ def register_model(
                                    install_hint, check, dtype, batching)
         for k in [k for k in _LOADED if k[0] in (key, key + D3_SUFFIX)]:
             del _LOADED[k]
+
+
+def unregister_model(name: str) -> bool:
+    """Remove ``name`` from the registry (and drop it from the cache); True if it was registered."""
+    key = name.strip().lower()
+    with _LOCK:
+        known = _REGISTRY.pop(key, None) is not None
+        for k in [k for k in _LOADED if k[0] in (key, key + D3_SUFFIX)]:
+            del _LOADED[k]
+    return known
 
 
 def _split(name: str) -> tuple[str, bool]:

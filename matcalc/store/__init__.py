@@ -18,6 +18,7 @@ from matcalc.store.models import (
     WebhookDelivery,
 )
 from matcalc.store.repository import (
+    DuplicateError,
     ImmutableResultError,
     NewStructure,
     NewTask,
@@ -33,6 +34,7 @@ __all__ = [
     "TERMINAL",
     "Alert",
     "CustomModel",
+    "DuplicateError",
     "ImmutableResultError",
     "NewStructure",
     "NewTask",

@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -169,10 +169,13 @@ class CustomModel(Base):
     format: Mapped[str] = mapped_column(String(32))
     path: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     description: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[str] = mapped_column(String(16), default="UPLOADED")
+    """UPLOADED -> VALIDATING -> VALIDATED | FAILED; only VALIDATED models run tasks."""
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """Keyword arguments for the family loader (dtype, elements, cutoff_A, architecture, ...)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -31,6 +31,7 @@ from matcalc.store.models import (
     ACTIVE,
     TERMINAL,
     Base,
+    CustomModel,
     Priority,
     Structure,
     Task,
@@ -50,6 +51,10 @@ class StoreError(RuntimeError):
 
 class ImmutableResultError(StoreError):
     """Attempt to change the result or status of a COMPLETED task."""
+
+
+class DuplicateError(StoreError):
+    """A row with that unique name exists."""
 
 
 class NotFoundError(StoreError, KeyError):
@@ -439,6 +444,57 @@ class Store:
         with self.read() as s:
             return list(s.scalars(select(TaskLog).where(*conds).order_by(TaskLog.id).limit(limit)).all())
 
+    # ------------------------------------------------------------- custom models
+    def add_custom_model(self, *, name: str, family: str, fmt: str, path: str, sha256: str, size_bytes: int,
+                         description: str = "", options: dict[str, Any] | None = None) -> CustomModel:
+        """Record an uploaded model (status UPLOADED); DuplicateError when the name is taken."""
+        with self.write() as s:
+            if s.scalar(select(CustomModel.id).where(CustomModel.name == name)) is not None:
+                raise DuplicateError(f"a custom model named {name!r} exists")
+            row = CustomModel(name=name, family=family, format=fmt, path=path, sha256=sha256,
+                              size_bytes=size_bytes, description=description, options=options or {},
+                              status="UPLOADED")
+            s.add(row)
+            s.flush()
+            return row
+
+    def get_custom_model(self, model_id: str) -> CustomModel:
+        with self.read() as s:
+            row = s.get(CustomModel, model_id)
+            if row is None:
+                raise NotFoundError(f"no custom model with id {model_id!r}")
+            return row
+
+    def custom_model_by_name(self, name: str) -> CustomModel | None:
+        with self.read() as s:
+            return s.scalar(select(CustomModel).where(CustomModel.name == name))
+
+    def list_custom_models(self) -> list[CustomModel]:
+        with self.read() as s:
+            return list(s.scalars(select(CustomModel).order_by(CustomModel.created_at, CustomModel.name)).all())
+
+    def set_custom_model_status(self, model_id: str, status: str, validation: dict[str, Any] | None = None,
+                                *, expect: Iterable[str] | None = None) -> bool:
+        """Move a custom model to ``status`` (only from one of ``expect`` when given); False if it was not."""
+        values: dict[str, Any] = {"status": status}
+        if validation is not None:
+            values["validation"] = validation
+        conds = [CustomModel.id == model_id]
+        if expect is not None:
+            conds.append(CustomModel.status.in_(list(expect)))
+        with self.write() as s:
+            res = s.execute(update(CustomModel).where(*conds).values(**values))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def delete_custom_model(self, model_id: str) -> CustomModel:
+        """Delete and return the row (tasks that used the model keep their results)."""
+        with self.write() as s:
+            row = s.get(CustomModel, model_id)
+            if row is None:
+                raise NotFoundError(f"no custom model with id {model_id!r}")
+            s.delete(row)
+            return row
+
     # ------------------------------------------------------------- statistics
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """``{priority: {status: count}}`` over every priority and status (zeros included)."""
@@ -451,6 +507,7 @@ class Store:
 
 
 __all__ = [
+    "DuplicateError",
     "ImmutableResultError",
     "NewStructure",
     "NewTask",
