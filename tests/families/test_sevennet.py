@@ -23,18 +23,18 @@ from tests.families.conftest import require
 
 sevenn = require("sevenn")
 
-import torch  # noqa: E402  (after the family import check)
+import torch
 
-from matcalc.models import get_model  # noqa: E402
-from matcalc.models.registry import ModelUnavailableError, model_card, unload_model  # noqa: E402
-from matcalc.models.sevennet import (  # noqa: E402
+from matcalc.models import get_model
+from matcalc.models.registry import ModelUnavailableError, model_card, unload_model
+from matcalc.models.sevennet import (
     DeployedSevenNetPotential,
     SevenNetPotential,
     load,
     read_checkpoint,
     shipped_checkpoint,
 )
-from matcalc.structures import StructureError  # noqa: E402
+from matcalc.structures import StructureError
 
 TINY_SPECIES = ["H", "C", "O", "Si", "Cu"]
 
