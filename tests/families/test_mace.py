@@ -40,8 +40,8 @@ ZS = [1, 6, 7, 8, 29, 30]  # H C N O Cu Zn
 CATALOGUE_NAME = "mace-mpa-0-medium"
 
 
-def _tiny_model() -> torch.nn.Module:
-    """A 2-layer ScaleShiftMACE with 8 channels, float64, fixed seed."""
+def _tiny_model(heads: list[str] | None = None) -> torch.nn.Module:
+    """A 2-layer ScaleShiftMACE with 8 channels, float64, fixed seed (optionally with several heads)."""
     from e3nn import o3
     from mace import modules
 
@@ -51,12 +51,16 @@ def _tiny_model() -> torch.nn.Module:
     try:
         with torch.random.fork_rng():
             torch.manual_seed(7)
+            n = len(heads or ["Default"])
+            e0 = np.array([-1.1, -8.2, -8.3, -7.4, -4.5, -1.6])
             return modules.ScaleShiftMACE(
                 r_max=4.5, num_bessel=4, num_polynomial_cutoff=5, max_ell=2, interaction_cls=block,
                 interaction_cls_first=block, num_interactions=2, num_elements=len(ZS),
                 hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("8x0e"), gate=torch.nn.functional.silu,
-                atomic_energies=np.array([-1.1, -8.2, -8.3, -7.4, -4.5, -1.6]), avg_num_neighbors=8.0,
-                atomic_numbers=ZS, correlation=2, atomic_inter_scale=4.0, atomic_inter_shift=0.1)
+                atomic_energies=np.stack([e0 * (1 + 0.1 * i) for i in range(n)]) if heads else e0,
+                avg_num_neighbors=8.0, atomic_numbers=ZS, correlation=2, heads=heads,
+                atomic_inter_scale=[4.0 - i for i in range(n)] if heads else 4.0,
+                atomic_inter_shift=[0.1 * (i + 1) for i in range(n)] if heads else 0.1)
     finally:
         torch.set_default_dtype(before)
 
@@ -119,6 +123,24 @@ def test_float32_option(files: dict[str, Path]) -> None:
 def test_forces_are_gradient(files: dict[str, Path]) -> None:
     potential = matcalc_mace.load(files["pickle"], name="tiny", allow_pickle=True)
     assert_forces_are_gradient(potential, _structures()[2], tol_eV_per_A=1e-5)
+
+
+def test_multi_head_model(tmp_path: Path) -> None:
+    """The head is chosen as MACE's calculator chooses it: given, else the one called 'default'."""
+    path = tmp_path / "two_heads.model"
+    torch.save(_tiny_model(heads=["omat_pbe", "Default"]), path)
+    structures = _structures()[:4]
+    energies = {}
+    for head in ("omat_pbe", None):
+        potential = matcalc_mace.load(path, name="heads", allow_pickle=True, head=head)
+        assert potential.head == (head or "Default")
+        calc = MACECalculator(model_paths=str(path), device="cpu", **({"head": head} if head else {}))
+        assert_matches_calculator(potential, calc, structures, e_tol_eV_per_atom=1e-9, f_tol_eV_per_A=1e-8,
+                                  s_tol_eV_per_A3=1e-9)
+        energies[head] = potential.evaluate(structures[:1])[0].energy_eV
+    assert abs(energies["omat_pbe"] - energies[None]) > 0.1  # the heads differ: the choice is really tested
+    with pytest.raises(ValueError, match="not in the model's heads"):
+        matcalc_mace.load(path, name="heads", allow_pickle=True, head="absent")
 
 
 def test_catalogue_card_and_load(files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
