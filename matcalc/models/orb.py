@@ -68,7 +68,8 @@ class ORBPotential(Potential):
         """Names of the energy, force and stress outputs of ``model.predict``."""
         m = self.model
         if self.conservative:
-            return m.energy_name, m.grad_forces_name, (m.grad_stress_name if m.has_stress else None)
+            has_stress = getattr(m, "has_stress", True)  # orb-models 0.5.0 has no flag: always stress
+            return m.energy_name, m.grad_forces_name, (m.grad_stress_name if has_stress else None)
         return "energy", "forces", ("stress" if "stress" in m.heads else None)
 
     def _graph(self, atoms: Atoms) -> Any:
