@@ -221,16 +221,18 @@ def test_weights_only_checkpoints(tmp_path: Path) -> None:
         read_checkpoint(pickled)
 
 
-def test_deployed_torchscript_matches_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("modal", [None, "omat24"])
+def test_deployed_torchscript_matches_checkpoint(tmp_path: Path, modal: str | None) -> None:
+    """``sevenn``'s LAMMPS deployment (TorchScript; a multi-fidelity model is deployed for one fidelity)."""
     from sevenn.scripts.deploy import deploy
 
-    path = tiny_checkpoint(tmp_path / "tiny.pth", seed=5)
+    path = tiny_checkpoint(tmp_path / "tiny.pth", modals=["mpa", "omat24"] if modal else None, seed=5)
     deployed = tmp_path / "deployed_serial.pt"
-    deploy(str(path), str(deployed))
+    deploy(str(path), str(deployed), modal=modal)
     pot = load(deployed, name="tiny-ts", device="cpu")
     assert isinstance(pot, DeployedSevenNetPotential)
     assert pot.elements == frozenset(TINY_SPECIES) and pot.cutoff_A == 4.0
-    assert_matches_calculator(pot, _calculator(path), tiny_structures())
+    assert_matches_calculator(pot, _calculator(path, modal=modal), tiny_structures())
 
 
 def test_missing_files_raise(tmp_path: Path) -> None:
