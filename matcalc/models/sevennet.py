@@ -263,7 +263,9 @@ class DeployedSevenNetPotential(Potential):
         with self._lock:
             out = self.model(dict(inputs))
             atomic = out["atomic_energy"].reshape(-1)
-            (dE_dr,) = torch.autograd.grad([atomic.sum()], [edge_vec])
+            (dE_dr,) = torch.autograd.grad([atomic.sum()], [edge_vec], allow_unused=True)
+        if dE_dr is None:  # no edge within the cutoff in any structure
+            dE_dr = torch.zeros_like(edge_vec)
         n_atoms = atomic.shape[0]
         forces = torch.zeros(n_atoms, 3, dtype=dE_dr.dtype, device=dE_dr.device)
         forces.index_add_(0, edge_index[0], dE_dr)
