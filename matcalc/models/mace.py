@@ -133,7 +133,7 @@ class MACEPotential(Potential):
 
     def __init__(self, name: str, path: Path | str, device: str = "cpu", *, dtype: str | None = None,
                  head: str | None = None, allow_pickle: bool = False, max_batch_atoms: int | None = None,
-                 **kwargs: Any) -> None:
+                 elements: Sequence[str] | None = None, cutoff_A: float | None = None, **kwargs: Any) -> None:
         import torch
         from ase.data import chemical_symbols
 
@@ -153,8 +153,14 @@ class MACEPotential(Potential):
         if max_batch_atoms is None:
             max_batch_atoms = CPU_MAX_BATCH_ATOMS if str(device).startswith("cpu") else GPU_MAX_BATCH_ATOMS
         zs = [int(z) for z in model.atomic_numbers]
-        super().__init__(name, device=device, elements=frozenset(chemical_symbols[z] for z in zs),
-                         cutoff_A=float(model.r_max), dtype=dtype, max_batch_atoms=max_batch_atoms, **kwargs)
+        known = frozenset(chemical_symbols[z] for z in zs)
+        r_max = float(model.r_max)
+        if cutoff_A is not None and abs(cutoff_A - r_max) > 1e-6:
+            raise ValueError(f"cutoff_A={cutoff_A} given, but the model's r_max is {r_max} Å")
+        if elements is not None and not set(elements) <= known:
+            raise ValueError(f"elements {sorted(set(elements) - known)} are not in the model's table {sorted(known)}")
+        super().__init__(name, device=device, elements=frozenset(elements) if elements is not None else known,
+                         cutoff_A=r_max, dtype=dtype, max_batch_atoms=max_batch_atoms, **kwargs)
         self.model = model
         self.path = path
         self.heads = list(getattr(model, "heads", None) or ["Default"])
@@ -201,7 +207,8 @@ def load(path: Path | None, *, name: str = "mace", device: str = "cpu", **option
     """The family loader: a MACE model from ``path`` (TorchScript; a ``.model`` pickle with ``allow_pickle``).
 
     Options: ``dtype`` (``None`` = as saved, ``"float32"``, ``"float64"``), ``head`` (multi-head models),
-    ``allow_pickle``, ``max_batch_atoms``.
+    ``allow_pickle``, ``max_batch_atoms``; ``elements`` (restricts the model's element table) and ``cutoff_A``
+    (must equal the model's r_max) are checked against what the file declares.
     """
     if path is None:
         raise ValueError("MACE models load from a file: no weights ship inside mace-torch")

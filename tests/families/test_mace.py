@@ -188,6 +188,16 @@ def test_torchscript_is_the_custom_format(files: dict[str, Path], reference: MAC
     assert_matches_calculator(scripted, reference, _structures(), e_tol_eV_per_atom=1e-9, f_tol_eV_per_A=1e-8,
                               s_tol_eV_per_A3=1e-9)
 
+    restricted = matcalc_mace.load(files["torchscript"], name="custom", elements=["Cu", "Zn"], cutoff_A=4.5)
+    assert restricted.elements == frozenset({"Cu", "Zn"})
+    with pytest.raises(ValueError, match="r_max"):
+        matcalc_mace.load(files["torchscript"], name="custom", cutoff_A=5.0)
+    with pytest.raises(ValueError, match="Fe"):
+        matcalc_mace.load(files["torchscript"], name="custom", elements=["Fe"])
+    as_float32 = matcalc_mace.load(files["torchscript"], name="custom32", dtype="float32")
+    calc32 = MACECalculator(model_paths=str(files["pickle"]), device="cpu", default_dtype="float32")
+    assert_matches_calculator(as_float32, calc32, _structures()[:3])
+
     other = files["dir"] / "linear.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(other))
     with pytest.raises(ValueError, match="not a MACE energy model"):
