@@ -10,7 +10,7 @@ reports them) are split per structure.
 Two file layouts load:
 
 * fairchem's native inference checkpoint (an ``MLIPInferenceCheckpoint`` pickle, e.g. ``uma-s-1p1.pt``):
-  fairchem unpickles it fully, so only trusted files (the catalogue) load this way;
+  fairchem unpickles it fully, so only the catalogue files in the models dir load this way;
 * the same four fields as a plain dict (``model_config``, ``model_state_dict``, ``ema_state_dict``,
   ``tasks_config``), which ``torch.load(weights_only=True)`` reads (the ``"weights_only"`` upload format).
   Untrusted files of either layout are read with ``weights_only=True`` (the checkpoint dataclass is the one
@@ -259,13 +259,20 @@ def _checked_copy(path: Path, folder: Path) -> Path:
 
 # ---------------------------------------------------------------- family loader and catalogue
 
-def load(path: Path | None, *, name: str, device: str, task: str = DEFAULT_TASK, trusted: bool = False,
-         legacy: str | None = None, **options: Any) -> Potential:
+def _is_catalogue_file(path: Path) -> bool:
+    """True when ``path`` is the weights file of a (loadable) catalogue entry, i.e. one the operator placed."""
+    files = [e.path() for e in CATALOGUE if not isinstance(e, LegacyEntry)]
+    return any(f is not None and f.is_file() and f.resolve() == path.resolve() for f in files)
+
+
+def load(path: Path | None, *, name: str, device: str, task: str = DEFAULT_TASK, legacy: str | None = None,
+         **options: Any) -> Potential:
     """The fairchem family loader: the checkpoint at ``path`` on its ``task`` head.
 
-    ``trusted`` files (catalogue downloads) go straight to fairchem's loader; any other file is read
-    weights-only and config-checked first (see the module docstring). ``legacy`` marks a fairchem-core 1.x
-    checkpoint, which this adapter cannot load.
+    A catalogue file (in the models dir, placed by the operator) goes straight to fairchem's loader; any other
+    file is read weights-only and config-checked first (see the module docstring). ``legacy`` marks a
+    fairchem-core 1.x checkpoint, which this adapter cannot load. ``options``: ``inference_settings``,
+    ``max_batch_atoms`` (see :class:`FAIRChemPotential`).
     """
     if path is None:
         raise FileNotFoundError(f"{name}: fairchem ships no weights; a local checkpoint file is needed")
@@ -274,7 +281,7 @@ def load(path: Path | None, *, name: str, device: str, task: str = DEFAULT_TASK,
         raise ImportError(_V1_REASON.format(file=path.name, model=legacy))
     if not path.is_file():
         raise FileNotFoundError(f"fairchem checkpoint not found: {path}")
-    if trusted:
+    if _is_catalogue_file(path):
         return FAIRChemPotential(path, name, device, task=task, **options)
     with tempfile.TemporaryDirectory(prefix="matcalc-fairchem-") as tmp:
         return FAIRChemPotential(_checked_copy(path, Path(tmp)), name, device, task=task, **options)
@@ -293,7 +300,7 @@ def _uma(name: str, size: str, description: str) -> WeightsEntry:
     filename = f"{name}.pt"
     return WeightsEntry(name, filename, description=f"{description} ({size}), task head omat (fairchem-core 2.x)",
                         elements="H-Es (Z 1-99)", cutoff_A=6.0, dtype="float32",
-                        source=_UMA_SOURCE.format(filename), options={"task": DEFAULT_TASK, "trusted": True})
+                        source=_UMA_SOURCE.format(filename), options={"task": DEFAULT_TASK})
 
 
 CATALOGUE = (
@@ -302,12 +309,12 @@ CATALOGUE = (
     LegacyEntry("esen-30m-oam", "esen_30m_oam.pt",
                 description="eSEN-30M-OAM (OMat24 + MPtrj + sAlex), conservative forces; fairchem-core 1.x file",
                 elements="H-Es (Z 1-99)", cutoff_A=6.0, dtype="float32",
-                source=_OMAT24_SOURCE.format("esen_30m_oam.pt"), options={"legacy": "eSEN, fairchem 1.x"}),
+                source=_OMAT24_SOURCE.format("esen_30m_oam.pt"), options={"legacy": "eSEN"}),
     LegacyEntry("eqv2-m-oam", "eqV2_86M_omat_mp_salex.pt",
                 description="EquiformerV2-86M-OAM (OMat24 + MPtrj + sAlex), direct forces; fairchem-core 1.x file",
-                elements="H-Es (Z 1-99)", cutoff_A=12.0, dtype="float32",
+                elements="H-Es (Z 1-99)", cutoff_A=6.0, dtype="float32",
                 source=_OMAT24_SOURCE.format("eqV2_86M_omat_mp_salex.pt"),
-                options={"legacy": "EquiformerV2, fairchem 1.x"}),
+                options={"legacy": "EquiformerV2"}),
 )
 
 FAMILY = Family(

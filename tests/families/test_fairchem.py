@@ -115,7 +115,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def potential(checkpoints: dict[str, Path]) -> FAIRChemPotential:
-    return load(checkpoints["native"], name="fairchem-tiny", device="cpu", trusted=True)
+    return FAIRChemPotential(checkpoints["native"], "fairchem-tiny", "cpu")
 
 
 def _calculator(path: Path) -> Any:
@@ -172,6 +172,8 @@ def test_catalogue_cards_and_loading(checkpoints: dict[str, Path], tmp_path: Pat
     assert "facebook/UMA" in card.reason and card.family == "fairchem" and card.batching
     shutil.copy(checkpoints["native"], tmp_path / "uma-s-1p1.pt")
     assert model_card("uma-s-1p1").available and model_card("uma-s-1p1+d3").family == "fairchem"
+    # a catalogue file placed by the operator goes straight to fairchem's loader (no weights-only copy)
+    monkeypatch.setattr("matcalc.models.fairchem._checked_copy", pytest.fail)
     try:
         model = get_model("uma-s-1p1", device="cpu")
         atoms = structures()[1]
@@ -223,3 +225,6 @@ def test_unsafe_checkpoints_are_refused(tmp_path: Path) -> None:
         load(path, name="pickled", device="cpu")
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "absent.pt", name="absent", device="cpu")
+    torch.save(base, tmp_path / "fine.pt")
+    with pytest.raises(TypeError):  # no loader option lets an uploaded file skip the checks
+        load(tmp_path / "fine.pt", name="fine", device="cpu", trusted=True)
