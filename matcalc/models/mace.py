@@ -26,8 +26,10 @@ from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
 
 CPU_MAX_BATCH_ATOMS = 512
-"""Largest MACE call on a CPU (atoms); a medium model at r_max 6 Å on MOF-like density."""
+"""Largest MACE call on a CPU (atoms). Measured: a model of MACE-MP medium's size (128x0e+128x1o, L=3,
+r_max 6 Å, float64) needs ~5 MB per atom of MOF-5 with forces and stress (~2.5 GB at 512 atoms)."""
 GPU_MAX_BATCH_ATOMS = 4096
+"""~20 GB at the same ~5 MB per atom; the batching engine refines the budget from free device memory."""
 _DTYPES = ("float32", "float64")
 _NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -186,9 +188,11 @@ class MACEPotential(Potential):
         for atoms in atoms_list:
             self.check_elements(atoms)
         periodic = [bool(a.pbc.all()) for a in atoms_list]
-        with self._lock, _default_dtype(self._torch_dtype):
-            graphs = [self._graph(a) for a in atoms_list]
-            batch = self._geometric.Batch.from_data_list(graphs).to(self.device)
+        with self._lock:
+            # torch's default dtype is process-wide: it is changed only while MACE builds the graphs
+            with _default_dtype(self._torch_dtype):
+                graphs = [self._graph(a) for a in atoms_list]
+                batch = self._geometric.Batch.from_data_list(graphs).to(self.device)
             out = self.model(batch.to_dict(), compute_stress=any(periodic), training=False)
         if out.get("energy") is None or out.get("forces") is None:
             raise RuntimeError(f"{self.name}: the MACE model returned no energy or forces")

@@ -111,6 +111,7 @@ def test_batch_equals_mace_calculator_one_by_one(files: dict[str, Path], referen
     assert_matches_calculator(potential, reference, structures, e_tol_eV_per_atom=1e-9, f_tol_eV_per_A=1e-8,
                               s_tol_eV_per_A3=1e-9)
     assert potential.evaluate([structures[-1]])[0].stress_eV_per_A3 is None
+    assert torch.get_default_dtype() == torch.float32  # the float64 graphs did not leave the default changed
 
 
 def test_float32_option(files: dict[str, Path]) -> None:
