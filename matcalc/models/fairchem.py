@@ -104,8 +104,12 @@ class FAIRChemPotential(Potential):
                                    target_dtype=self._torch_dtype)
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
-        # fairchem answers a lone isolated atom from reference tables, and only when it is alone in its batch
+        # fairchem answers a lone isolated atom from reference tables (which a checkpoint file does not hold),
+        # and only when it is alone in its batch
         lone = [i for i, a in enumerate(atoms_list) if len(a) == 1 and not a.pbc.any()]
+        if lone and not self.predict_unit.atom_refs:
+            raise ValueError(f"{self.name}: fairchem cannot evaluate an isolated single atom (structure {lone[0]}) "
+                             "without isolated-atom reference energies, which the checkpoint does not hold")
         rest = [i for i in range(len(atoms_list)) if i not in lone]
         out: dict[int, Evaluation] = {}
         for group in [[i] for i in lone] + ([rest] if rest else []):

@@ -153,6 +153,11 @@ def test_fused_batch_equals_fairchem_calculator(potential: FAIRChemPotential, ch
     assert_matches_calculator(potential, _calculator(checkpoints["native"]), structures())
 
 
+def test_isolated_atom_is_refused_clearly(potential: FAIRChemPotential) -> None:
+    with pytest.raises(ValueError, match="isolated single atom"):
+        potential.evaluate([structures()[0], Atoms("Cu", positions=[[0.0, 0.0, 0.0]])])
+
+
 def test_forces_and_stress_are_gradients(potential: FAIRChemPotential) -> None:
     atoms = _rattled(bulk("NaCl", "rocksalt", a=5.3), 7, stdev=0.1)
     assert_forces_are_gradient(potential, atoms, tol_eV_per_A=2e-3)
