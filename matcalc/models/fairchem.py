@@ -16,7 +16,8 @@ Two file layouts load:
   Untrusted files of either layout are read with ``weights_only=True`` (the checkpoint dataclass is the one
   extra global allowed), their hydra configs are checked against an allow-list (fairchem model, head, task,
   normaliser and loss classes only; no interpolation, no fine-tune or file references), and a fresh native
-  checkpoint written from the checked content is what fairchem loads.
+  checkpoint written from the checked content is what fairchem loads. :func:`export_weights_only` turns a
+  trusted native checkpoint into this layout.
 
 eqV2 and the OMat24 eSEN-30M-OAM checkpoints are fairchem-core 1.x files (``OCPCalculator``); fairchem-core 2.x
 has no code for them, so their catalogue entries stay unavailable with that reason.
@@ -259,6 +260,24 @@ def _checked_copy(path: Path, folder: Path) -> Path:
     out = folder / "checked.pt"
     torch.save(MLIPInferenceCheckpoint(**fields), out)
     return out
+
+
+def export_weights_only(native: str | Path, out: str | Path) -> Path:
+    """Write a TRUSTED native fairchem checkpoint as the weights-only dict layout (the upload format).
+
+    The native file is fully unpickled (run this only on files from a source you trust, e.g. the UMA release);
+    its configs are turned into plain containers so that ``torch.load(out, weights_only=True)`` reads the result.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    checkpoint = torch.load(str(native), map_location="cpu", weights_only=False)
+    fields = {k: getattr(checkpoint, k) for k in CHECKPOINT_FIELDS}
+    for key in ("model_config", "tasks_config"):
+        if OmegaConf.is_config(fields[key]):
+            fields[key] = OmegaConf.to_container(fields[key], resolve=True)
+    torch.save(fields, str(out))
+    return Path(out)
 
 
 # ---------------------------------------------------------------- family loader and catalogue

@@ -33,6 +33,7 @@ from matcalc.models import get_model
 from matcalc.models.fairchem import (
     FAIRChemPotential,
     UnsafeCheckpointError,
+    export_weights_only,
     load,
     read_checkpoint,
 )
@@ -193,7 +194,8 @@ def test_catalogue_cards_and_loading(checkpoints: dict[str, Path], tmp_path: Pat
         assert not legacy.available and "fairchem-core 1.x" in legacy.reason and file in legacy.reason
 
 
-def test_weights_only_upload_layout(checkpoints: dict[str, Path], potential: FAIRChemPotential) -> None:
+def test_weights_only_upload_layout(checkpoints: dict[str, Path], potential: FAIRChemPotential,
+                                    tmp_path: Path) -> None:
     # the dict layout passes a plain weights-only load; fairchem's native layout needs its checkpoint
     # dataclass allowed, and matcalc reads both that way before checking the config
     torch.load(checkpoints["weights_only"], map_location="cpu", weights_only=True)
@@ -202,7 +204,9 @@ def test_weights_only_upload_layout(checkpoints: dict[str, Path], potential: FAI
     assert set(read_checkpoint(checkpoints["native"])) == set(read_checkpoint(checkpoints["weights_only"]))
     atoms = structures()[:3]
     expected = potential.evaluate(atoms)
-    for path in checkpoints.values():
+    exported = export_weights_only(checkpoints["native"], tmp_path / "exported.pt")
+    torch.load(exported, map_location="cpu", weights_only=True)
+    for path in (*checkpoints.values(), exported):
         custom = load(path, name="fairchem-custom", device="cpu")  # untrusted: checked copy
         for got, want in zip(custom.evaluate(atoms), expected, strict=True):
             assert got.energy_eV == pytest.approx(want.energy_eV, abs=1e-6)
