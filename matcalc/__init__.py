@@ -42,6 +42,8 @@ _LAZY.update({
     "relax_many": ("matcalc.calculations.many", "relax_many"),
     "map_property": ("matcalc.calculations.many", "map_property"),
     "many_frame": ("matcalc.calculations.many", "many_frame"),
+    "register_model_file": ("matcalc.models.custom", "register_model_file"),
+    "validate_potential": ("matcalc.models.validation", "validate_potential"),
 })
 
 

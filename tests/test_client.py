@@ -68,7 +68,7 @@ def server(tmp_path_factory):
     """`python -m matcalc.cli serve` with an API key, 2 in-process worker threads, a temp SQLite DB."""
     work = tmp_path_factory.mktemp("client")
     srv = LiveServer(work, f"sqlite:///{work / 'c.db'}", "--workers", "2", api_key=KEY,
-                     env={"OPENBLAS_NUM_THREADS": "1"})
+                     env={"OPENBLAS_NUM_THREADS": "1", "MATCALC_CUSTOM_MODELS_DIR": str(work / "models")})
     srv.start()
     yield srv.url
     srv.stop()
@@ -82,7 +82,6 @@ def routes(server) -> set[str]:
 
 STREAM = "/api/v1/tasks/{task_id}/logs/stream"
 ALERTS = "/api/v1/system/alerts/active"
-CUSTOM = "/api/v1/models/custom"
 
 
 @pytest.fixture(scope="module")
@@ -314,16 +313,11 @@ def test_errors_are_mapped(client, server, routes, tmp_path):
         long_task.wait(timeout=0.3, poll=0.1)
     assert isinstance(e.value, builtins.TimeoutError) and isinstance(e.value, MatcalcError)
     assert long_task.cancel() is True
-    # endpoints of later issues: NotFoundError where this server lacks them, nothing faked
     model_file = tmp_path / "model.pt"
     model_file.write_bytes(b"\x00" * 16)
-    if CUSTOM not in routes:
-        with pytest.raises(NotFoundError) as e:
-            client.upload_model(model_file, name="mine", family="mace")
-        assert "/models/custom" in e.value.message
-    else:  # 16 zero bytes are no model
-        with pytest.raises(MatcalcError):
-            client.upload_model(model_file, name="mine", family="mace")
+    with pytest.raises(ValidationError) as e:  # 16 zero bytes are no model
+        client.upload_model(model_file, name="mine", family="torchscript")
+    assert e.value.code == 40014 and "model.pt" in e.value.message
     if ALERTS not in routes:
         with pytest.raises(NotFoundError):
             client.alerts()
@@ -371,6 +365,59 @@ def test_structures_models_and_system(client):
     assert status["health"]["ready"] and sum(status["queue"]["by_status"].values()) >= 1
     assert client.config()["api_keys"] == ["***"]
     assert client.gpus() == []  # no GPU on this machine (NVML sees none)
+
+
+def test_custom_model_upload_validate_run_delete(client, server, tmp_path):
+    """The TorchScript LJ of test_custom_models: remote result == the same file registered locally."""
+    import torch
+
+    import matcalc as mc
+    from matcalc.client import CustomModelInfo
+    from matcalc.models.custom import register_model_file, unregister_model_file
+    from test_custom_models import EPS_EV, LJ_OPTIONS, RC_A, SIGMA_A, Evil, TorchLJ, argon
+
+    path = tmp_path / "lj.pt"
+    torch.jit.script(TorchLJ(EPS_EV, SIGMA_A, RC_A)).save(str(path))
+    info = client.upload_model(path, name="client-lj", family="torchscript", description="argon",
+                               options=LJ_OPTIONS)
+    assert isinstance(info, CustomModelInfo) and info.status == "UPLOADED" and not info.validated
+    with pytest.raises(MatcalcError) as e:  # not validated: refused, with the server's code
+        client.single_point(argon(), "client-lj")
+    assert e.value.code == 30006 and e.value.http_status == 409
+    info = client.validate_model(info.id, timeout=120, poll=0.2)
+    assert info.validated and info.validation and info.validation["passed"]
+    assert "client-lj" in {m.name for m in client.list_models()}
+    remote = client.single_point(argon(), "client-lj").result(timeout=120, poll=0.1)
+    register_model_file(path, "torchscript", "client-lj-local", options=LJ_OPTIONS, validate=False)
+    try:
+        local = mc.single_point(argon(), model="client-lj-local")
+    finally:
+        unregister_model_file("client-lj-local")
+    assert type(remote) is type(local)
+    assert remote.energy_eV == pytest.approx(local.energy_eV, abs=1e-6)
+    assert np.allclose(remote.forces_eV_per_A, local.forces_eV_per_A, atol=1e-6)
+    assert [m.id for m in client.list_custom_models()] == [info.id] == [client.get_custom_model(info.id).id]
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"payload": Evil(tmp_path / "pwned")}, evil)
+    with pytest.raises(ValidationError) as e:
+        client.upload_model(evil, name="evil", family="torchscript")
+    assert e.value.code == 40013 and not (tmp_path / "pwned").exists()
+
+    async def main() -> None:
+        async with AsyncClient(server, api_key=KEY) as c:
+            up = await c.upload_model(path, name="async-lj", family="torchscript", options=LJ_OPTIONS,
+                                      validate=True, timeout=120, poll=0.2)
+            assert up.validated
+            assert {m.name for m in await c.list_custom_models()} == {"client-lj", "async-lj"}
+            assert (await c.delete_model(up.id)).name == "async-lj"
+            with pytest.raises(NotFoundError) as e:
+                await c.get_custom_model(up.id)
+            assert e.value.code == 30005
+
+    asyncio.run(main())
+    assert client.delete_model(info.id).name == "client-lj"
+    assert client.list_custom_models() == []
 
 
 def test_remote_tasks_drive_the_progress_view(client):
@@ -458,8 +505,8 @@ def test_async_client_end_to_end(server, routes, local_results, tmp_path):
                     await c.alerts("rules")
             f = tmp_path / "m.pt"
             f.write_bytes(b"x")
-            with pytest.raises(NotFoundError if CUSTOM not in routes else MatcalcError):
-                await c.upload_model(f, name="m", family="mace")
+            with pytest.raises(ValidationError):
+                await c.upload_model(f, name="m", family="torchscript")
             slow2 = await c.relax(slow, "emt", **kw)
             with pytest.raises(TimeoutError):
                 await slow2.wait(timeout=0.2, poll=0.05)

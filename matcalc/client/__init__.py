@@ -26,7 +26,7 @@ from matcalc.client._errors import (
     TimeoutError,
     ValidationError,
 )
-from matcalc.client._models import LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
 
 __all__ = [
     "AsyncClient",
@@ -35,6 +35,7 @@ __all__ = [
     "Client",
     "LogRecord",
     "MatcalcError",
+    "CustomModelInfo",
     "ModelInfo",
     "NotFoundError",
     "Page",

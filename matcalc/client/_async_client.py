@@ -28,7 +28,7 @@ from matcalc.client._base import (
 )
 from matcalc.client._errors import MatcalcError, TaskFailed, TaskStateError
 from matcalc.client._errors import TimeoutError as ClientTimeout
-from matcalc.client._models import LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
 
 if TYPE_CHECKING:
     from matcalc.calculations.results import Result
@@ -403,13 +403,51 @@ class AsyncClient(BaseClient):
         return bool(data.get("unloaded")) if isinstance(data, dict) else False
 
     async def upload_model(self, path: str | os.PathLike[str], *, name: str, family: str,
-                           **metadata: Any) -> dict[str, Any]:
-        req, fh = self._r_upload_model(path, name, family, metadata)
+                     format: str | None = None, description: str = "", options: Mapping[str, Any] | None = None,
+                     validate: bool = False, timeout: float | None = None, poll: float = 1.0) -> CustomModelInfo:
+        """Upload a model file (TorchScript, or the family's weights-only checkpoint) under ``name``.
+
+        ``options`` go to the family loader (e.g. ``dtype``, ``elements``, ``cutoff_A``). The model runs
+        tasks only once validated: pass ``validate=True`` to validate at once and wait (see
+        :meth:`validate_model`). Refused files raise :class:`ValidationError` (unsafe, corrupt, wrong format).
+        """
+        meta = {"format": format, "description": description or None, "options": dict(options) if options else None}
+        req, fh = self._r_upload_model(path, name, family, meta)
         try:
-            data: dict[str, Any] = await self._send(req)
+            info = self._p_custom(await self._send(req))
         finally:
             fh.close()
-        return data
+        if validate:
+            info = await self.validate_model(info.id, timeout=timeout, poll=poll)
+        return info
+
+    async def list_custom_models(self) -> list[CustomModelInfo]:
+        """Uploaded models with their status and last validation report."""
+        return self._p_customs(await self._send(self._r_custom()))
+
+    async def get_custom_model(self, model_id: str) -> CustomModelInfo:
+        return self._p_custom(await self._send(self._r_custom(model_id)))
+
+    async def validate_model(self, model_id: str, *, wait: bool = True, timeout: float | None = None,
+                       poll: float = 1.0) -> CustomModelInfo:
+        """Validate an uploaded model on the server (in an isolated process: finite results, forces =
+        -dE/dx, stress = dE/dstrain, rotation invariance, batch = one by one). With ``wait``, poll every
+        ``poll`` s until it is VALIDATED or FAILED (:class:`TimeoutError` after ``timeout`` s)."""
+        if poll <= 0:
+            raise ValueError(f"poll must be > 0 seconds, got {poll!r}")
+        info = self._p_custom(await self._send(self._r_custom(model_id, "validate", "POST")))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while wait and info.status == "VALIDATING":
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ClientTimeout(f"model {info.name} still validating after {timeout} s",
+                                    data={"status": info.status})
+            await asyncio.sleep(poll)
+            info = await self.get_custom_model(model_id)
+        return info
+
+    async def delete_model(self, model_id: str) -> CustomModelInfo:
+        """Delete an uploaded model and its file (refused while queued or running tasks use it)."""
+        return self._p_custom(await self._send(self._r_custom(model_id, method="DELETE")))
 
     # ------------------------------------------------------------------ system
     async def health(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeAlias, TypedDict
 import httpx
 
 from matcalc.client._errors import MatcalcError, NotFoundError, ServerError, ValidationError, error_class
-from matcalc.client._models import LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
 
 log = logging.getLogger("matcalc.client")
 
@@ -584,8 +584,8 @@ class BaseClient:
     @staticmethod
     def _r_upload_model(path: str | os.PathLike[str], name: str, family: str,
                         metadata: Mapping[str, Any]) -> tuple[ApiRequest, Any]:
-        """``POST /models/custom``: multipart ``file`` + ``metadata`` (JSON text) (issue 10's shape).
-        Returns the request and the open file (close it after sending)."""
+        """``POST /models/custom``: multipart ``file`` + ``metadata`` (JSON text: name, family, format,
+        description, options). Returns the request and the open file (close it after sending)."""
         p = Path(os.fspath(path)).expanduser()
         if not p.is_file():
             raise ValueError(f"path: no such model file: {p}")
@@ -594,6 +594,21 @@ class BaseClient:
         req = ApiRequest("POST", "/models/custom", files={"file": (p.name, fh, "application/octet-stream")},
                          data={"metadata": json.dumps(meta), "name": name, "family": family})
         return req, fh
+
+    @staticmethod
+    def _r_custom(model_id: str | None = None, action: str | None = None, method: str = "GET") -> ApiRequest:
+        path = "/models/custom" + (f"/{check_id(model_id, 'custom model id')}" if model_id is not None else "")
+        if action is not None:
+            path += f"/{action}"
+        return ApiRequest(method, path, idempotent=method == "GET")
+
+    @staticmethod
+    def _p_custom(data: Any) -> CustomModelInfo:
+        return CustomModelInfo.from_json(data)
+
+    @staticmethod
+    def _p_customs(data: Any) -> list[CustomModelInfo]:
+        return [CustomModelInfo.from_json(m) for m in data]
 
     @staticmethod
     def _p_models(data: Any) -> list[ModelInfo]:

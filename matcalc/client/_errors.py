@@ -89,7 +89,7 @@ class TimeoutError(MatcalcError, builtins.TimeoutError):  # noqa: A001 - the SDK
     """Waiting for a task ran past its ``timeout``, or an HTTP request timed out."""
 
 
-_NOT_FOUND_CODES = frozenset({30000, 30001, 30002, 30003})
+_NOT_FOUND_CODES = frozenset({30000, 30001, 30002, 30003, 30005})
 _STATE_CODES = frozenset({50001, 50003})
 
 

@@ -131,13 +131,49 @@ class ModelInfo:
     reason: str = ""
     loaded: bool = False
     loaded_on: list[str] = field(default_factory=list)
+    dtype: str = ""
+    """Precision of the model's arithmetic (``float32`` / ``float64``)."""
+    batching: bool = False
+    """True when one model call evaluates many structures together."""
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelInfo:
         return cls(name=str(d["name"]), family=str(d.get("family", "")), description=str(d.get("description", "")),
                    elements=str(d.get("elements", "")), cutoff_A=d.get("cutoff_A"), device=str(d.get("device", "")),
                    available=bool(d.get("available", False)), reason=str(d.get("reason", "")),
-                   loaded=bool(d.get("loaded", False)), loaded_on=[str(x) for x in d.get("loaded_on") or []])
+                   loaded=bool(d.get("loaded", False)), loaded_on=[str(x) for x in d.get("loaded_on") or []],
+                   dtype=str(d.get("dtype", "")), batching=bool(d.get("batching", False)))
+
+
+@dataclass(frozen=True)
+class CustomModelInfo:
+    """An uploaded model on the server: its file, status and last validation report."""
+
+    id: str
+    name: str
+    family: str
+    format: str
+    status: str
+    """``UPLOADED``, ``VALIDATING``, ``VALIDATED`` (may run tasks) or ``FAILED``."""
+    sha256: str = ""
+    size_bytes: int = 0
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    """The validation report: ``passed``, ``checks`` (name, value, tolerance, unit), ``error``."""
+    created_at: datetime | None = None
+
+    @property
+    def validated(self) -> bool:
+        return self.status == "VALIDATED"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CustomModelInfo:
+        return cls(id=str(d["id"]), name=str(d["name"]), family=str(d.get("family", "")),
+                   format=str(d.get("format", "")), status=str(d.get("status", "")), sha256=str(d.get("sha256", "")),
+                   size_bytes=int(d.get("size_bytes") or 0), description=str(d.get("description", "")),
+                   options=dict(d.get("options") or {}), validation=d.get("validation"),
+                   created_at=parse_time(d.get("created_at")))
 
 
 @dataclass(frozen=True)

@@ -119,17 +119,18 @@ def inspect_model_file(path: str | os.PathLike[str], *, family: str | None = Non
         raise ModelFileError("format", f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
     if fmt is not None and fmt != detected:
         raise ModelFileError("format", f"{p.name}: declared {fmt!r} but the file is {detected!r}")
-    if family is not None:
-        fam = get_family(family)
+    fam = get_family(family) if family is not None else None
+    extra = fam.weights_only_globals() if fam is not None and fam.weights_only_globals is not None else []
+    _safe_load(p, detected, extra)  # before the format check: an unsafe file is reported as unsafe
+    if fam is not None:
         if detected not in fam.custom_formats:
             accepted = ", ".join(fam.custom_formats) or "none (use a catalogue name with a local weight file)"
-            raise ModelFileError("format", f"family {family!r} does not accept {detected!r} uploads; "
+            raise ModelFileError("format", f"family {fam.name!r} does not accept {detected!r} uploads; "
                                            f"it accepts: {accepted}")
-    _safe_load(p, detected)
     return ModelFileInfo(p, detected, size, file_sha256(p))
 
 
-def _safe_load(path: Path, fmt: str) -> None:
+def _safe_load(path: Path, fmt: str, extra_globals: list[Any] | None = None) -> None:
     import torch
 
     if fmt == "torchscript":
@@ -140,7 +141,8 @@ def _safe_load(path: Path, fmt: str) -> None:
                                             f"{_first_line(exc)}") from exc
         return
     try:
-        torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(extra_globals or [])):
+            torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelFileError("unsafe", f"{path.name}: refused: unpickling it would run code or build objects "
                                        f"other than tensors and plain containers ({_first_line(exc)}); export "
@@ -250,11 +252,20 @@ def _register(model: CustomModel, fam: Family) -> None:
     register_model(model.name, factory, family=fam.name, description=model.description or f"user model ({path.name})",
                    elements=" ".join(model.options.get("elements", [])) or "see the model",
                    cutoff_A=model.options.get("cutoff_A"), requires=fam.requires, install_hint=fam.install_hint,
-                   check=check, dtype=str(model.options.get("dtype", "float32")), batching=fam.supports_batching,
+                   check=check, dtype=str((model.validation or {}).get("dtype") or _dtype(model.options)),
+                   batching=fam.supports_batching,
                    overwrite=True)
     with _LOCK:
         _CUSTOM[model.name] = model
     log.info("registered user model %s (%s, %s)", model.name, fam.name, path.name)
+
+
+def _dtype(options: dict[str, Any]) -> str:
+    """The precision a loader option asks for (``dtype``, or a family's ``precision``/``default_dtype``)."""
+    for key in ("dtype", "precision", "default_dtype"):
+        if key in options:
+            return "float64" if "64" in str(options[key]) else "float32"
+    return "float32"
 
 
 def unregister_model_file(name: str) -> bool:

@@ -33,6 +33,14 @@ class ModelUnavailableError(RuntimeError):
     """The model is registered but cannot load here; the message says what to install or where."""
 
 
+def _importable(module: str) -> bool:
+    """True when ``module`` (dotted names too: ``fairchem.core``) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
 @dataclass
 class ModelSpec:
     """How to build a model and what it needs."""
@@ -54,7 +62,7 @@ class ModelSpec:
     """True when one model call evaluates many structures together."""
 
     def unavailable_reason(self) -> str | None:
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in self.requires if not _importable(m)]
         if missing:
             hint = f"; install it with: {self.install_hint}" if self.install_hint else ""
             return f"missing package(s) {', '.join(missing)}{hint}"
@@ -330,10 +338,10 @@ def _register_builtins() -> None:
 
         return CHGNetPotential(name, device)
 
-    def sevennet(name: str, device: str) -> Potential:
-        from matcalc.models.sevennet import SevenNetPotential
+    def sevennet(name: str, device: str) -> Potential:  # "sevennet" = 7net-0, the name before the catalogue
+        from matcalc.models.sevennet import load
 
-        return SevenNetPotential(name, device)
+        return load(None, name=name, device=device, checkpoint="7net-0")
 
     def d3(name: str, device: str) -> Potential:
         from matcalc.models.d3 import D3Potential
@@ -347,9 +355,10 @@ def _register_builtins() -> None:
     register_model("chgnet", chgnet, family="chgnet", description="CHGNet 0.3.0 (MPtrj), weights in the wheel",
                    elements="H-Pu (Z 1-94)", cutoff_A=5.0, requires=("chgnet",), install_hint="pip install chgnet",
                    dtype="float32", batching=True)
-    register_model("sevennet", sevennet, family="sevennet", description="SevenNet-0 (MPtrj), weights in the wheel",
+    register_model("sevennet", sevennet, family="sevennet", description="SevenNet-0 (MPtrj), weights in the wheel "
+                   "(same as 7net-0)",
                    elements="H-Bi and more (89 elements)", cutoff_A=5.0, requires=("sevenn",),
-                   install_hint="pip install 'matcalc[sevennet]'", dtype="float32")
+                   install_hint="pip install 'matcalc[sevennet]'", dtype="float32", batching=True)
     register_model("d3", d3, family="d3", description="Grimme D3(BJ) dispersion, PBE parameters (torch-dftd)",
                    elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint="pip install 'matcalc[d3]'")
 

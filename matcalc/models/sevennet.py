@@ -333,5 +333,6 @@ FAMILY = Family(
                modal="mpa"),
     ),
     supports_batching=True,
+    weights_only_globals=weights_only_globals,
     custom_formats=("weights_only", "torchscript"),
 )

@@ -77,3 +77,6 @@ class Family:
     """True when the family's own inference evaluates many structures in one call."""
     custom_formats: tuple[str, ...] = ()
     """Formats a user may upload for this family (``"torchscript"``, ``"weights_only"``)."""
+    weights_only_globals: Callable[[], list[Any]] | None = None
+    """Extra globals the family's checkpoints need under ``torch.load(weights_only=True)`` (data types only,
+    e.g. numpy arrays; never anything that runs code)."""

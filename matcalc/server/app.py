@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import matcalc
 from matcalc.server.auth import RateLimiter
 from matcalc.server.config import Settings
+from matcalc.server.custom_models import CustomModelService
 from matcalc.server.errors import ApiError, ErrorCode, error_table
 from matcalc.server.events import EventBus
 from matcalc.server.executor import Executor, make_executor
@@ -140,11 +141,18 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
                               progress_interval_s=settings.progress_interval_s, bus=app.state.bus)
         app.state.store = store
         app.state.service = service
+        app.state.custom_models = CustomModelService(
+            store, ex, settings.custom_models_path, max_bytes=settings.max_model_upload_bytes, device=settings.device,
+            validation_timeout_s=settings.validation_timeout_s)
+        service.custom_models = app.state.custom_models
         obs: Observability = app.state.observability
         service.observer = obs
         obs.install_logging()
         await anyio.to_thread.run_sync(obs.start, store, service)
         n = await anyio.to_thread.run_sync(service.start)
+        n_custom = await anyio.to_thread.run_sync(app.state.custom_models.start)
+        if n_custom:
+            log.info("registered %d validated custom model(s)", n_custom)
         log.info("matcalc server ready (executor %s, %d task(s) requeued, db %s)", ex.name, n,
                  settings.redacted()["db_url"] or "default")
         try:
@@ -173,12 +181,14 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.state.error_codes = error_table()
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes,
+                       path_limits={f"{API_PREFIX}/models/custom": settings.max_model_upload_bytes + 1024 * 1024})
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
-    from matcalc.server.routes import models, observability, structures, system, tasks
+    from matcalc.server.routes import custom_models, models, observability, structures, system, tasks
 
-    for module in (tasks, structures, models, system, observability):
+    # custom_models before models: /models/custom must not be read as a model named "custom"
+    for module in (tasks, structures, custom_models, models, system, observability):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(observability.metrics_router)
     return app

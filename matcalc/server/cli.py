@@ -26,6 +26,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if torch sees one)")
     p.add_argument("--config", dest="config_file", default=None, help="TOML config file")
     p.add_argument("--max-upload-mb", type=float, default=None, help="request body limit (default 100 MB)")
+    p.add_argument("--max-model-upload-mb", type=float, default=None,
+                   help="largest custom model file accepted (default 4096 MB)")
+    p.add_argument("--custom-models-dir", default=None,
+                   help="where uploaded model files are kept (default ~/.matcalc/custom_models)")
     p.add_argument("--max-atoms", type=int, default=None, help="largest accepted structure (default 10000 atoms)")
     p.add_argument("--rate-limit", dest="rate_limit_per_s", type=float, default=None,
                    help="requests/s per API key (default 50; 0 disables)")
@@ -48,7 +52,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from matcalc.server.middleware import RequestIdFilter
 
     flags = {k: getattr(args, k) for k in ("host", "port", "cluster", "workers", "db_url", "api_keys", "device",
-                                           "max_upload_mb", "max_atoms", "rate_limit_per_s", "shutdown_timeout_s",
+                                           "max_upload_mb", "max_model_upload_mb", "custom_models_dir", "max_atoms", "rate_limit_per_s", "shutdown_timeout_s",
                                            "log_level", "log_dir", "log_format")}
     try:
         settings = load_settings(flags, config_file=args.config_file)

@@ -109,6 +109,19 @@ class ClusterExecutor:
         self.cluster.workers()
         return any(done.values())
 
+    def register_custom_model(self, model: Any) -> None:
+        """Register on this process and on every current worker (workers that join later do not see it)."""
+        from matcalc.models.custom import register_validated
+
+        register_validated(model)
+        self.cluster.client.run(register_validated, model)
+
+    def unregister_custom_model(self, name: str) -> None:
+        from matcalc.models.custom import unregister_model_file
+
+        unregister_model_file(name)
+        self.cluster.client.run(unregister_model_file, name)
+
     def loaded_models(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for w in self.cluster.workers():

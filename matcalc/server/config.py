@@ -44,6 +44,12 @@ class Settings(BaseModel):
     """Sustained requests per second per API key (or client address); ``0`` disables the limit."""
     rate_limit_burst: int = Field(500, ge=1)
     max_upload_mb: float = Field(100.0, gt=0)
+    max_model_upload_mb: float = Field(4096.0, gt=0)
+    """Largest model file accepted by ``POST /models/custom`` (MB)."""
+    custom_models_dir: str | None = None
+    """Where uploaded model files are kept (default ``~/.matcalc/custom_models``)."""
+    validation_timeout_s: float = Field(900.0, gt=0)
+    """A custom model's validation (in its own process) is stopped after this long."""
     max_atoms: int = Field(10_000, ge=1)
     max_batch: int = Field(1000, ge=1)
     shutdown_timeout_s: float = Field(30.0, ge=0)
@@ -129,6 +135,14 @@ class Settings(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_model_upload_bytes(self) -> int:
+        return int(self.max_model_upload_mb * 1024 * 1024)
+
+    @property
+    def custom_models_path(self) -> Path:
+        return Path(self.custom_models_dir or "~/.matcalc/custom_models").expanduser()
 
     @property
     def loopback(self) -> bool:

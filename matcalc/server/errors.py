@@ -32,6 +32,11 @@ class ErrorCode(enum.IntEnum):
     MODEL_NOT_FOUND = 30002
     STRUCTURE_NOT_FOUND = 30003
     MODEL_UNAVAILABLE = 30004
+    CUSTOM_MODEL_NOT_FOUND = 30005
+    MODEL_NOT_VALIDATED = 30006
+    MODEL_IN_USE = 30007
+    VALIDATION_IN_PROGRESS = 30008
+    MODEL_NAME_TAKEN = 30009
     # 40xxx request
     VALIDATION_ERROR = 40001
     INVALID_STRUCTURE = 40002
@@ -45,6 +50,9 @@ class ErrorCode(enum.IntEnum):
     BATCH_TOO_LARGE = 40010
     INVALID_PARAMETER = 40011
     UNSUPPORTED_MEDIA_TYPE = 40012
+    MODEL_FILE_UNSAFE = 40013
+    MODEL_FILE_INVALID = 40014
+    UNSUPPORTED_MODEL_FORMAT = 40015
     # 50xxx task
     TASK_NOT_FINISHED = 50001
     TASK_FAILED = 50002
@@ -76,6 +84,10 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.STRUCTURE_NOT_FOUND: 404,
     ErrorCode.MODEL_UNAVAILABLE: 409,
+    ErrorCode.CUSTOM_MODEL_NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_VALIDATED: 409,
+    ErrorCode.MODEL_IN_USE: 409,
+    ErrorCode.VALIDATION_IN_PROGRESS: 409,
     ErrorCode.VALIDATION_ERROR: 422,
     ErrorCode.INVALID_STRUCTURE: 422,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
@@ -88,6 +100,10 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.BATCH_TOO_LARGE: 422,
     ErrorCode.INVALID_PARAMETER: 422,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.MODEL_NAME_TAKEN: 409,
+    ErrorCode.MODEL_FILE_UNSAFE: 422,
+    ErrorCode.MODEL_FILE_INVALID: 422,
+    ErrorCode.UNSUPPORTED_MODEL_FORMAT: 422,
     ErrorCode.TASK_NOT_FINISHED: 409,
     ErrorCode.TASK_FAILED: 409,
     ErrorCode.TASK_ALREADY_FINISHED: 409,
@@ -110,6 +126,10 @@ _DESCRIPTION: dict[ErrorCode, str] = {
     ErrorCode.MODEL_NOT_FOUND: "no model with that name",
     ErrorCode.STRUCTURE_NOT_FOUND: "no structure with that id",
     ErrorCode.MODEL_UNAVAILABLE: "the model is registered but cannot load here",
+    ErrorCode.CUSTOM_MODEL_NOT_FOUND: "no custom model with that id",
+    ErrorCode.MODEL_NOT_VALIDATED: "the custom model has not passed validation; only validated models run tasks",
+    ErrorCode.MODEL_IN_USE: "queued or running tasks use the model",
+    ErrorCode.VALIDATION_IN_PROGRESS: "the custom model is being validated",
     ErrorCode.VALIDATION_ERROR: "the request does not match the schema (details in data.errors)",
     ErrorCode.INVALID_STRUCTURE: "the structure could not be read or failed validation",
     ErrorCode.PAYLOAD_TOO_LARGE: "the request body exceeds the upload limit",
@@ -122,6 +142,10 @@ _DESCRIPTION: dict[ErrorCode, str] = {
     ErrorCode.BATCH_TOO_LARGE: "the batch holds more tasks than the server accepts",
     ErrorCode.INVALID_PARAMETER: "a calculation parameter is invalid",
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: "unsupported content type",
+    ErrorCode.MODEL_NAME_TAKEN: "a model with that name exists",
+    ErrorCode.MODEL_FILE_UNSAFE: "the model file would run code when loaded (a pickle of arbitrary objects)",
+    ErrorCode.MODEL_FILE_INVALID: "the model file is empty, corrupt or truncated",
+    ErrorCode.UNSUPPORTED_MODEL_FORMAT: "the model file's format is not accepted for that family",
     ErrorCode.TASK_NOT_FINISHED: "the task has no result yet",
     ErrorCode.TASK_FAILED: "the task failed; see its error",
     ErrorCode.TASK_ALREADY_FINISHED: "the task has already finished",

@@ -80,6 +80,11 @@ class Executor(Protocol):
 
     def loaded_models(self) -> dict[str, list[str]]: ...
 
+    def register_custom_model(self, model: Any) -> None:
+        """Make a validated user model (:class:`matcalc.models.custom.CustomModel`) loadable by name."""
+
+    def unregister_custom_model(self, name: str) -> None: ...
+
 
 # ----------------------------------------------------------------------------- running one job
 def build_call(job: Job) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
@@ -227,6 +232,16 @@ class InProcessExecutor:
         from matcalc.models.registry import unload_model
 
         return unload_model(name, self.device)
+
+    def register_custom_model(self, model: Any) -> None:
+        from matcalc.models.custom import register_validated
+
+        register_validated(model)
+
+    def unregister_custom_model(self, name: str) -> None:
+        from matcalc.models.custom import unregister_model_file
+
+        unregister_model_file(name)
 
     def loaded_models(self) -> dict[str, list[str]]:
         from matcalc.models.registry import loaded_models

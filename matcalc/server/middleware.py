@@ -52,9 +52,11 @@ class _BodyTooLarge(Exception):
 class RequestContextMiddleware:
     """Request id + body limit + access log, as one pure ASGI middleware (works with streaming bodies)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.path_limits = dict(path_limits or {})
+        """Larger (or smaller) body limits for exact paths, e.g. model uploads."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,25 +89,26 @@ class RequestContextMiddleware:
             await send(message)
 
         received = {"n": 0}
+        limit = self.path_limits.get(scope.get("path", ""), self.max_body_bytes)
 
         async def receive_wrapper() -> Message:
             message = await receive()
             if message["type"] == "http.request":
                 received["n"] += len(message.get("body", b""))
-                if received["n"] > self.max_body_bytes:
+                if received["n"] > limit:
                     raise _BodyTooLarge
             return message
 
         try:
-            if length is not None and length > self.max_body_bytes:
-                await self._too_large(send_wrapper, length)
+            if length is not None and length > limit:
+                await self._too_large(send_wrapper, length, limit)
             else:
                 try:
                     await self.app(scope, receive_wrapper, send_wrapper)
                 except _BodyTooLarge:
                     if started["sent"]:
                         raise
-                    await self._too_large(send_wrapper, received["n"])
+                    await self._too_large(send_wrapper, received["n"], limit)
                 except Exception as exc:  # answered here, inside the request's context (request id)
                     if started["sent"]:
                         raise
@@ -123,11 +126,12 @@ class RequestContextMiddleware:
                             extra={"request_id": rid, "status": status["code"], "duration_s": dt})
             request_id_var.reset(token)
 
-    async def _too_large(self, send: Send, size: int) -> None:
-        limit_mb = self.max_body_bytes / 1024 / 1024
+    @staticmethod
+    async def _too_large(send: Send, size: int, limit: int) -> None:
+        limit_mb = limit / 1024 / 1024
         body = error_body(ErrorCode.PAYLOAD_TOO_LARGE,
                           f"request body of {size} bytes or more exceeds the upload limit of {limit_mb:g} MB",
-                          {"max_bytes": self.max_body_bytes})
+                          {"max_bytes": limit})
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

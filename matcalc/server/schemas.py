@@ -343,7 +343,37 @@ class ModelOut(BaseModel):
     available: bool
     reason: str
     loaded: bool
+    dtype: str = Field("float64", description="precision of the model's arithmetic (float32 or float64)")
+    batching: bool = Field(False, description="one model call evaluates many structures together")
     loaded_on: list[str] = Field(default_factory=list, description="where it is loaded (process or worker addresses)")
+
+
+class CustomModelMeta(BaseModel):
+    """The JSON ``metadata`` part of a model upload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$",
+                      description="the name tasks use (lower-case letters, digits, . _ -; no '+d3')")
+    family: str = Field(min_length=1, max_length=64, description="model family: torchscript, mace, orb, ...")
+    format: Literal["torchscript", "weights_only"] | None = Field(None, description="checked against the file")
+    description: str = Field("", max_length=2000)
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the family loader "
+                                    "(e.g. dtype, elements, cutoff_A; architecture for weights-only checkpoints)")
+
+
+class CustomModelOut(BaseModel):
+    id: str
+    name: str
+    family: str
+    format: str
+    sha256: str
+    size_bytes: int
+    description: str
+    options: dict[str, Any]
+    status: Literal["UPLOADED", "VALIDATING", "VALIDATED", "FAILED"]
+    validation: dict[str, Any] | None = Field(None, description="the last validation report (checks, tolerances)")
+    created_at: datetime
 
 
 class HealthOut(BaseModel):

@@ -135,6 +135,8 @@ class TaskService:
         self.bus = bus or EventBus()
         self.accepting = False
         self.observer: Any = None
+        self.custom_models: Any = None
+        """The :class:`~matcalc.server.custom_models.CustomModelService` (only validated models run)."""
         """The observability layer (:class:`~matcalc.server.observability.Observability`), told of task events."""
         self._last_progress: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -173,6 +175,8 @@ class TaskService:
 
     # -------------------------------------------------------------- submission
     def _resolve(self, req: TaskRequestBase) -> tuple[NewTask, ParsedStructure | None]:
+        if self.custom_models is not None:
+            self.custom_models.check_runnable(req.model)
         model = check_model(req.model)
         parsed: ParsedStructure | None = None
         if req.structure is not None:
