@@ -65,6 +65,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models and whether they can load here")
     p.add_argument("--device", default=None)
     p.add_argument("--no-d3", action="store_true", help="hide the '+d3' variants")
+    p.add_argument("--long", action="store_true", help="every field (description, elements, full reasons)")
     p.set_defaults(func=_cmd_models)
 
 
@@ -75,9 +76,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     cards = list_models(device=args.device, include_d3=not args.no_d3)
     frame = pd.DataFrame([c.to_dict() for c in cards]).drop(columns=["extras"])
-    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
-        print(frame.to_string(index=False))
+    if args.long:
+        with pd.option_context("display.max_colwidth", None, "display.width", 400):
+            print(frame.to_string(index=False))
+        return 0
+    frame["available"] = [("yes" if c.available else "no: " + _short_reason(c.reason)) for c in cards]
+    cols = ["name", "family", "dtype", "batching", "cutoff_A", "device", "available"]
+    table = frame[cols].map(lambda v: "-" if v is None or (isinstance(v, float) and v != v) else str(v))
+    widths = {c: max(len(c), *(len(v) for v in table[c])) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for _, row in table.iterrows():
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+    print("\n(--long for descriptions, elements and the full reasons)")
     return 0
+
+
+def _short_reason(reason: str) -> str:
+    """``weights file not found: /x/y.pth; place ...`` -> ``missing /x/y.pth``."""
+    if reason.startswith("weights file not found: "):
+        return "missing " + reason.split(": ", 1)[1].split(";", 1)[0]
+    return reason.split(";", 1)[0]
 
 
 # --------------------------------------------------------------------------- db
