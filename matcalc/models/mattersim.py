@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
@@ -29,15 +28,16 @@ from matcalc.models.weights import Family, WeightsEntry
 log = logging.getLogger(__name__)
 
 CPU_MAX_BATCH_ATOMS = 512
-"""Largest MatterSim call on a CPU (atoms); see the measurement in :func:`_default_max_batch_atoms`."""
-GPU_MAX_BATCH_ATOMS = 8192
-"""Largest call on a GPU (atoms); the batching engine refines the budget from free device memory."""
+"""Largest MatterSim call on a CPU (atoms). Measured on the six MOFs of ../shared/data/mofs (float32, forces and
+stress, random weights): 2 MB per atom on MOF-5 for a 4-block, 128-unit M3GNet (1.2M parameters, the 1M
+model's size) and 3.6-5.6 MB per atom for 256 units (4.5M parameters, the 5M model's): up to ~3 GB at 512."""
+GPU_MAX_BATCH_ATOMS = 4096
+"""~23 GB for the 5M model at the same cost per atom; the batching engine refines it from free device memory."""
 SOURCE = "https://github.com/microsoft/mattersim, folder pretrained_models/"
 
 
 def _default_max_batch_atoms(device: str) -> int:
-    """Atom budget of one call. Measured on MOF-5 (424 atoms, float32, forces and stress): ~1.6 MB per atom
-    for the 1M architecture and ~3 MB per atom for the 5M one on a CPU, dominated by the three-body terms."""
+    """Atom budget of one call on ``device`` (see :data:`CPU_MAX_BATCH_ATOMS`)."""
     return CPU_MAX_BATCH_ATOMS if str(device).startswith("cpu") else GPU_MAX_BATCH_ATOMS
 
 
@@ -54,13 +54,17 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"MatterSim checkpoint not found: {path} (matcalc never downloads weights)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping) \
-            or not isinstance(checkpoint.get("model_args"), Mapping):
+    if not _is_checkpoint(checkpoint):
         raise ValueError(f"{path} is not a MatterSim checkpoint (a dict with 'model' state dict and 'model_args')")
     model_name = str(checkpoint.get("model_name", "m3gnet"))
     if model_name.lower() != "m3gnet":
         raise ValueError(f"{path} holds a MatterSim {model_name!r} model; only 'm3gnet' is supported")
     return dict(checkpoint)
+
+
+def _is_checkpoint(obj: Any) -> bool:
+    """True for a dict holding a ``model`` state dict and ``model_args`` (MatterSim's checkpoint layout)."""
+    return isinstance(obj, Mapping) and all(isinstance(obj.get(k), Mapping) for k in ("model", "model_args"))
 
 
 def _build_model(checkpoint: Mapping[str, Any], device: str, path: Path) -> Any:
@@ -150,7 +154,7 @@ def _entry(name: str, size: str, filename: str) -> WeightsEntry:
     return WeightsEntry(
         name=name,
         filename=filename,
-        description=f"MatterSim v1.0.0 {size} (M3GNet architecture; elements, temperatures and pressures)",
+        description=f"MatterSim v1.0.0 {size} (Microsoft; M3GNet trained across elements, temperatures and pressures)",
         elements="H-Pu (Z 1-94)",
         cutoff_A=5.0,
         dtype="float32",

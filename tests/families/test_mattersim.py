@@ -29,7 +29,12 @@ from mattersim.forcefield.potential import MatterSimCalculator
 from mattersim.forcefield.potential import Potential as MatterSimModel
 
 from matcalc.models import mattersim as matcalc_mattersim
-from matcalc.models.registry import ModelUnavailableError, get_model, list_models, unload_model
+from matcalc.models.registry import (
+    ModelUnavailableError,
+    get_model,
+    list_models,
+    unload_model,
+)
 
 CATALOGUE_NAME = "mattersim-v1-1m"
 CATALOGUE_FILE = "mattersim-v1.0.0-1M.pth"
