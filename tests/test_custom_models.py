@@ -222,3 +222,22 @@ def test_each_check_catches_its_defect(defect, failing):
     assert report.structures == ["Cu4", "Cu8"]
     assert {c.name for c in report.checks if not c.passed} == failing
     assert report.passed is (not failing)
+
+
+def test_family_allowlist_admits_numpy_arrays_only(tmp_path):
+    """SevenNet's released checkpoints hold numpy arrays in their config: allowed for that family (data types
+    only), refused for a family without the allowlist; a pickled function stays refused for both."""
+    pytest.importorskip("sevenn")
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"config": {"shift": np.arange(3.0), "cutoff": np.float32(5.0)},
+                "model_state_dict": {"w": torch.ones(2)}}, ckpt)
+    assert inspect_model_file(ckpt, family="sevennet").format == "weights_only"
+    with pytest.raises(ModelFileError) as e:
+        inspect_model_file(ckpt)
+    assert e.value.kind == "unsafe"
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"config": {"shift": np.arange(3.0)}, "hook": Evil(marker)}, evil)
+    with pytest.raises(ModelFileError) as e:
+        inspect_model_file(evil, family="sevennet")
+    assert e.value.kind == "unsafe" and not marker.exists()

@@ -154,6 +154,9 @@ def _safe_load(path: Path, fmt: str, extra_globals: list[Any] | None = None) -> 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
+    for line in text.splitlines():  # torch's weights-only message: the line naming the refused global
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.replace("WeightsUnpickler error:", "").strip()[:300]
     for line in text.splitlines():
         if line.strip() and not line.lower().startswith("weights only load failed"):
             return line.strip()[:300]

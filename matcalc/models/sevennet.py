@@ -71,8 +71,10 @@ def weights_only_globals() -> list[Any]:
     core = getattr(np, "_core", None) or np.core
     dtypes = dict.fromkeys(t for t in vars(np.dtypes).values()
                            if isinstance(t, type) and issubclass(getattr(t, "type", object), (np.number, np.bool_)))
+    # released checkpoints were written with numpy 1.x (numpy.core...), new ones with numpy 2 (numpy._core...)
     return [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
             (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+            core.multiarray._reconstruct, core.multiarray.scalar,
             np.ndarray, np.dtype, *dtypes]
 
 
