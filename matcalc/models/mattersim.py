@@ -143,11 +143,18 @@ class MatterSimPotential(Potential):
         return out
 
 
-def load(path: Path | None, *, name: str, device: str, **options: Any) -> Potential:
-    """The family loader: a MatterSim checkpoint at ``path`` (catalogue file or weights-only upload)."""
+def load(path: Path | None, *, name: str, device: str, max_batch_atoms: int | None = None,
+         dtype: str | None = None) -> Potential:
+    """The family loader: a MatterSim checkpoint at ``path`` (catalogue file or weights-only upload).
+
+    ``max_batch_atoms`` overrides the atom budget of one call; ``dtype`` may only be ``"float32"``
+    (MatterSim builds its graphs in float32).
+    """
     if path is None:
         raise FileNotFoundError("MatterSim needs a checkpoint file: the mattersim package ships no weights")
-    return MatterSimPotential(name, path, device, **options)
+    if dtype not in (None, "float32"):
+        raise ValueError(f"MatterSim computes in float32; dtype {dtype!r} is not supported")
+    return MatterSimPotential(name, path, device, max_batch_atoms=max_batch_atoms)
 
 
 def _entry(name: str, size: str, filename: str) -> WeightsEntry:

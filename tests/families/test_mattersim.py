@@ -189,5 +189,30 @@ def test_weights_only_formats(files: dict[str, Path], reference: MatterSimCalcul
         matcalc_mattersim.load(tmp_path / "absent.pth", name="absent", device="cpu")
 
 
+def test_custom_upload_is_validated_and_runs(files: dict[str, Path], reference: MatterSimCalculator,
+                                             tmp_path: Path) -> None:
+    """matcalc's upload path: inspection (weights_only), validation in a separate process, then use by name."""
+    import matcalc
+    from matcalc.models.custom import ModelFileError, unregister_model_file
+
+    upload = tmp_path / "upload.pth"
+    upload.write_bytes(files["checkpoint"].read_bytes())
+    card = matcalc.register_model_file(upload, "mattersim", "test-mattersim-upload", timeout_s=120)
+    try:
+        assert card.available and card.family == "mattersim" and card.batching
+        potential = get_model("test-mattersim-upload", device="cpu")
+        assert_matches_calculator(potential, reference, _structures()[1:3])
+    finally:
+        unload_model("test-mattersim-upload")
+        unregister_model_file("test-mattersim-upload")
+    evil = tmp_path / "evil.pth"
+    torch.save({"model_name": "m3gnet", "model": {}, "model_args": {}, "x": _Payload()}, evil)
+    with pytest.raises(ModelFileError) as refused:
+        matcalc.register_model_file(evil, "mattersim", "test-mattersim-evil")
+    assert refused.value.kind == "unsafe"
+    with pytest.raises(ValueError, match="float32"):
+        matcalc_mattersim.load(files["minimal"], name="f64", device="cpu", dtype="float64")
+
+
 class _Payload:
     """Stands for arbitrary code in a pickle: weights_only loading must refuse to build it."""
