@@ -113,6 +113,17 @@ def test_forces_and_stress_are_derivatives(potential: GRACEPotential) -> None:
     assert np.abs(stress - numeric).max() < 1e-6, np.abs(stress - numeric).max()
 
 
+def test_one_by_one_fallback_matches_tpcalculator(models_dir: Path) -> None:
+    """A SavedModel without atomic energies/pair forces is evaluated one structure per call (totals, virial)."""
+    pot = load(models_dir / FOLDER, name="grace-fallback", device="cpu")
+    pot._fused = False
+    pot.supports_batching = False
+    structures = [_structures()[i] for i in (0, 2)]
+    assert_matches_calculator(pot, TPCalculator(model=str(models_dir / FOLDER)), structures, e_tol_eV_per_atom=1e-8,
+                              f_tol_eV_per_A=1e-8, s_tol_eV_per_A3=1e-9, one_call=False)
+    assert pot.stats.calls == len(structures)
+
+
 def test_cards_name_the_missing_folder(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names = {"grace-2l-oam": "GRACE-2L-OAM", "grace-2l-omat": "GRACE-2L-OMAT", "grace-1l-oam": "GRACE-1L-OAM"}
     monkeypatch.setenv("MATCALC_MODELS_DIR", str(tmp_path))
