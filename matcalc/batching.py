@@ -45,6 +45,12 @@ halves and retries them, and lowers the budget so later batches fit. Any other m
 several structures retries each structure alone, so an exception reaches only the caller whose structure
 caused it.
 
+Lanes (CPU): a potential that may be called from several threads at once (``Potential.concurrent_calls``,
+e.g. CHGNet) gets one dispatcher *lane* per core the callers use (their torch thread count). Each lane
+takes its own batches from the same queue, and a call runs with ``threads // busy lanes`` torch threads:
+one calculation alone still uses every core (intra-op), several run side by side (one core each), which
+on a CPU beats intra-op parallelism for MOF-sized graphs. GPUs and other potentials have one lane.
+
 Disable batching (A/B comparisons) with ``MATCALC_BATCHING=0`` or :func:`set_enabled` / :func:`disabled`;
 calculations then call the potential directly.
 """
@@ -73,6 +79,7 @@ ENV_ENABLED = "MATCALC_BATCHING"
 ENV_BUDGET_ATOMS = "MATCALC_BATCH_ATOMS"
 ENV_WAIT_MS = "MATCALC_BATCH_WAIT_MS"
 ENV_ATOMS_PER_GB = "MATCALC_ATOMS_PER_GB"
+ENV_LANES = "MATCALC_BATCH_LANES"
 
 CPU_BUDGET_ATOMS = 32
 """Default atom budget on CPU: small on purpose. On a CPU, fusing only pays while the per-call overhead
@@ -238,7 +245,10 @@ class BatchingEngine:
         """Thread ident -> when its last request finished (for the think time)."""
         self._last_batch_end = 0.0
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._lanes: list[threading.Thread] = []
+        self._lane_idents: set[int] = set()
+        self._running_lanes = 0
+        self._caller_torch_threads: int | None = None
         self.stats = EngineStats(budget_atoms=self._budget)
         log.info("batching engine for %s on %s: budget %d atoms", potential.name, self.device, self._budget,
                  extra={"model": potential.name, "device": self.device, "budget_atoms": self._budget})
@@ -306,7 +316,7 @@ class BatchingEngine:
         if not atoms_list:
             return []
         me = threading.get_ident()
-        if self._closed or (self._thread is not None and me == self._thread.ident):
+        if self._closed or me in self._lane_idents:
             return self.potential.evaluate(atoms_list)  # after shutdown, or re-entered by the model
         req = _Request(atoms_list, me)
         threads = _torch_threads()
@@ -314,7 +324,7 @@ class BatchingEngine:
             if self._closed:
                 return self.potential.evaluate(atoms_list)
             self._caller_torch_threads = threads
-            self._ensure_thread()
+            self._ensure_lanes()
             self._pending.append(req)
             self._pending_atoms += sum(req.sizes)
             self._active.add(me)
@@ -328,8 +338,7 @@ class BatchingEngine:
             self.stats.structures += len(atoms_list)
             self._cond.notify_all()
         while not req.done.wait(_POLL_S):
-            thread = self._thread
-            if thread is None or not thread.is_alive():
+            if not any(t.is_alive() for t in self._lanes):
                 raise RuntimeError("batching engine dispatcher stopped before the request finished")
         if req.error is not None:
             raise req.error
@@ -339,20 +348,46 @@ class BatchingEngine:
         return self.evaluate(atoms_list)
 
     # ------------------------------------------------------------------ lifecycle
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
-                                            name=f"matcalc-batching-{self.potential.name}-{self.device}")
-            self._thread.start()
+    @property
+    def lanes(self) -> int:
+        """Dispatcher threads (model calls that may run at once); see the module doc."""
+        return len(self._lanes)
+
+    def _n_lanes(self) -> int:
+        p = self.potential
+        if not getattr(p, "concurrent_calls", False) or not str(self.device).startswith("cpu"):
+            return 1
+        env = os.environ.get(ENV_LANES)
+        if env:
+            return max(1, int(env))
+        return max(1, min(self._caller_torch_threads or 1, os.cpu_count() or 1))
+
+    def _ensure_lanes(self) -> None:
+        """Start the dispatcher lanes (lock held); restart any that died."""
+        if not self._lanes:
+            self._lanes = [self._new_lane(i) for i in range(self._n_lanes())]
+        for i, t in enumerate(self._lanes):
+            if not t.is_alive():
+                self._lane_idents.discard(t.ident or -1)
+                self._lanes[i] = self._new_lane(i)
+
+    def _new_lane(self, i: int) -> threading.Thread:
+        t = threading.Thread(target=self._dispatch_loop, daemon=True,
+                             name=f"matcalc-batching-{self.potential.name}-{self.device}-{i}")
+        t.start()
+        if t.ident is not None:
+            self._lane_idents.add(t.ident)
+        return t
 
     def shutdown(self, timeout_s: float | None = 10.0) -> None:
         """Finish pending requests, then stop the dispatcher; later calls evaluate directly (unbatched)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout_s)
+            lanes = list(self._lanes)
+        for t in lanes:
+            if t is not threading.current_thread():
+                t.join(timeout_s)
 
     # ------------------------------------------------------------------ the dispatcher
     def _dispatch_loop(self) -> None:
@@ -447,7 +482,12 @@ class BatchingEngine:
 
     def _model_call(self, atoms: list[Atoms]) -> list[Evaluation]:
         p = self.potential
-        _match_torch_threads(getattr(self, "_caller_torch_threads", None))
+        with self._cond:
+            self._running_lanes += 1
+            threads = self._caller_torch_threads
+            if threads is not None and len(self._lanes) > 1:  # share the callers' cores among busy lanes
+                threads = max(1, threads // self._running_lanes)
+        _match_torch_threads(threads)
         t0 = time.perf_counter()
         n_atoms = sum(len(a) for a in atoms)
         try:
@@ -459,6 +499,7 @@ class BatchingEngine:
         finally:
             dt = time.perf_counter() - t0
             with self._cond:
+                self._running_lanes -= 1
                 s = self.stats
                 s.calls += 1
                 s.structures_per_call.append(len(atoms))

@@ -236,6 +236,64 @@ def test_non_batching_potential_is_correct_through_engine(engine_factory):
         assert_same(res[0], emt_eval(c[0]))
 
 
+class SlowConcurrent(Potential):
+    """EMT that sleeps in each call (releasing the GIL like a torch op) and records when calls overlap and
+    how many torch threads each call was given."""
+
+    supports_batching = True
+
+    def __init__(self, concurrent: bool) -> None:
+        super().__init__("slow-emt", device="cpu")
+        self.concurrent_calls = concurrent
+        self.running = 0
+        self.max_running = 0
+        self.threads_seen: list[int] = []
+        self._lock = threading.Lock()
+
+    def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
+        with self._lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            self.threads_seen.append(torch.get_num_threads())
+        try:
+            import time
+
+            time.sleep(0.05)
+            return [emt_eval(a) for a in atoms_list]
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_cpu_lanes_run_calls_side_by_side(engine_factory, concurrent):
+    """A potential that allows concurrent calls gets one lane per caller torch thread (2 here): two callers'
+    calls overlap, each with 1 torch thread, while a lone call keeps both threads; results stay exact."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pot = SlowConcurrent(concurrent)
+        engine = engine_factory(pot, budget_atoms=4)  # one 4-atom cell per call: no fusion
+        alone = cu_cell((1, 1, 1), 1)
+        assert_same(engine.evaluate([alone])[0], emt_eval(alone))
+        assert engine.lanes == (2 if concurrent else 1)
+        assert pot.threads_seen == [2]  # alone: every core for the one call
+
+        def relax_like(seed: int) -> list[Evaluation]:
+            torch.set_num_threads(2)  # per OS thread, as a worker or a user sets it
+            return [engine.evaluate([cu_cell((1, 1, 1), seed * 10 + k)])[0] for k in range(6)]
+
+        got = run_threads(relax_like, [1, 2])
+        for seed, evs in zip([1, 2], got, strict=True):
+            for k, ev in enumerate(evs):
+                assert_same(ev, emt_eval(cu_cell((1, 1, 1), seed * 10 + k)))
+        assert pot.max_running == (2 if concurrent else 1)
+        if concurrent:
+            assert 1 in pot.threads_seen  # side by side: one core each
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_engine_registry_is_process_wide_and_thread_safe():
     pot = BatchEMT()
     try:
@@ -249,9 +307,9 @@ def test_engine_registry_is_process_wide_and_thread_safe():
         assert_same(got[0].evaluate([a])[0], emt_eval(a))  # after shutdown: evaluated directly
         fresh = engine_for(pot)
         assert fresh is not got[0] and not fresh.closed
-        assert fresh._thread is None  # dispatcher starts lazily
+        assert fresh.lanes == 0  # dispatcher lanes start lazily
         fresh.evaluate([a])
-        assert fresh._thread is not None and fresh._thread.daemon
+        assert fresh.lanes == 1 and all(t.daemon for t in fresh._lanes)
     finally:
         batching.shutdown()
 

@@ -74,6 +74,9 @@ class Potential(ABC):
     family: str = "generic"
     supports_batching: bool = False
     """True when one model call really evaluates many structures together."""
+    concurrent_calls: bool = False
+    """True when ``evaluate`` may run in several threads at once (the batching engine then runs one call
+    per CPU core side by side); False serialises calls."""
 
     def __init__(
         self,
@@ -230,6 +233,7 @@ class SumPotential(Potential):
         )
         self.family = first.family
         self.supports_batching = first.supports_batching
+        self.concurrent_calls = first.concurrent_calls and second.concurrent_calls
         self.parts = (first, second)
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:

