@@ -6,6 +6,7 @@ Every refused upload must leave no row and no file behind.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import time
@@ -146,6 +147,9 @@ def test_refused_uploads_leave_nothing(tmp_path, model_bytes):
         assert_error(upload(c, b"\0" * (600 * 1024), "big"), 413, ErrorCode.PAYLOAD_TOO_LARGE)
         assert_error(upload(c, model_bytes["lj"], "chgnet"), 409, ErrorCode.MODEL_NAME_TAKEN, "built-in")
         assert_error(upload(c, model_bytes["lj"], "x", family="nope"), 422, ErrorCode.UNKNOWN_MODEL, "family")
+        if importlib.util.find_spec("mace") is None:  # the main environment has no MACE (its own env)
+            assert_error(upload(c, model_bytes["lj"], "m", family="mace"), 409, ErrorCode.MODEL_UNAVAILABLE,
+                         "mace")
         assert_error(upload(c, model_bytes["lj"], "Bad Name"), 422, ErrorCode.VALIDATION_ERROR, "metadata")
         assert_error(upload(c, model_bytes["lj"], "x", format="weights_only"), 422,
                      ErrorCode.UNSUPPORTED_MODEL_FORMAT, "declared")

@@ -21,6 +21,8 @@ from typing import Any
 
 from matcalc.models.registry import (
     ModelCard,
+    ModelUnavailableError,
+    family_unavailable_reason,
     get_family,
     model_card,
     model_names,
@@ -214,10 +216,14 @@ def register_model_file(
     Raises:
         ModelFileError: the file was refused (see its ``kind``).
         ModelValidationError: the model loaded but failed a check (see its ``report``).
+        ModelUnavailableError: the family's packages are not installed here.
         UnknownModelError: ``family`` is not a known family.
         ValueError: ``name`` is taken by a built-in model (or by another user model without ``overwrite``).
     """
     fam = get_family(family)
+    reason = family_unavailable_reason(fam)
+    if reason:
+        raise ModelUnavailableError(f"family {fam.name!r} cannot load here: {reason}")
     key = name.strip().lower()
     with _LOCK:
         custom = key in _CUSTOM

@@ -263,6 +263,14 @@ def get_family(name: str) -> Family:
         return _FAMILIES[name]
 
 
+def family_unavailable_reason(family: Family) -> str | None:
+    """Why ``family``'s packages cannot be imported here (with the install hint), or ``None``."""
+    missing = [m for m in family.requires if not _importable(m)]
+    if not missing:
+        return None
+    return f"missing package(s) {', '.join(missing)}; install it with: {family.install_hint}"
+
+
 def families() -> list[str]:
     """Names of the declared model families."""
     with _LOCK:

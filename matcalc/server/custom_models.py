@@ -69,12 +69,15 @@ class CustomModelService:
     def upload(self, meta: Any, stream: BinaryIO, filename: str | None) -> CustomModel:
         """Store the file, inspect it, record the row; every refusal leaves nothing behind."""
         from matcalc.models.custom import ModelFileError, inspect_model_file
-        from matcalc.models.registry import UnknownModelError, get_family, model_names
+        from matcalc.models.registry import UnknownModelError, family_unavailable_reason, get_family, model_names
 
         try:
             family = get_family(meta.family)
         except UnknownModelError as exc:
             raise ApiError(ErrorCode.UNKNOWN_MODEL, str(exc)) from exc
+        reason = family_unavailable_reason(family)
+        if reason:
+            raise ApiError(ErrorCode.MODEL_UNAVAILABLE, f"family {family.name!r} cannot load here: {reason}")
         if not family.custom_formats:
             raise ApiError(ErrorCode.UNSUPPORTED_MODEL_FORMAT,
                            f"family {family.name!r} accepts no uploads (use a catalogue name with a local file)")
