@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,7 @@ class Smuggled:
     payload: str = "not a tensor"
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading and evaluating must never open a connection (matcalc never downloads weights)."""
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # loading and evaluating never open a connection
 
 
 def _task(name: str, level: str, prop: str, dim: list[int], refs: list[float] | None = None) -> dict[str, Any]:

@@ -10,9 +10,7 @@ different graph batching and padding): 1e-8 eV/atom, 1e-8 eV/Å, 1e-9 eV/Å³. N
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -38,15 +36,7 @@ ELEMENTS = {"Al": 0, "Cu": 1, "O": 2}
 CUTOFF_A = 4.0
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading and evaluating must never open a connection (matcalc never downloads weights)."""
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # loading and evaluating never open a connection
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,7 @@ from matcalc.structures import StructureError
 TINY_SPECIES = ["H", "C", "O", "Si", "Cu"]
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading and evaluating must never open a connection (matcalc never downloads weights)."""
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # loading and evaluating never open a connection
 
 
 def _calculator(model: str | Path, modal: str | None = None) -> Any:
