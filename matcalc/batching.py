@@ -398,7 +398,10 @@ class BatchingEngine:
                 if not self._pending:
                     return
                 self._wait_for_more()
-                batch = self._take_batch()
+                # another lane may have taken everything while this one waited
+                batch = self._take_batch() if self._pending else []
+            if not batch:
+                continue
             t = time.perf_counter()
             with self._cond:
                 for req in {id(r): r for r, _ in batch}.values():
@@ -416,7 +419,7 @@ class BatchingEngine:
     def _wait_for_more(self) -> None:
         """Hold (with the lock) until the coalescing policy says go; see the module doc."""
         wait = self.max_wait_s
-        while not self._closed:
+        while not self._closed and self._pending:
             if self._pending_atoms >= self._budget:
                 return
             if self._active.issubset(self._busy):

@@ -283,11 +283,14 @@ def test_cpu_lanes_run_calls_side_by_side(engine_factory, concurrent):
             torch.set_num_threads(2)  # per OS thread, as a worker or a user sets it
             return [engine.evaluate([cu_cell((1, 1, 1), seed * 10 + k)])[0] for k in range(6)]
 
-        got = run_threads(relax_like, [1, 2])
-        for seed, evs in zip([1, 2], got, strict=True):
+        seeds = [1, 2, 3, 4]  # more callers than lanes: lanes compete for the queue
+        got = run_threads(relax_like, seeds)
+        for seed, evs in zip(seeds, got, strict=True):
+            assert not isinstance(evs, Exception), evs
             for k, ev in enumerate(evs):
                 assert_same(ev, emt_eval(cu_cell((1, 1, 1), seed * 10 + k)))
         assert pot.max_running == (2 if concurrent else 1)
+        assert all(t.is_alive() for t in engine._lanes)  # no lane died on an empty queue
         if concurrent:
             assert 1 in pot.threads_seen  # side by side: one core each
     finally:
