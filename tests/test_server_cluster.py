@@ -75,3 +75,46 @@ def test_dask_executor_end_to_end(tmp_path):
         assert emt["loaded"] and all(w.startswith("tcp://") for w in emt["loaded_on"])
         q = c.get(f"{API}/system/queue").json()["data"]
         assert q["executor"]["kind"] == "dask" and q["executor"]["completed"] >= 2
+
+
+@pytest.mark.slow
+def test_dask_executor_runs_validated_custom_models(tmp_path):
+    """A custom model validated on the server runs on the dask workers (registered there by a worker plugin,
+    so a worker that joins later has it too) and is dropped from them when deleted."""
+    import json
+
+    import torch
+    from ase.calculators.lj import LennardJones
+    from test_custom_models import EPS_EV, LJ_OPTIONS, RC_A, SIGMA_A, TorchLJ, argon
+
+    from matcalc.models import model_names
+
+    path = tmp_path / "lj.pt"
+    torch.jit.script(TorchLJ(EPS_EV, SIGMA_A, RC_A)).save(str(path))
+    buf = io.StringIO()
+    write(buf, argon(), format="extxyz")
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'dask.db'}", cluster="local", workers=1,
+                              custom_models_dir=str(tmp_path / "models")))
+    with TestClient(app) as c:
+        meta = {"name": "dask-lj", "family": "torchscript", "options": LJ_OPTIONS}
+        mid = c.post(f"{API}/models/custom", files={"file": ("lj.pt", path.read_bytes())},
+                     data={"metadata": json.dumps(meta)}).json()["data"]["id"]
+        assert c.post(f"{API}/models/custom/{mid}/validate", params={"wait": "true"}).json()["data"]["status"] \
+            == "VALIDATED"
+        mc_cluster = app.state.service.executor.cluster
+        client = mc_cluster.client
+        n = len(client.scheduler_info()["workers"])
+        mc_cluster.cluster.scale(n + 1)  # a worker that joins after the validation
+        client.wait_for_workers(n + 1, timeout=120)
+        has = client.run(lambda: "dask-lj" in model_names())
+        assert len(has) == n + 1 and all(has.values()), has
+        tid = c.post(f"{API}/tasks/single-point", json={"structure": buf.getvalue(), "format": "extxyz",
+                                                        "model": "dask-lj"}).json()["data"]["id"]
+        done = _wait(c, [tid])[tid]
+        assert done["status"] == "COMPLETED" and done["worker"].startswith("tcp://"), done
+        energy = c.get(f"{API}/tasks/{tid}/result").json()["data"]["result"]["energy_eV"]
+        ref = argon()
+        ref.calc = LennardJones(epsilon=EPS_EV, sigma=SIGMA_A, rc=RC_A, smooth=False)
+        assert energy == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+        assert c.delete(f"{API}/models/custom/{mid}").status_code == 200
+        assert not any(client.run(lambda: "dask-lj" in model_names()).values())

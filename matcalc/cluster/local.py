@@ -223,6 +223,14 @@ class Cluster:
                 out.append(info)
         return out
 
+    def share_custom_models(self) -> None:
+        """Register this process's user models (:func:`matcalc.register_model_file`) on every worker,
+        including workers that join later; models unregistered here are dropped there too."""
+        from matcalc.cluster.worker import CustomModelsPlugin
+        from matcalc.models.custom import custom_models
+
+        self.client.register_plugin(CustomModelsPlugin(custom_models()), name=CustomModelsPlugin.name)
+
     def preload(self, *models: str) -> None:
         """Load ``models`` on every worker now (they stay loaded)."""
         from matcalc.cluster.worker import preload_models

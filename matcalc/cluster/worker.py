@@ -364,6 +364,30 @@ class MatcalcWorkerPlugin(WorkerPlugin):
             self.worker.log_event(ASSIGNED_TOPIC, {"key": key, "worker": self.worker.address})
 
 
+class CustomModelsPlugin(WorkerPlugin):
+    """Registers validated user models (:class:`matcalc.models.custom.CustomModel`) on every worker, present
+    and future; registering a new plugin under the same name replaces the set (models left out are dropped).
+
+    The model files must be readable at the same paths on the workers (one machine, or a shared file system).
+    """
+
+    name = "matcalc-custom-models"
+    idempotent = False
+
+    def __init__(self, models: Iterable[Any] = ()) -> None:
+        self.models = tuple(models)
+
+    def setup(self, worker: Any) -> None:
+        from matcalc.models.custom import custom_models, register_validated, unregister_model_file
+
+        keep = {m.name for m in self.models}
+        for m in custom_models():
+            if m.name not in keep:
+                unregister_model_file(m.name)
+        for m in self.models:
+            register_validated(m)
+
+
 def worker_info(dask_worker: Any = None) -> dict[str, Any]:
     """What :meth:`Cluster.workers` reports about one worker (runs on that worker)."""
     import torch

@@ -110,17 +110,17 @@ class ClusterExecutor:
         return any(done.values())
 
     def register_custom_model(self, model: Any) -> None:
-        """Register on this process and on every current worker (workers that join later do not see it)."""
+        """Register here and on every worker, present and future (a worker plugin holds the set)."""
         from matcalc.models.custom import register_validated
 
         register_validated(model)
-        self.cluster.client.run(register_validated, model)
+        self.cluster.share_custom_models()
 
     def unregister_custom_model(self, name: str) -> None:
         from matcalc.models.custom import unregister_model_file
 
         unregister_model_file(name)
-        self.cluster.client.run(unregister_model_file, name)
+        self.cluster.share_custom_models()
 
     def loaded_models(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
