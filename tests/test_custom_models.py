@@ -155,8 +155,9 @@ def test_registered_torchscript_model_equals_ase_lj(lj_file):
 
 
 def test_register_refuses_builtin_names_and_unknown_families(lj_file):
-    with pytest.raises(ValueError, match="built-in"):
-        register_model_file(lj_file, "torchscript", "chgnet", options=LJ_OPTIONS, validate=False)
+    for taken in ("chgnet", "d3"):  # d3 is the dispersion part of every "+d3" model
+        with pytest.raises(ValueError, match="built-in"):
+            register_model_file(lj_file, "torchscript", taken, options=LJ_OPTIONS, validate=False)
     with pytest.raises(UnknownModelError, match="unknown model family"):
         register_model_file(lj_file, "no-such-family", "x", validate=False)
 

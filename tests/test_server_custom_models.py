@@ -146,6 +146,7 @@ def test_refused_uploads_leave_nothing(tmp_path, model_bytes):
         assert_error(upload(c, model_bytes["lj"][:1000], "cut"), 422, ErrorCode.MODEL_FILE_INVALID)
         assert_error(upload(c, b"\0" * (600 * 1024), "big"), 413, ErrorCode.PAYLOAD_TOO_LARGE)
         assert_error(upload(c, model_bytes["lj"], "chgnet"), 409, ErrorCode.MODEL_NAME_TAKEN, "built-in")
+        assert_error(upload(c, model_bytes["lj"], "d3"), 409, ErrorCode.MODEL_NAME_TAKEN, "built-in")
         assert_error(upload(c, model_bytes["lj"], "x", family="nope"), 422, ErrorCode.UNKNOWN_MODEL, "family")
         if importlib.util.find_spec("mace") is None:  # the main environment has no MACE (its own env)
             assert_error(upload(c, model_bytes["lj"], "m", family="mace"), 409, ErrorCode.MODEL_UNAVAILABLE,

@@ -24,8 +24,8 @@ from matcalc.models.registry import (
     ModelUnavailableError,
     family_unavailable_reason,
     get_family,
+    is_registered,
     model_card,
-    model_names,
     register_model,
 )
 from matcalc.models.validation import ValidationReport, validate_model_file
@@ -227,7 +227,7 @@ def register_model_file(
     key = name.strip().lower()
     with _LOCK:
         custom = key in _CUSTOM
-    if key in model_names() and not custom:
+    if is_registered(key) and not custom:
         raise ValueError(f"model name {name!r} is taken by a built-in model; choose another name")
     if custom and not overwrite:
         raise ValueError(f"a user model named {name!r} is already registered (pass overwrite=True to replace it)")

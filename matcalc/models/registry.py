@@ -175,6 +175,11 @@ def _spec(key: str) -> ModelSpec:
     return _REGISTRY[key]
 
 
+def is_registered(name: str) -> bool:
+    """True when ``name`` (without ``+d3``) is taken in the registry, the D3 component included."""
+    return name.strip().lower() in _REGISTRY
+
+
 def model_names(include_d3: bool = False) -> list[str]:
     """Registered model names (optionally with their ``+d3`` variants)."""
     names = sorted(k for k in _REGISTRY if k != "d3")

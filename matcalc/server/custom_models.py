@@ -69,7 +69,7 @@ class CustomModelService:
     def upload(self, meta: Any, stream: BinaryIO, filename: str | None) -> CustomModel:
         """Store the file, inspect it, record the row; every refusal leaves nothing behind."""
         from matcalc.models.custom import ModelFileError, inspect_model_file
-        from matcalc.models.registry import UnknownModelError, family_unavailable_reason, get_family, model_names
+        from matcalc.models.registry import UnknownModelError, family_unavailable_reason, get_family, is_registered
 
         try:
             family = get_family(meta.family)
@@ -81,7 +81,7 @@ class CustomModelService:
         if not family.custom_formats:
             raise ApiError(ErrorCode.UNSUPPORTED_MODEL_FORMAT,
                            f"family {family.name!r} accepts no uploads (use a catalogue name with a local file)")
-        if meta.name in model_names() and self.store.custom_model_by_name(meta.name) is None:
+        if is_registered(meta.name) and self.store.custom_model_by_name(meta.name) is None:
             raise ApiError(ErrorCode.MODEL_NAME_TAKEN, f"model name {meta.name!r} is taken by a built-in model")
         if self.store.custom_model_by_name(meta.name) is not None:
             raise ApiError(ErrorCode.MODEL_NAME_TAKEN, f"a custom model named {meta.name!r} exists "
