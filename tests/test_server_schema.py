@@ -22,7 +22,8 @@ from live_server import KEY, LiveServer  # noqa: E402
 @pytest.mark.slow
 def test_schemathesis_openapi_conformance(tmp_path):
     # queue only (workers=0): generated tasks that happen to be valid are stored, never computed
-    srv = LiveServer(tmp_path, f"sqlite:///{tmp_path / 'schema.db'}", "--workers", "0", "--rate-limit", "0")
+    srv = LiveServer(tmp_path, f"sqlite:///{tmp_path / 'schema.db'}", "--workers", "0", "--rate-limit", "0",
+                     "--custom-models-dir", str(tmp_path / "models"))
     srv.start()
     try:
         cmd = [sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())", "run", f"{srv.url}/openapi.json",
@@ -41,5 +42,8 @@ def test_schemathesis_openapi_conformance(tmp_path):
         errors = [line for line in server_log.splitlines()
                   if re.search(r" 5\d\d [0-9.]+ ms$", line) or line.startswith("Traceback")]
         assert not errors, "\n".join(errors[:20])
+        # generated uploads are never valid models: every refused one must have left nothing behind
+        models = tmp_path / "models"
+        assert not models.exists() or not any(models.iterdir())
     finally:
         srv.stop()
