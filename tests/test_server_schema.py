@@ -34,8 +34,14 @@ def test_schemathesis_openapi_conformance(tmp_path):
                "--max-response-time", "120",
                # SSE log streams (text/event-stream) run until their task ends or the client leaves
                "--exclude-path-regex", "/stream$"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-        out = proc.stdout + proc.stderr
+        for _attempt in range(2):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            out = proc.stdout + proc.stderr
+            # CPython 3.11.7's ast.parse can raise this SystemError inside hypothesis (it describes its own
+            # strategies by parsing lambda sources) when threads recurse deeply: a tool crash, not an API
+            # finding. Seen once in ~6 runs under load; run once more, and only for exactly that.
+            if proc.returncode == 0 or "AST constructor recursion depth mismatch" not in out:
+                break
         assert proc.returncode == 0, out[-6000:]
         assert "generated" in out and " passed" in out
         server_log = srv.log.read_text()
