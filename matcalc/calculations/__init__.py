@@ -20,6 +20,16 @@ PROPERTIES: dict[str, tuple[str, str, str]] = {
     "interaction_energy": ("matcalc.calculations.interaction", "interaction_energy", "InteractionEnergyResult"),
 }
 
+TASK_TYPES: dict[str, str] = {
+    "optimization": "relax",
+    "single-point": "single_point",
+    "bulk-modulus": "bulk_modulus",
+    "heat-capacity": "heat_capacity",
+    "stability": "stability",
+    "interaction-energy": "interaction_energy",
+}
+"""Task type of the REST API and the client (``POST /tasks/{type}``) -> property name in :data:`PROPERTIES`."""
+
 
 def property_function(name: str) -> Any:
     """The calculation function of property ``name`` (e.g. ``"bulk_modulus"``)."""

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeAlias, TypedDict
 import httpx
 
 from matcalc.client._errors import MatcalcError, NotFoundError, ServerError, ValidationError, error_class
-from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.client._models import TASK_PROPERTY, CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
 
 log = logging.getLogger("matcalc.client")
 
@@ -40,7 +40,8 @@ Priority = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
 Protocol = Literal["mofsimbench", "fast"]
 Optimizer = Literal["FIRE", "BFGS", "LBFGS", "MDMin"]
 
-TASK_TYPES = ("optimization", "single-point", "bulk-modulus", "heat-capacity", "stability", "interaction-energy")
+TASK_TYPES = tuple(TASK_PROPERTY)
+"""Task types the server accepts (``POST /tasks/{type}``)."""
 _TYPE_ALIASES = {"relax": "optimization", "optimize": "optimization", "single_point": "single-point",
                  "bulk_modulus": "bulk-modulus", "heat_capacity": "heat-capacity",
                  "interaction_energy": "interaction-energy"}

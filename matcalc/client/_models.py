@@ -7,20 +7,15 @@ from datetime import datetime
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
+from matcalc.calculations import TASK_TYPES
+
 T = TypeVar("T")
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
 """Statuses a task never leaves."""
 
-TASK_PROPERTY: dict[str, str] = {
-    "optimization": "relax",
-    "single-point": "single_point",
-    "bulk-modulus": "bulk_modulus",
-    "heat-capacity": "heat_capacity",
-    "stability": "stability",
-    "interaction-energy": "interaction_energy",
-}
-"""REST task type -> the local function's name."""
+TASK_PROPERTY: dict[str, str] = TASK_TYPES
+"""REST task type -> the local function's name (one table with the server's)."""
 
 
 def parse_time(value: Any) -> datetime | None:

@@ -13,16 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 T = TypeVar("T")
 
-TASK_TYPES: dict[str, str] = {
-    "optimization": "relax",
-    "single-point": "single_point",
-    "bulk-modulus": "bulk_modulus",
-    "heat-capacity": "heat_capacity",
-    "stability": "stability",
-    "interaction-energy": "interaction_energy",
-}
-"""REST task type -> property function name (``matcalc.calculations.property_function``)."""
-
 PriorityName = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
 StatusName = Literal["PENDING", "QUEUED", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"]
 FormatName = Literal["cif", "vasp", "poscar", "xyz", "extxyz"]

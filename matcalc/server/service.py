@@ -18,10 +18,11 @@ from typing import Any
 
 from ase import Atoms
 
+from matcalc.calculations import TASK_TYPES
 from matcalc.server.errors import ApiError, ErrorCode
 from matcalc.server.events import EventBus
 from matcalc.server.executor import Executor, Job
-from matcalc.server.schemas import GAS_NAMES, TASK_TYPES, TaskRequestBase
+from matcalc.server.schemas import GAS_NAMES, TaskRequestBase
 from matcalc.store import NewTask, Store, Task, TaskStatus
 from matcalc.store.repository import NewStructure
 
