@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ase import Atoms
 from sqlalchemy import Engine, and_, event, func, inspect, select, update
@@ -41,6 +41,8 @@ from matcalc.store.models import (
 )
 
 log = logging.getLogger(__name__)
+
+_Row = TypeVar("_Row", bound=Base)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -191,6 +193,14 @@ class Store:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    def _get(self, table: type[_Row], row_id: str, missing: str) -> _Row:
+        """The row of ``table`` with primary key ``row_id``; :class:`NotFoundError` (``missing``) when absent."""
+        with self.read() as s:
+            row = s.get(table, row_id)
+        if row is None:
+            raise NotFoundError(missing)
+        return row
+
     def count(self, table: type[Base]) -> int:
         """Rows in ``table`` (an ORM class)."""
         with self.read() as s:
@@ -227,11 +237,7 @@ class Store:
         return row, True
 
     def get_structure(self, structure_id: str) -> Structure:
-        with self.read() as s:
-            row = s.get(Structure, structure_id)
-        if row is None:
-            raise NotFoundError(f"structure {structure_id!r} not found")
-        return row
+        return self._get(Structure, structure_id, f"structure {structure_id!r} not found")
 
     def has_structure(self, structure_id: str) -> bool:
         with self.read() as s:
@@ -270,11 +276,7 @@ class Store:
         return rows
 
     def get_task(self, task_id: str) -> Task:
-        with self.read() as s:
-            row = s.get(Task, task_id)
-        if row is None:
-            raise NotFoundError(f"task {task_id!r} not found")
-        return row
+        return self._get(Task, task_id, f"task {task_id!r} not found")
 
     def get_tasks(self, task_ids: Sequence[str]) -> list[Task]:
         """Tasks by id, in the order given (missing ids are skipped)."""
@@ -459,11 +461,7 @@ class Store:
             return row
 
     def get_custom_model(self, model_id: str) -> CustomModel:
-        with self.read() as s:
-            row = s.get(CustomModel, model_id)
-            if row is None:
-                raise NotFoundError(f"no custom model with id {model_id!r}")
-            return row
+        return self._get(CustomModel, model_id, f"no custom model with id {model_id!r}")
 
     def custom_model_by_name(self, name: str) -> CustomModel | None:
         with self.read() as s:
