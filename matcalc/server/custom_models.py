@@ -81,11 +81,11 @@ class CustomModelService:
         if not family.custom_formats:
             raise ApiError(ErrorCode.UNSUPPORTED_MODEL_FORMAT,
                            f"family {family.name!r} accepts no uploads (use a catalogue name with a local file)")
-        if is_registered(meta.name) and self.store.custom_model_by_name(meta.name) is None:
-            raise ApiError(ErrorCode.MODEL_NAME_TAKEN, f"model name {meta.name!r} is taken by a built-in model")
         if self.store.custom_model_by_name(meta.name) is not None:
             raise ApiError(ErrorCode.MODEL_NAME_TAKEN, f"a custom model named {meta.name!r} exists "
                                                        "(delete it first or choose another name)")
+        if is_registered(meta.name):
+            raise ApiError(ErrorCode.MODEL_NAME_TAKEN, f"model name {meta.name!r} is taken by a built-in model")
         model_id = uuid.uuid4().hex
         folder = self.root / model_id
         folder.mkdir(parents=True, exist_ok=False)
