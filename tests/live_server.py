@@ -9,11 +9,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 API = "/api/v1"
 KEY = "live-test-key-42"
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+
+
+def wait_tasks(client: Any, ids: list[str], *, prefix: str = API, timeout_s: float = 120) -> dict[str, dict]:
+    """Poll ``GET {prefix}/tasks/{id}`` (a TestClient or an httpx client) until every task is terminal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = {i: client.get(f"{prefix}/tasks/{i}").json()["data"] for i in ids}
+        if all(t["status"] in TERMINAL for t in tasks.values()):
+            return tasks
+        assert time.monotonic() < deadline, f"tasks not finished: {[(i, t['status']) for i, t in tasks.items()]}"
+        time.sleep(0.2)
 
 
 def free_port() -> int:

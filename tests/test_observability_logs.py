@@ -29,8 +29,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from matcalc.server import Settings, create_app  # noqa: E402
 from matcalc.server.logs import DailyJsonFileHandler, JsonFormatter, maintain_log_dir  # noqa: E402
 
-API = "/api/v1"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+from live_server import API, TERMINAL  # noqa: E402
 
 
 def cif_of(atoms) -> str:

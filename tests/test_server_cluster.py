@@ -18,17 +18,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from matcalc.server import Settings, create_app  # noqa: E402
 
+from live_server import wait_tasks  # noqa: E402
+
 API = "/api/v1"
-
-
-def _wait(c: TestClient, ids: list[str], timeout_s: float = 120) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        tasks = {i: c.get(f"{API}/tasks/{i}").json()["data"] for i in ids}
-        if all(t["status"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for t in tasks.values()):
-            return tasks
-        time.sleep(0.2)
-    raise AssertionError(f"tasks not finished: {[(i, t['status']) for i, t in tasks.items()]}")
 
 
 @pytest.mark.slow
@@ -51,7 +43,7 @@ def test_dask_executor_end_to_end(tmp_path):
         write(sbuf, slow, format="extxyz")
         long = c.post(f"{API}/tasks/optimization", json={"structure": sbuf.getvalue(), "model": "emt", "fmax": 1e-7,
                                                          "max_steps": 100000, "priority": "LOW"}).json()["data"]["id"]
-        done = _wait(c, [sp, rx])
+        done = wait_tasks(c, [sp, rx])
         assert done[sp]["status"] == "COMPLETED" and done[sp]["worker"].startswith("tcp://")
         assert done[sp]["attempts"] == 1 and done[rx]["status"] == "COMPLETED"
         res = c.get(f"{API}/tasks/{sp}/result").json()["data"]["result"]
@@ -69,7 +61,7 @@ def test_dask_executor_end_to_end(tmp_path):
         while c.get(f"{API}/tasks/{long}").json()["data"]["status"] != "RUNNING" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert c.post(f"{API}/tasks/{long}/cancel").json()["data"]["status"] == "CANCELLED"
-        assert _wait(c, [long])[long]["status"] == "CANCELLED"
+        assert wait_tasks(c, [long])[long]["status"] == "CANCELLED"
         assert c.get(f"{API}/tasks/{long}/result").json()["code"] == 50004
         emt = c.get(f"{API}/models/emt").json()["data"]
         assert emt["loaded"] and all(w.startswith("tcp://") for w in emt["loaded_on"])
@@ -110,7 +102,7 @@ def test_dask_executor_runs_validated_custom_models(tmp_path):
         assert len(has) == n + 1 and all(has.values()), has
         tid = c.post(f"{API}/tasks/single-point", json={"structure": buf.getvalue(), "format": "extxyz",
                                                         "model": "dask-lj"}).json()["data"]["id"]
-        done = _wait(c, [tid])[tid]
+        done = wait_tasks(c, [tid])[tid]
         assert done["status"] == "COMPLETED" and done["worker"].startswith("tcp://"), done
         energy = c.get(f"{API}/tasks/{tid}/result").json()["data"]["result"]["energy_eV"]
         ref = argon()

@@ -25,6 +25,7 @@ from matcalc.server import Settings, create_app  # noqa: E402
 from matcalc.server.errors import ErrorCode  # noqa: E402
 from matcalc.store import CustomModel, Task  # noqa: E402
 from test_custom_models import EPS_EV, LJ_OPTIONS, RC_A, SIGMA_A, Evil, TorchLJ, argon  # noqa: E402
+from live_server import wait_tasks  # noqa: E402
 from test_server import assert_error  # noqa: E402
 
 API = "/api/v1"
@@ -67,16 +68,6 @@ def _argon_task(c: TestClient, model: str):
     return c.post(f"{API}/tasks/single-point", json={"structure": buf.getvalue(), "format": "extxyz", "model": model})
 
 
-def _wait_task(c: TestClient, task_id: str, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        t = c.get(f"{API}/tasks/{task_id}").json()["data"]
-        if t["status"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            return t
-        time.sleep(0.2)
-    raise AssertionError(f"task {task_id} did not finish")
-
-
 def test_upload_validate_run_delete_and_restart(tmp_path, model_bytes):
     with TestClient(create_app(_settings(tmp_path))) as c:
         r = upload(c, model_bytes["lj"], "srv-lj", description="argon LJ")
@@ -97,7 +88,8 @@ def test_upload_validate_run_delete_and_restart(tmp_path, model_bytes):
         assert done["status"] == "VALIDATED" and done["validation"]["passed"], done["validation"]
         assert "srv-lj" in [m["name"] for m in c.get(f"{API}/models").json()["data"]]
 
-        t = _wait_task(c, _argon_task(c, "srv-lj").json()["data"]["id"])
+        tid = _argon_task(c, "srv-lj").json()["data"]["id"]
+        t = wait_tasks(c, [tid])[tid]
         assert t["status"] == "COMPLETED", t
         energy = c.get(f"{API}/tasks/{t['id']}/result").json()["data"]["result"]["energy_eV"]
         ref = argon()
@@ -106,7 +98,8 @@ def test_upload_validate_run_delete_and_restart(tmp_path, model_bytes):
 
     # restart on the same database: the validated model is registered again and runs
     with TestClient(create_app(_settings(tmp_path))) as c:
-        t = _wait_task(c, _argon_task(c, "srv-lj").json()["data"]["id"])
+        tid = _argon_task(c, "srv-lj").json()["data"]["id"]
+        t = wait_tasks(c, [tid])[tid]
         assert t["status"] == "COMPLETED", t
         assert_error(c.get(f"{API}/models/custom/nope"), 404, ErrorCode.CUSTOM_MODEL_NOT_FOUND)
         r = c.delete(f"{API}/models/custom/{mid}")

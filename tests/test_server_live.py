@@ -26,9 +26,7 @@ import matcalc as mc  # noqa: E402
 from matcalc.calculations import load_all  # noqa: E402
 from matcalc.calculations.results import Result  # noqa: E402
 
-from live_server import API, KEY, LiveServer  # noqa: E402
-
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+from live_server import API, KEY, TERMINAL, LiveServer  # noqa: E402
 
 
 def text_of(atoms, fmt: str = "cif") -> str:
