@@ -72,8 +72,18 @@ class TaskRequestBase(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=30 * 86400, description="wall-clock limit once running (s)")
     label: str | None = Field(None, max_length=256)
     notify_url: str | None = Field(None, max_length=2048, pattern=r"^https?://", description="webhook receiver")
-    notify_events: list[NotifyEvent] | None = None
-    notify_secret: str | None = Field(None, max_length=256, description="HMAC-SHA256 key for webhook signatures")
+    notify_events: list[NotifyEvent] | None = Field(
+        None, min_length=1, description="webhook events to send (default: all but task.progress); `[]` is refused")
+    notify_secret: str | None = Field(None, min_length=1, max_length=256,
+                                      description="HMAC-SHA256 key for webhook signatures (not empty)")
+
+    @model_validator(mode="after")
+    def _notify(self) -> TaskRequestBase:
+        if self.notify_secret is not None and not self.notify_secret.strip():
+            raise ValueError("notify_secret must not be blank (omit it to send unsigned webhooks)")
+        if self.notify_url is None and (self.notify_events is not None or self.notify_secret is not None):
+            raise ValueError("notify_events and notify_secret need notify_url")
+        return self
 
     @model_validator(mode="after")
     def _one_structure(self) -> TaskRequestBase:
