@@ -52,8 +52,8 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _restore(tp: Any, value: Any) -> Any:
-    if value is None:
-        return None
+    if value is None:  # to_dict wrote NaN/inf as null: a plain float (or array element) comes back as NaN
+        return math.nan if tp is float else None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -62,7 +62,7 @@ def _restore(tp: Any, value: Any) -> Any:
     if tp is Atoms:
         return atoms_from_dict(value)
     if tp is np.ndarray:
-        return np.asarray([np.nan if v is None else v for v in value] if _flat(value) else value, dtype=float)
+        return np.asarray(value, dtype=float)  # null elements (NaN in to_dict) become NaN at any depth
     if tp is float:
         return float(value)
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
@@ -75,10 +75,6 @@ def _restore(tp: Any, value: Any) -> Any:
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
-
-
-def _flat(value: Any) -> bool:
-    return isinstance(value, list) and all(not isinstance(v, list) for v in value)
 
 
 @dataclass(kw_only=True)
