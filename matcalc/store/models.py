@@ -1,12 +1,15 @@
 """SQLAlchemy 2.x ORM models of the persistent store.
 
 Timestamps are stored as UTC and always come back timezone-aware (:class:`UTCDateTime`), on
-SQLite as on PostgreSQL. JSON columns hold plain JSON (never pickles).
+SQLite as on PostgreSQL. JSON columns hold plain JSON (never pickles) through :class:`SafeJSON`:
+NaN and ±Infinity become ``null`` (and numpy values plain numbers) the same way on every database.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +42,40 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON data: NaN/±inf -> ``None``, numpy scalars/arrays -> numbers/lists,
+    tuples -> lists, keys -> strings. Raises TypeError for objects JSON cannot hold."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return json_safe(tolist())
+    raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
+
+
+class SafeJSON(TypeDecorator[Any]):
+    """JSON that never holds NaN/Infinity (PostgreSQL refuses them, SQLite would keep them as
+    non-standard tokens): both store ``null`` instead (see :func:`json_safe`)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is None:
+            return None
+        try:  # the common case (already strict JSON) at C speed; walk only when something needs fixing
+            json.dumps(value, allow_nan=False)
+            return value
+        except (ValueError, TypeError):
+            return json_safe(value)
 
 
 class TaskStatus(enum.StrEnum):
@@ -77,7 +114,7 @@ class Priority(enum.StrEnum):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: SafeJSON(), list[Any]: SafeJSON()}
 
 
 class Structure(Base):
@@ -116,7 +153,7 @@ class Task(Base):
     protocol: Mapped[str | None] = mapped_column(String(32), default=None)
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     structure_id: Mapped[str] = mapped_column(ForeignKey("structures.id"), index=True)
-    label: Mapped[str | None] = mapped_column(String(256), default=None)
+    label: Mapped[str | None] = mapped_column(String(256), default=None, index=True)
     priority: Mapped[str] = mapped_column(String(16), default=Priority.NORMAL.value)
     priority_rank: Mapped[int] = mapped_column(Integer, default=Priority.NORMAL.rank)
     status: Mapped[str] = mapped_column(String(16), default=TaskStatus.PENDING.value)
@@ -129,17 +166,40 @@ class Task(Base):
     gpu: Mapped[str | None] = mapped_column(String(64), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """How many times a worker started the task (a restart can make it > 1)."""
-    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
     """The latest progress event (stage, step, total_steps, fraction, energy_eV, fmax_eV_per_A)."""
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
     """``Result.to_dict()`` once COMPLETED; immutable from then on."""
     error: Mapped[str | None] = mapped_column(Text, default=None)
     notify_url: Mapped[str | None] = mapped_column(String(2048), default=None)
-    notify_events: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    notify_events: Mapped[list[Any] | None] = mapped_column(SafeJSON, default=None)
     notify_secret: Mapped[str | None] = mapped_column(String(256), default=None)
     batch_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    """The ``Idempotency-Key`` the task was submitted with (see :class:`IdempotencyKey`)."""
 
     structure: Mapped[Structure] = relationship(lazy="raise")
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` of a submission and the tasks it created, stored in the same transaction.
+
+    A retry with the same key (and the same body) gets those tasks back instead of new ones.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """Whose key: the API key's fingerprint (``key:…``), or ``""`` on a server without keys."""
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    """The route submitted to, e.g. ``POST /tasks/bulk-modulus``."""
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    """Fingerprint of the request body: a reused key with another body is refused."""
+    batch_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    task_ids: Mapped[list[Any]] = mapped_column(SafeJSON)
+    """Ids of the tasks created, in submission order."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class TaskLog(Base):
@@ -155,7 +215,7 @@ class TaskLog(Base):
     event: Mapped[str] = mapped_column(String(32), default="log")
     """``status``, ``progress`` or ``log``."""
     message: Mapped[str] = mapped_column(Text)
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    data: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
 
 
 class CustomModel(Base):
@@ -173,8 +233,8 @@ class CustomModel(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[str] = mapped_column(String(16), default="UPLOADED")
     """UPLOADED -> VALIDATING -> VALIDATED | FAILED; only VALIDATED models run tasks."""
-    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
-    options: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
+    options: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
     """Keyword arguments for the family loader (dtype, elements, cutoff_A, architecture, ...)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -188,7 +248,7 @@ class Alert(Base):
     rule: Mapped[str] = mapped_column(String(64), index=True)
     severity: Mapped[str] = mapped_column(String(16), default="warning")
     message: Mapped[str] = mapped_column(Text)
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    data: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
     opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -202,7 +262,7 @@ class WebhookDelivery(Base):
     task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"), index=True)
     event: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(String(2048))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    payload: Mapped[dict[str, Any]] = mapped_column(SafeJSON)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     success: Mapped[bool] = mapped_column(Boolean, default=False)
