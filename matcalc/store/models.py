@@ -253,12 +253,40 @@ class Alert(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class WebhookOutbox(Base):
+    """A webhook to deliver (the outbox): stored when its event happens, attempted until it is
+    DELIVERED or FAILED (gave up); PENDING rows are resumed after a restart. ``delivery_id`` is the
+    ``X-Matcalc-Delivery`` header of every attempt (receivers drop duplicates by it)."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (Index("ix_webhook_outbox_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    """Order of the events (deliveries of one task to one receiver are attempted in this order)."""
+    delivery_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_id)
+    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(SafeJSON)
+    secret: Mapped[str | None] = mapped_column(String(256), default=None)
+    """Signing key while PENDING; cleared once the delivery is finished."""
+    status: Mapped[str] = mapped_column(String(16), default="PENDING")
+    """PENDING, DELIVERED (a 2xx answer) or FAILED (attempts exhausted or a final 4xx)."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
 class WebhookDelivery(Base):
-    """One attempt to deliver a webhook."""
+    """One attempt to deliver a webhook (of the outbox row ``delivery_id``)."""
 
     __tablename__ = "webhook_deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
     task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"), index=True)
     event: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(String(2048))
