@@ -79,6 +79,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.long:
         with pd.option_context("display.max_colwidth", None, "display.width", 400):
             print(frame.to_string(index=False))
+        _print_plugins()
         return 0
     frame["available"] = [("yes" if c.available else "no: " + _short_reason(c.reason)) for c in cards]
     cols = ["name", "family", "dtype", "batching", "cutoff_A", "device", "available"]
@@ -88,7 +89,21 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for _, row in table.iterrows():
         print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
     print("\n(--long for descriptions, elements and the full reasons)")
+    _print_plugins()
     return 0
+
+
+def _print_plugins() -> None:
+    """The model plugins (MATCALC_PLUGINS, entry points) and whether each imported."""
+    from matcalc.models import plugin_status
+
+    statuses = plugin_status()
+    if not statuses:
+        return
+    print("\nmodel plugins:")
+    for s in statuses:
+        state = f"ok ({', '.join(s.models) or 'no new models'})" if s.loaded else f"FAILED to import: {s.error}"
+        print(f"  {s.name} [{s.source}]: {state}")
 
 
 def _short_reason(reason: str) -> str:

@@ -10,6 +10,7 @@ from matcalc.models.base import (
     PotentialCalculator,
     SumPotential,
 )
+from matcalc.models.plugins import PluginStatus, PluginWarning, load_plugins, plugin_status
 from matcalc.models.registry import (
     ModelCard,
     ModelUnavailableError,
@@ -37,6 +38,8 @@ __all__ = [
     "ModelCard",
     "ModelStats",
     "ModelUnavailableError",
+    "PluginStatus",
+    "PluginWarning",
     "Potential",
     "PotentialCalculator",
     "SumPotential",
@@ -47,10 +50,12 @@ __all__ = [
     "get_family",
     "get_model",
     "list_models",
+    "load_plugins",
     "loaded_models",
     "model_card",
     "model_names",
     "models_dir",
+    "plugin_status",
     "register_family",
     "register_model",
     "unload_model",

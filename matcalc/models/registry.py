@@ -2,6 +2,8 @@
 
 Loading never touches the network: every built-in model loads weights shipped inside its
 package or from a local file. ``"<name>+d3"`` adds D3(BJ) dispersion to any registered model.
+Model plugins (``MATCALC_PLUGINS``, entry points ``matcalc.models``; :mod:`matcalc.models.plugins`)
+are imported on the first lookup.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from functools import partial
 from typing import Any
 
 from matcalc.models.base import Potential, SumPotential
+from matcalc.models.plugins import ensure_plugins
 from matcalc.models.weights import Family, WeightsEntry
 
 log = logging.getLogger(__name__)
@@ -177,11 +180,13 @@ def _spec(key: str) -> ModelSpec:
 
 def is_registered(name: str) -> bool:
     """True when ``name`` (without ``+d3``) is taken in the registry, the D3 component included."""
+    ensure_plugins()
     return name.strip().lower() in _REGISTRY
 
 
 def model_names(include_d3: bool = False) -> list[str]:
-    """Registered model names (optionally with their ``+d3`` variants)."""
+    """Registered model names (optionally with their ``+d3`` variants); plugins are imported first."""
+    ensure_plugins()
     names = sorted(k for k in _REGISTRY if k != "d3")
     if include_d3:
         names = sorted(names + [n + D3_SUFFIX for n in names])
@@ -199,6 +204,7 @@ def get_model(name: str | Potential, device: str | None = None) -> Potential:
         return name
     if not isinstance(name, str):
         raise TypeError(f"model must be a name or a Potential, not {type(name).__name__}")
+    ensure_plugins()  # outside _LOCK: a plugin being imported in another thread registers under it
     base, with_d3 = _split(name)
     device = device or default_device()
     cache_key = (base + (D3_SUFFIX if with_d3 else ""), device)
@@ -306,6 +312,7 @@ def model_load_times() -> dict[tuple[str, str], float]:
 
 def model_card(name: str, device: str | None = None) -> ModelCard:
     """The card of one model name (``+d3`` variants included)."""
+    ensure_plugins()
     base, with_d3 = _split(name)
     spec = _spec(base)
     device = device or default_device()

@@ -134,6 +134,11 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import anyio.to_thread
 
+        from matcalc.models import load_plugins
+
+        for plugin in await anyio.to_thread.run_sync(load_plugins):  # before anything looks a model up
+            if not plugin.loaded:
+                log.error("model plugin %s failed to import: %s", plugin.name, plugin.error)
         store = Store(settings.db_url)
         ex = executor or make_executor(settings.cluster, settings.workers, settings.device, settings.blas_threads)
         service = TaskService(store, ex, max_atoms=settings.max_atoms, max_batch=settings.max_batch,

@@ -383,6 +383,8 @@ class HealthOut(BaseModel):
     checks: dict[str, dict[str, Any]]
     version: str
     uptime_s: float
+    warnings: list[str] = Field(default_factory=list, description="problems that do not stop the server, "
+                                "e.g. a model plugin that failed to import")
 
 
 class QueueOut(BaseModel):

@@ -43,8 +43,11 @@ def health(request: Request) -> Any:
     checks["executor"] = {"ok": ready_ex, "kind": svc.executor.name, "detail": detail}
     checks["accepting"] = {"ok": svc.accepting}
     ready = all(c["ok"] for c in checks.values())
+    from matcalc.models.plugins import plugin_errors
+
+    warnings = [f"model plugin {e}" for e in plugin_errors()]  # reported, not fatal
     data = HealthOut(status="ok" if ready else "degraded", live=True, ready=ready, checks=checks,
-                     version=matcalc.__version__, uptime_s=round(time.time() - svc.started_at, 3))
+                     version=matcalc.__version__, uptime_s=round(time.time() - svc.started_at, 3), warnings=warnings)
     if ready:
         return ok(data)
     code = ErrorCode.DATABASE_UNAVAILABLE if not checks["database"]["ok"] else (
@@ -82,7 +85,10 @@ def queue(request: Request) -> dict[str, Any]:
 @router.get("/system/config", response_model=Envelope[dict[str, Any]], dependencies=guarded,
             summary="The server's effective configuration (secrets redacted)")
 def config(request: Request) -> dict[str, Any]:
-    return ok(request.app.state.settings.redacted())
+    """``plugins``: each model plugin (``MATCALC_PLUGINS``, entry points) and whether it imported."""
+    from matcalc.models import plugin_status
+
+    return ok({**request.app.state.settings.redacted(), "plugins": [p.to_dict() for p in plugin_status()]})
 
 
 @router.get("/system/error-codes", response_model=Envelope[list[ErrorCodeOut]], responses=error_responses(),
