@@ -280,10 +280,11 @@ class TaskService:
             last = self._last_progress.get(task_id, 0.0)
             final = event.get("total_steps") is not None and event.get("step") == event.get("total_steps")
             if now - last < self.progress_interval_s and not final:
-                self.bus.publish(task_id, {"event": "progress", **event})
+                self.bus.publish(task_id, {"event": "progress", "stored": False, **event})  # no log feed wakes
                 return
             self._last_progress[task_id] = now
-        self.store.set_progress(task_id, event)
+        if not self.store.set_progress(task_id, event):
+            return  # no longer RUNNING (cancelled, timed out): nothing is logged after the terminal status
         msg = f"{event.get('stage')}: step {event.get('step')}" + (
             f"/{event['total_steps']}" if event.get("total_steps") else "")
         if event.get("energy_eV") is not None:
