@@ -299,6 +299,8 @@ class TaskService:
         entry = {"task_id": task_id, "level": str(record.get("level", "INFO")).upper(), "event": "log",
                  "message": str(record.get("message", "")), "data": {"logger": record.get("logger")}}
         try:
+            if TaskStatus(self.store.get_task(task_id).status).terminal:
+                return  # e.g. the calculation noticing a cancel: nothing is logged after the terminal status
             self.store.add_logs([entry])
         except Exception:  # noqa: BLE001 - e.g. a log line after the task row vanished
             log.debug("could not store a log line of task %s", task_id, exc_info=True)
