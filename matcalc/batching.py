@@ -190,8 +190,8 @@ def _match_torch_threads(n: int | None) -> None:
 class _Request:
     """One ``evaluate`` call: the caller's structures, their results, and a done flag."""
 
-    __slots__ = ("atoms", "sizes", "results", "failed", "error", "remaining", "cursor", "done", "t_submit",
-                 "t_start", "thread")
+    __slots__ = ("atoms", "sizes", "results", "failed", "error", "errors", "remaining", "cursor", "done",
+                 "t_submit", "t_start", "thread")
 
     def __init__(self, atoms: Sequence[Atoms], thread: int) -> None:
         self.atoms = list(atoms)
@@ -199,6 +199,9 @@ class _Request:
         self.results: list[Evaluation | None] = [None] * len(self.atoms)
         self.failed: set[int] = set()
         self.error: BaseException | None = None
+        """The first error of this request's structures."""
+        self.errors: dict[int, BaseException] = {}
+        """Structure index -> the error its evaluation raised."""
         self.remaining = len(self.atoms)
         self.cursor = 0
         """Index of the first structure not yet handed to a batch."""
@@ -315,14 +318,41 @@ class BatchingEngine:
         atoms_list = list(atoms_list)
         if not atoms_list:
             return []
+        req = self._submit_and_wait(atoms_list)
+        if req is None:
+            return self.potential.evaluate(atoms_list)  # after shutdown, or re-entered by the model
+        if req.error is not None:
+            raise req.error
+        return [r for r in req.results if r is not None]
+
+    def evaluate_partial(self, atoms_list: Sequence[Atoms]) -> list[Evaluation | BaseException]:
+        """Like :meth:`evaluate`, but a structure whose evaluation raised gets its exception in its slot
+        (the others still get their results): one request for many independent calculations."""
+        atoms_list = list(atoms_list)
+        if not atoms_list:
+            return []
+        req = self._submit_and_wait(atoms_list)
+        if req is None:
+            out: list[Evaluation | BaseException] = []
+            for atoms in atoms_list:
+                try:
+                    out.append(self.potential.evaluate([atoms])[0])
+                except Exception as exc:  # noqa: BLE001 - goes to that structure's caller
+                    out.append(exc)
+            return out
+        return [r if r is not None else req.errors.get(i, req.error or RuntimeError("no result"))
+                for i, r in enumerate(req.results)]
+
+    def _submit_and_wait(self, atoms_list: list[Atoms]) -> _Request | None:
+        """Queue one request and block until it is settled; ``None`` when the caller must evaluate directly."""
         me = threading.get_ident()
         if self._closed or me in self._lane_idents:
-            return self.potential.evaluate(atoms_list)  # after shutdown, or re-entered by the model
+            return None
         req = _Request(atoms_list, me)
         threads = _torch_threads()
         with self._cond:
             if self._closed:
-                return self.potential.evaluate(atoms_list)
+                return None
             self._caller_torch_threads = threads
             self._ensure_lanes()
             self._pending.append(req)
@@ -340,9 +370,7 @@ class BatchingEngine:
         while not req.done.wait(_POLL_S):
             if not any(t.is_alive() for t in self._lanes):
                 raise RuntimeError("batching engine dispatcher stopped before the request finished")
-        if req.error is not None:
-            raise req.error
-        return [r for r in req.results if r is not None]
+        return req
 
     def __call__(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         return self.evaluate(atoms_list)
@@ -555,6 +583,7 @@ class BatchingEngine:
                 if req.done.is_set() or req.results[i] is not None or i in req.failed:
                     continue  # already settled (only after an unexpected dispatcher error)
                 req.failed.add(i)
+                req.errors[i] = exc
                 self.stats.failed_structures += 1
                 if req.error is None:
                     req.error = exc

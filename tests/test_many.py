@@ -14,8 +14,14 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import LBFGS
 
 import matcalc
-from matcalc import batching
-from matcalc.calculations.many import default_workers, many_frame, map_property, relax_many
+from matcalc import batched, batching
+from matcalc.calculations.many import (
+    BATCHED_MIN_WORKERS,
+    default_workers,
+    many_frame,
+    map_property,
+    relax_many,
+)
 from matcalc.models import Evaluation, Potential, get_model
 from matcalc.structures import StructureError
 
@@ -73,7 +79,10 @@ def test_relax_many_matches_serial_ase_and_fuses(pot):
     assert all(r.converged for r in results)
     s = batching.engine_for(pot).stats
     assert s.mean_batch_size > 1.0, s.summary()
-    assert s.calls < s.requests, s.summary()
+    assert s.calls < s.structures, s.summary()  # structures fused into model calls
+    # batched stepping: the 8 relaxations share one request per step (not one request per structure-step)
+    steps = sum(r.steps + 1 for r in results)
+    assert s.requests < steps / 4, (s.requests, steps)
 
 
 def test_one_bad_structure_does_not_sink_the_rest(pot, tmp_path):
@@ -123,23 +132,31 @@ def test_relax_many_builtin_model_name_and_progress_bar(capsys):
 
 def test_batching_disabled_gives_same_results(pot):
     structs = cells(4)
-    batched = relax_many(structs, model=pot, progress=False, fmax=0.02)
+    fused = relax_many(structs, model=pot, progress=False, fmax=0.02)
     calls = batching.engine_for(pot).stats.calls
-    with batching.disabled():
+    with batching.disabled(), batched.disabled():
         assert default_workers(pot, structs) == 1
         plain = relax_many(structs, model=pot, progress=False, fmax=0.02)
     assert batching.engine_for(pot).stats.calls == calls  # the engine was bypassed
-    np.testing.assert_allclose([r.final_energy_eV for r in plain], [r.final_energy_eV for r in batched],
+    np.testing.assert_allclose([r.final_energy_eV for r in plain], [r.final_energy_eV for r in fused],
                                atol=1e-8)
+    assert [r.steps for r in plain] == [r.steps for r in fused]  # ASE's own loop: same trajectories
 
 
 def test_default_workers(pot):
     batching.engine_for(pot).budget_atoms = 256
-    assert default_workers(pot, cells(40)) == 32  # 256 // median 8 atoms, capped at MAX_WORKERS
-    assert default_workers(pot, cells(3)) == 3  # never more threads than structures
-    big = [bulk("Cu", cubic=True) * (4, 4, 4)] * 10  # 256 atoms: one fills the budget -> floor of 2
-    assert default_workers(pot, big) == 2
-    assert default_workers(get_model("emt", "cpu"), cells(10)) == 1  # non-batching model
+    with batched.disabled():  # threads only overlap model calls: sized by the engine budget
+        assert default_workers(pot, cells(40)) == 32  # 256 // median 8 atoms, capped at MAX_WORKERS
+        assert default_workers(pot, cells(3)) == 3  # never more threads than structures
+        big = [bulk("Cu", cubic=True) * (4, 4, 4)] * 10  # 256 atoms: one fills the budget -> floor of 2
+        assert default_workers(pot, big) == 2
+        assert default_workers(get_model("emt", "cpu"), cells(10)) == 1  # non-batching model
+    # batched stepping: the waiting threads' structures form one vectorised step
+    batching.engine_for(pot).budget_atoms = 2048
+    assert default_workers(pot, cells(300)) == 128  # 2048 // 8 atoms = 256, capped at BATCHED_MAX_WORKERS
+    assert default_workers(pot, cells(40)) == 40
+    assert default_workers(pot, [bulk("Cu", cubic=True) * (4, 4, 4)] * 40) == BATCHED_MIN_WORKERS
+    assert default_workers(get_model("emt", "cpu"), cells(40)) == BATCHED_MIN_WORKERS
 
 
 def test_bad_arguments(pot):

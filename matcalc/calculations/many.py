@@ -1,8 +1,11 @@
 """Many structures at once, in-process: :func:`relax_many` and :func:`map_property` for any property.
 
-Each structure's calculation runs in its own thread; their force requests meet in the model's batching
-engine (:mod:`matcalc.batching`), which fuses them into batched model calls. Results come back in input
-order; a structure that fails yields its exception object in its slot instead of sinking the rest.
+Each structure's calculation runs in its own thread. Their optimisations (and MD runs) join one batched
+stepper per model and algorithm (:mod:`matcalc.batched`): all structures advance with one vectorised step and
+one model request per step, so the threads mostly wait and their per-structure Python work does not
+serialise on the GIL. The model's batching engine (:mod:`matcalc.batching`) fuses the requests into model
+calls within its atom budget. Results come back in input order; a structure that fails yields its exception
+object in its slot instead of sinking the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ase import Atoms
 
-from matcalc import batching
+from matcalc import batched, batching
 from matcalc.calculations import property_function
 from matcalc.calculations.common import label_of
 from matcalc.calculations.relax import RelaxResult
@@ -31,7 +34,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 32
-"""Upper bound of the default thread count (more threads add GIL contention, not larger batches)."""
+"""Upper bound of the default thread count without batched stepping (more threads add GIL contention, not
+larger batches)."""
+BATCHED_MIN_WORKERS = 16
+BATCHED_MAX_WORKERS = 128
+"""Bounds of the default thread count with batched stepping: the threads of concurrent calculations wait
+while one of them steps all their structures, so more threads mean a larger vectorised step (host work
+amortised over more structures) and fuller model requests; the cap bounds memory and start-up contention."""
 ASSUMED_ATOMS = 100
 """Size assumed for inputs whose atom count is unknown before reading them (paths, CIF text, names)."""
 
@@ -39,21 +48,26 @@ ASSUMED_ATOMS = 100
 def default_workers(potential: Potential, structures: list[Any]) -> int:
     """Threads for ``len(structures)`` concurrent calculations with ``potential``.
 
-    With batching (enabled and a batching model): as many calculations as it takes for their pending
-    force requests to fill one model call, i.e. ``budget_atoms // median atoms``, clamped to
-    ``[2, MAX_WORKERS]``. Beyond that more threads do not make batches bigger; they only add GIL
-    contention and memory (each holds a structure and its optimizer state). Without batching the model
-    serialises calls anyway, so one worker: threads could not make it faster.
+    With batched stepping (:func:`matcalc.batched.enabled`, the default): enough concurrent structures to
+    fill one model call of the batching engine (``budget_atoms // median atoms``), at least
+    :data:`BATCHED_MIN_WORKERS` and at most :data:`BATCHED_MAX_WORKERS`. Without it: with batching
+    (enabled and a batching model) ``budget_atoms // median atoms`` clamped to ``[2, MAX_WORKERS]`` (more
+    threads only add GIL contention), else one worker (the model serialises calls anyway).
     """
     n = len(structures)
     if n == 0:
         return 1
-    if not (batching.enabled() and potential.supports_batching):
+    fused = batching.enabled() and potential.supports_batching
+    per_call = 0
+    if fused:
+        budget = batching.engine_for(potential).budget_atoms
+        median = max(1, int(statistics.median(_size(s) for s in structures)))
+        per_call = budget // median
+    if batched.enabled():
+        return max(1, min(n, BATCHED_MAX_WORKERS, max(BATCHED_MIN_WORKERS, per_call)))
+    if not fused:
         return 1
-    budget = batching.engine_for(potential).budget_atoms
-    sizes = [_size(s) for s in structures]
-    median = max(1, int(statistics.median(sizes)))
-    return max(1, min(n, max(2, min(MAX_WORKERS, budget // median))))
+    return max(1, min(n, max(2, min(MAX_WORKERS, per_call))))
 
 
 def _size(structure: Any) -> int:
@@ -213,4 +227,5 @@ def _check_kwargs(fn: Callable[..., Any], name: str, kwargs: dict[str, Any]) -> 
         raise TypeError(f"{name}: {exc}") from exc
 
 
-__all__ = ["default_workers", "many_frame", "map_property", "relax_many"]
+__all__ = ["BATCHED_MAX_WORKERS", "BATCHED_MIN_WORKERS", "default_workers", "many_frame", "map_property",
+           "relax_many"]

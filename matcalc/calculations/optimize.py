@@ -1,12 +1,21 @@
-"""Geometry optimisation with ASE optimizers (and ``FrechetCellFilter`` for the cell), shared by
-``relax`` and the pre-relaxation step of every other property."""
+"""Geometry optimisation (ASE's FIRE/BFGS/LBFGS/MDMin, ``FrechetCellFilter`` for the cell), shared by
+``relax`` and the pre-relaxation step of every other property.
+
+:func:`optimize` (one structure) and :func:`optimize_many` (a list) run the batched versions of ASE's
+algorithms (:mod:`matcalc.batched`: same trajectories to float round-off) when they can: every structure
+being optimised in the process with the same model and algorithm, from any thread, steps in one batch with
+one model request per step. ASE's own loop is the fallback (``MATCALC_BATCHED=0``, MDMin, an arbitrary ASE
+calculator, constraints other than ``FixAtoms``) and the reference.
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -16,8 +25,14 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS, FIRE, LBFGS, MDMin
 from ase.optimize.optimize import Optimizer
 
-from matcalc import progress
+from matcalc import batched, progress
+from matcalc.batched.base import BatchedOptimizer
+from matcalc.batched.bfgs import BatchedBFGS
+from matcalc.batched.fire import BatchedFIRE
+from matcalc.batched.lbfgs import BatchedLBFGS
+from matcalc.batched.runner import OptimizationJob, run_optimizations
 from matcalc.calculations import checks
+from matcalc.models.base import Evaluation, Evaluator, PotentialCalculator
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +41,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="logm result may be inaccurate", category=RuntimeWarning)
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS, "MDMin": MDMin}
+BATCHED_OPTIMIZERS: dict[str, Callable[[], BatchedOptimizer]] = {
+    "FIRE": BatchedFIRE, "BFGS": BatchedBFGS, "LBFGS": BatchedLBFGS}
+"""Optimizers with a batched version (ASE defaults); the others always run ASE's loop."""
 
 
 @dataclass
@@ -87,28 +105,204 @@ def optimize(
 ) -> OptimizationTrace:
     """Optimise ``atoms`` in place (positions, and the cell when ``relax_cell``).
 
-    Converged means max |F| <= ``fmax`` (eV/Å) on every degree of freedom the optimizer sees
-    (for the cell, ``FrechetCellFilter``'s virial-derived forces).
+    Converged means max |F| < ``fmax`` (eV/Å) on every degree of freedom the optimizer sees
+    (for the cell, ``FrechetCellFilter``'s virial-derived forces). Each step is reported to
+    :func:`matcalc.progress.report` and a stop request ends the run after the current step.
+    Afterwards ``atoms.calc`` is ``calculator`` holding the final energy, forces and stress.
+    A model error is raised.
     """
-    opt_cls = OPTIMIZERS[check_optimizer_params(fmax, max_steps, optimizer)]
+    opt_name = check_optimizer_params(fmax, max_steps, optimizer)
+    evaluator = _batched_evaluator(atoms, calculator, opt_name, relax_cell)
+    if evaluator is None:
+        return _optimize_ase(atoms, calculator, fmax=fmax, max_steps=max_steps, optimizer=opt_name,
+                             relax_cell=relax_cell, fixed=fixed, stage=stage)
+    out = _optimize_batched([atoms], [calculator], evaluator, fmax=[fmax], max_steps=[max_steps],
+                            optimizer=opt_name, relax_cell=relax_cell, fixed=[fixed], stages=[stage])[0]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def optimize_many(
+    atoms_list: Sequence[Atoms],
+    calculator: Calculator | Evaluator,
+    *,
+    fmax: float | Sequence[float],
+    max_steps: int | Sequence[int],
+    optimizer: str = "LBFGS",
+    relax_cell: bool = True,
+    fixed: Sequence[np.ndarray | None] | None = None,
+    stage: str | Sequence[str] = "relax",
+    contexts: Sequence[contextvars.Context] | None = None,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """:func:`optimize` on every structure of ``atoms_list`` (each in place), stepped together as one batch.
+
+    Same outcome per structure as calling :func:`optimize` on it alone (same trace, progress reports and
+    stop requests), with one model request per step for all structures still running.
+
+    Args:
+        atoms_list: the structures.
+        calculator: a matcalc calculator (``Potential.calculator(...)``) or an evaluator (a ``Potential`` or
+            the batching engine); each structure gets its own calculator over the same evaluator.
+        fmax, max_steps, stage: one value for all, or one per structure.
+        fixed: one boolean mask (or ``None``) per structure.
+        contexts: one ``contextvars`` context per structure for its progress reports, stop requests and logs
+            (default: the caller's).
+        return_exceptions: put a structure's exception in its slot instead of raising the first one.
+
+    Returns:
+        One :class:`OptimizationTrace` per structure (or exception, with ``return_exceptions``).
+    """
+    n = len(atoms_list)
+    fmaxes = _per_structure(fmax, n, "fmax")
+    steps = _per_structure(max_steps, n, "max_steps")
+    stages = _per_structure(stage, n, "stage")
+    masks = list(fixed) if fixed is not None else [None] * n
+    if len(masks) != n or (contexts is not None and len(contexts) != n):
+        raise ValueError(f"fixed and contexts need one entry per structure ({n})")
+    opt_name = optimizer
+    for f_, s_ in zip(fmaxes, steps, strict=True):
+        opt_name = check_optimizer_params(f_, s_, optimizer)
+    evaluator = calculator.evaluator if isinstance(calculator, PotentialCalculator) else calculator
+    name = getattr(calculator, "model_name", getattr(evaluator, "name", "matcalc"))
+    calcs: list[Calculator] = [PotentialCalculator(evaluator, name=name) for _ in range(n)]  # type: ignore[arg-type]
+    ok = all(_batched_evaluator(a, c, opt_name, relax_cell) is not None for a, c in zip(atoms_list, calcs,
+                                                                                         strict=True))
+    if ok:
+        out = _optimize_batched(list(atoms_list), calcs, evaluator, fmax=fmaxes, max_steps=steps,  # type: ignore[arg-type]
+                                optimizer=opt_name, relax_cell=relax_cell, fixed=masks, stages=stages,
+                                contexts=contexts)
+    else:
+        out = []
+        for i, atoms in enumerate(atoms_list):
+            def one(i: int = i, atoms: Atoms = atoms) -> OptimizationTrace:
+                return _optimize_ase(atoms, calcs[i], fmax=fmaxes[i], max_steps=steps[i], optimizer=opt_name,
+                                     relax_cell=relax_cell, fixed=masks[i], stage=stages[i])
+            try:
+                out.append(contexts[i].run(one) if contexts is not None else one())
+            except Exception as exc:  # noqa: BLE001 - per structure, like the batched path
+                out.append(exc)
+    if not return_exceptions:
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+    return out
+
+
+def _per_structure(value: Any, n: int, name: str) -> list[Any]:
+    if isinstance(value, (str, int, float)):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} needs one value per structure ({n}), got {len(values)}")
+    return values
+
+
+def _batched_evaluator(atoms: Atoms, calculator: Any, optimizer: str, relax_cell: bool) -> Evaluator | None:
+    """The evaluator the batched path calls, or ``None`` when ASE's own loop must run (module doc)."""
+    if not batched.enabled() or optimizer not in BATCHED_OPTIMIZERS:
+        return None
+    if not isinstance(calculator, PotentialCalculator):
+        return None
+    if any(not isinstance(c, FixAtoms) for c in atoms.constraints):
+        return None
+    if relax_cell and not atoms.pbc.all():
+        return None  # FrechetCellFilter needs a stress: ASE's loop raises the error it always did
+    return calculator.evaluator
+
+
+def _optimize_batched(atoms_list: list[Atoms], calculators: list[Calculator], evaluator: Evaluator, *,
+                      fmax: list[float], max_steps: list[int], optimizer: str, relax_cell: bool,
+                      fixed: list[np.ndarray | None], stages: list[str],
+                      contexts: Sequence[contextvars.Context] | None = None) -> list[Any]:
+    traces = [OptimizationTrace(converged=False, steps=0, final_fmax_eV_per_A=float("nan")) for _ in atoms_list]
+    jobs = []
+    for i, atoms in enumerate(atoms_list):
+        mask = _fixed_with_constraints(atoms, fixed[i])
+        if mask is not None and mask.any():
+            atoms.set_constraint(FixAtoms(mask=mask))
+        jobs.append(OptimizationJob(atoms, fmax=fmax[i], max_steps=max_steps[i], fixed=mask,
+                                    observer=_observer(traces[i], stages[i], max_steps[i]),
+                                    context=contexts[i].copy() if contexts is not None else None))
+    run_optimizations(jobs, evaluator, key=optimizer, make_optimizer=BATCHED_OPTIMIZERS[optimizer],
+                      relax_cell=relax_cell)
+    out: list[Any] = []
+    for atoms, calc, job, trace, stage in zip(atoms_list, calculators, jobs, traces, stages, strict=True):
+        atoms.calc = calc
+        if job.final is not None:
+            _cache_results(calc, atoms, job.final)
+        if job.error is not None:
+            out.append(job.error)
+            continue
+        trace.stopped_early = job.stopped
+        trace.converged = job.converged and not job.stopped
+        trace.steps = job.steps
+        trace.final_fmax_eV_per_A = trace.fmax_eV_per_A[-1] if trace.fmax_eV_per_A else float("nan")
+        _log_done(stage, trace)
+        out.append(trace)
+    return out
+
+
+def _fixed_with_constraints(atoms: Atoms, fixed: np.ndarray | None) -> np.ndarray | None:
+    """``fixed`` joined with the atoms' own ``FixAtoms`` constraints (``None`` when nothing is fixed)."""
+    mask = None if fixed is None else np.asarray(fixed, dtype=bool).copy()
+    for c in atoms.constraints:
+        if isinstance(c, FixAtoms):
+            if mask is None:
+                mask = np.zeros(len(atoms), dtype=bool)
+            mask[c.index] = True
+    return mask
+
+
+def _cache_results(calc: Calculator, atoms: Atoms, ev: Evaluation) -> None:
+    """Leave the final evaluation in ``calc`` as ASE would (no new model call for ``get_potential_energy``)."""
+    snapshot = atoms.copy()
+    snapshot.calc = None
+    calc.atoms = snapshot
+    calc.results = {"energy": float(ev.energy_eV), "free_energy": float(ev.energy_eV),
+                    "forces": np.array(ev.forces_eV_per_A, dtype=float)}
+    if ev.stress_eV_per_A3 is not None:
+        calc.results["stress"] = np.array(ev.stress_eV_per_A3, dtype=float)
+
+
+def _observer(trace: OptimizationTrace, stage: str, max_steps: int) -> Callable[[int, float, float], bool]:
+    """Record a step in ``trace``, report it, and return True when a stop was requested."""
+
+    def observe(step: int, energy: float, fm: float) -> bool:
+        trace.energies_eV.append(energy)
+        trace.fmax_eV_per_A.append(fm)
+        log.debug("%s step %d E=%.6f eV fmax=%.4g eV/A", stage, step, energy, fm,
+                  extra={"stage": stage, "step": step, "energy_eV": energy, "fmax_eV_per_A": fm})
+        progress.report(stage, step, max_steps, energy_eV=energy, fmax_eV_per_A=fm)
+        return progress.should_stop()
+
+    return observe
+
+
+def _log_done(stage: str, trace: OptimizationTrace) -> None:
+    log.info("%s: %s after %d steps, fmax %.3g eV/A", stage, "converged" if trace.converged else "NOT converged",
+             trace.steps, trace.final_fmax_eV_per_A,
+             extra={"stage": stage, "steps": trace.steps, "converged": trace.converged})
+
+
+def _optimize_ase(atoms: Atoms, calculator: Calculator, *, fmax: float, max_steps: int, optimizer: str,
+                  relax_cell: bool, fixed: np.ndarray | None, stage: str) -> OptimizationTrace:
+    """ASE's own loop: the reference and the fallback."""
+    opt_cls = OPTIMIZERS[optimizer]
     atoms.calc = calculator
     if fixed is not None and fixed.any():
         atoms.set_constraint(FixAtoms(mask=fixed))
     target = FrechetCellFilter(atoms) if relax_cell else atoms
     opt = opt_cls(target, logfile=None)
     trace = OptimizationTrace(converged=False, steps=0, final_fmax_eV_per_A=float("nan"))
+    record = _observer(trace, stage, max_steps)
 
     def observe() -> None:
         energy = float(atoms.get_potential_energy())
         f = target.get_forces()
         fm = float(np.sqrt((f**2).sum(axis=1).max())) if len(f) else 0.0
-        trace.energies_eV.append(energy)
-        trace.fmax_eV_per_A.append(fm)
-        step = len(trace.energies_eV) - 1
-        log.debug("%s step %d E=%.6f eV fmax=%.4g eV/A", stage, step, energy, fm,
-                  extra={"stage": stage, "step": step, "energy_eV": energy, "fmax_eV_per_A": fm})
-        progress.report(stage, step, max_steps, energy_eV=energy, fmax_eV_per_A=fm)
-        if progress.should_stop():
+        if record(len(trace.energies_eV), energy, fm):
             trace.stopped_early = True
 
     opt.attach(observe, interval=1)
@@ -119,7 +313,5 @@ def optimize(
     trace.converged = bool(converged) and not trace.stopped_early
     trace.steps = int(opt.nsteps)
     trace.final_fmax_eV_per_A = trace.fmax_eV_per_A[-1] if trace.fmax_eV_per_A else float("nan")
-    log.info("%s: %s after %d steps, fmax %.3g eV/A", stage, "converged" if trace.converged else "NOT converged",
-             trace.steps, trace.final_fmax_eV_per_A,
-             extra={"stage": stage, "steps": trace.steps, "converged": trace.converged})
+    _log_done(stage, trace)
     return trace
