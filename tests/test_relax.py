@@ -128,7 +128,7 @@ def test_result_serialisation_and_frame(cu_rattled: Atoms) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"fmax": -0.1}, "fmax must be > 0"),
+        ({"fmax": -0.1}, r"fmax must be in \(0"),
         ({"fmax": float("nan")}, "fmax must be finite"),
         ({"max_steps": 0}, "max_steps must be an integer >= 1"),
         ({"optimizer": "SGD"}, "optimizer must be one of FIRE, BFGS, LBFGS, MDMin"),

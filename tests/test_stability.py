@@ -117,7 +117,7 @@ def squeezed() -> Atoms:
 
 @pytest.mark.parametrize(("structure", "kw", "expect"), [
     (squeezed, {"relax_first": False}, "temperature"),
-    (lambda: cu(2), {"timestep_fs": 100.0}, "temperature"),
+    (lambda: cu(2), {"timestep_fs": 20.0, "temperature_K": 2000.0}, "at step"),  # 20 fs: the largest allowed
 ])
 def test_blowup_gives_unstable_with_reason_and_keeps_the_trace(structure, kw, expect):
     r = stability(structure(), "emt", nvt_steps=100, npt_steps=100, interval=10, **kw)

@@ -1,16 +1,23 @@
-"""One module per property; each exposes one function returning a typed result dataclass."""
+"""One module per property; each declares its parameters once (:mod:`matcalc.calculations.contract`) and
+exposes one function returning a typed result dataclass.
+
+Adding a property is one module (a :class:`~matcalc.calculations.contract.Property` named ``PROPERTY``
+and the function it makes) plus one line in :data:`PROPERTIES`.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matcalc.calculations.protocols import PROTOCOLS, protocol_names
+from matcalc.calculations.protocols import protocol_names
 from matcalc.calculations.relax import RelaxResult, relax
 from matcalc.calculations.results import Result, result_types, results_frame
 from matcalc.calculations.single_point import SinglePointResult, single_point
 
-# property name -> (module, function, result class); modules import lazily
+if TYPE_CHECKING:
+    from matcalc.calculations.contract import Property
+
 PROPERTIES: dict[str, tuple[str, str, str]] = {
     "single_point": ("matcalc.calculations.single_point", "single_point", "SinglePointResult"),
     "relax": ("matcalc.calculations.relax", "relax", "RelaxResult"),
@@ -19,50 +26,63 @@ PROPERTIES: dict[str, tuple[str, str, str]] = {
     "stability": ("matcalc.calculations.stability", "stability", "StabilityResult"),
     "interaction_energy": ("matcalc.calculations.interaction", "interaction_energy", "InteractionEnergyResult"),
 }
+"""The registry: property name -> (module, function, result class). Modules import lazily."""
 
-TASK_TYPES: dict[str, str] = {
-    "optimization": "relax",
-    "single-point": "single_point",
-    "bulk-modulus": "bulk_modulus",
-    "heat-capacity": "heat_capacity",
-    "stability": "stability",
-    "interaction-energy": "interaction_energy",
-}
-"""Task type of the REST API and the client (``POST /tasks/{type}``) -> property name in :data:`PROPERTIES`."""
+
+def properties() -> dict[str, Property[Any]]:
+    """Every property's declaration, by property name (imports the property modules)."""
+    return {name: importlib.import_module(module).PROPERTY for name, (module, _, _) in PROPERTIES.items()}
+
+
+def task_types() -> dict[str, str]:
+    """REST task type (``POST /tasks/{type}``, e.g. ``bulk-modulus``) -> property name."""
+    return {spec.task_type: name for name, spec in properties().items()}
+
+
+def get_property(name: str) -> Property[Any]:
+    """The declaration of a property by name (``bulk_modulus``) or task type (``bulk-modulus``, ``optimization``)."""
+    key = str(name).strip().lower()
+    specs = properties()
+    types = {spec.task_type: spec for spec in specs.values()}
+    found = specs.get(key.replace("-", "_")) or types.get(key) or types.get(key.replace("_", "-"))
+    if found is None:
+        raise ValueError(f"unknown property {name!r}; one of {', '.join(specs)}")
+    return found
 
 
 def property_function(name: str) -> Any:
-    """The calculation function of property ``name`` (e.g. ``"bulk_modulus"``)."""
-    key = name.replace("-", "_").lower()
-    if key == "optimization":
-        key = "relax"
-    if key not in PROPERTIES:
-        raise ValueError(f"unknown property {name!r}; one of {', '.join(PROPERTIES)}")
-    module, func, _ = PROPERTIES[key]
-    return getattr(importlib.import_module(module), func)
+    """The calculation function of property ``name`` (e.g. ``"bulk_modulus"`` or ``"bulk-modulus"``)."""
+    return get_property(name).function
 
 
 def load_all() -> None:
     """Import every property module (registers all result kinds for ``Result.from_dict``)."""
-    for module, _, _ in PROPERTIES.values():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    properties()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TASK_TYPES":
+        return task_types()
+    if name == "PROTOCOLS":
+        from matcalc.calculations.protocols import presets
+
+        return presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "PROPERTIES",
-    "PROTOCOLS",
     "RelaxResult",
     "Result",
     "SinglePointResult",
+    "get_property",
     "load_all",
+    "properties",
     "property_function",
     "protocol_names",
     "relax",
     "result_types",
     "results_frame",
     "single_point",
+    "task_types",
 ]

@@ -7,7 +7,6 @@ positions relaxed at fixed cell (FIRE), and an ``ase.eos.EquationOfState`` fit.
 
 from __future__ import annotations
 
-import logging
 import warnings as pywarnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,16 +16,13 @@ from ase import Atoms
 from ase.eos import EquationOfState
 from ase.units import GPa
 
-from matcalc.calculations import checks, protocols
-from matcalc.calculations.common import Prepared, map_threads, prepare
-from matcalc.calculations.optimize import check_optimizer_params, optimize
-from matcalc.calculations.results import Result
-from matcalc.models import Potential
+from matcalc.calculations.common import Prepared, map_threads
+from matcalc.calculations.contract import STEPS, Choice, Number, Param, PreRelax, Property, Run
+from matcalc.calculations.optimize import OPTIMIZERS, optimize
+from matcalc.calculations.results import PreRelaxedResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-
-log = logging.getLogger(__name__)
 
 EOS_TYPES = ("birchmurnaghan", "murnaghan", "vinet", "sj")
 """Equations of state accepted by :func:`bulk_modulus` (names as in ``ase.eos``)."""
@@ -35,7 +31,7 @@ MAX_MINIMUM_OFFSET = 0.01
 
 
 @dataclass(kw_only=True)
-class BulkModulusResult(Result):
+class BulkModulusResult(PreRelaxedResult):
     """Equation-of-state fit. Energies eV, volumes Å³, bulk modulus GPa.
 
     Fit quantities are NaN only when the fit failed, and then ``warnings`` says why.
@@ -56,9 +52,6 @@ class BulkModulusResult(Result):
     """Volume after the pre-relaxation (the input volume when ``relax_first=False``): the strain centre."""
     minimum_offset_percent: float
     """100·(V₀(fit) − relaxed volume) / relaxed volume."""
-    relax_converged: bool | None = None
-    """Pre-relaxation converged (``None`` when it was skipped)."""
-    relax_steps: int = 0
     points_converged: int = 0
     """Number of fixed-cell relaxations that reached ``fmax``."""
     volumes_A3: np.ndarray = field(repr=False)
@@ -165,115 +158,44 @@ def fit_eos(volumes: np.ndarray, energies: np.ndarray, eos: str) -> EOSFit:
     return out
 
 
-def check_eos_params(strain: Any, n_points: Any, eos: Any, fmax: Any) -> tuple[float, int, str]:
-    strain = checks.in_range("strain", strain, 0.0, 0.5, lo_open=True, hi_open=True)
-    n_points = checks.integer("n_points", n_points, minimum=5)
-    eos = checks.choice("eos", eos, EOS_TYPES)
-    checks.positive("fmax", fmax)
-    return strain, n_points, eos
-
-
-def bulk_modulus(
-    structure: Any,
-    model: str | Potential = "chgnet",
-    *,
-    strain: float | None = None,
-    n_points: int | None = None,
-    eos: str | None = None,
-    relax_first: bool | None = None,
-    fmax: float | None = None,
-    relax_max_steps: int | None = None,
-    relax_optimizer: str | None = None,
-    fixed_cell_max_steps: int | None = None,
-    fixed_cell_optimizer: str | None = None,
-    protocol: str | None = None,
-    device: str | None = None,
-) -> BulkModulusResult:
-    """Bulk modulus of ``structure`` with ``model`` from an E(V) fit.
-
-    Args:
-        structure: anything :func:`matcalc.load_structure` reads.
-        model: model name (``"chgnet"``, ``"emt"``, ``"chgnet+d3"``...) or a loaded Potential.
-        strain: volume strain range: volumes from (1 − strain)·V₀ to (1 + strain)·V₀; in (0, 0.5);
-            default 0.04.
-        n_points: number of volumes (>= 5); default 11 (``"fast"``: 7).
-        eos: ``birchmurnaghan`` (default), ``murnaghan``, ``vinet`` or ``sj``.
-        relax_first: relax positions and cell before straining (default True); V₀ is then the
-            relaxed volume, otherwise the input volume.
-        fmax: force threshold (eV/Å) of the pre-relaxation and of every fixed-cell relaxation;
-            default 1e-3 (``"fast"``: 0.05).
-        relax_max_steps: step limit of the pre-relaxation; default 1000.
-        relax_optimizer: optimizer of the pre-relaxation; default ``LBFGS``.
-        fixed_cell_max_steps: step limit of each fixed-cell relaxation; default 1000.
-        fixed_cell_optimizer: optimizer of the fixed-cell relaxations; default ``FIRE``.
-        protocol: ``"mofsimbench"`` (default) or ``"fast"``.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: a GPU if torch sees one.
-    """
-    name, params = protocols.resolve(
-        "bulk_modulus", protocol, strain=strain, n_points=n_points, eos=eos, relax_first=relax_first, fmax=fmax,
-        relax_max_steps=relax_max_steps, relax_optimizer=relax_optimizer,
-        fixed_cell_max_steps=fixed_cell_max_steps, fixed_cell_optimizer=fixed_cell_optimizer)
-    params["strain"], params["n_points"], params["eos"] = check_eos_params(
-        params["strain"], params["n_points"], params["eos"], params["fmax"])
-    params["relax_optimizer"] = check_optimizer_params(params["fmax"], params["relax_max_steps"],
-                                                       params["relax_optimizer"])
-    params["fixed_cell_optimizer"] = check_optimizer_params(params["fmax"], params["fixed_cell_max_steps"],
-                                                            params["fixed_cell_optimizer"])
-    params["relax_first"] = bool(params["relax_first"])
-    prep = prepare(structure, model, device)
-    warnings: list[str] = []
-
-    relax_converged: bool | None = None
-    relax_steps = 0
-    atoms = prep.atoms
-    if params["relax_first"]:
-        trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["relax_max_steps"],
-                         optimizer=params["relax_optimizer"], relax_cell=True, stage="relax")
-        relax_converged, relax_steps = trace.converged, trace.steps
-        if (w := trace.warning("pre-relaxation", params["fmax"])) is not None:
-            warnings.append(w)
-    reference = atoms.copy()
+def _compute(run: Run) -> dict[str, Any]:
+    p = run.params
+    reference = run.atoms.copy()
     reference.calc = None
     reference.set_constraint()
     v_ref = float(reference.get_volume())
 
-    factors = np.linspace(1.0 - params["strain"], 1.0 + params["strain"], params["n_points"])
-    points = map_threads(lambda item: _relax_strained(prep, reference, item[0], item[1], params),
+    factors = np.linspace(1.0 - p["strain"], 1.0 + p["strain"], p["n_points"])
+    points = map_threads(lambda item: _relax_strained(run.prep, reference, item[0], item[1], p),
                          list(enumerate(factors)))
-    volumes = np.array([p[0] for p in points])
-    energies = np.array([p[1] for p in points])
-    unconverged = [i for i, p in enumerate(points) if not p[2]]
+    volumes = np.array([pt[0] for pt in points])
+    energies = np.array([pt[1] for pt in points])
+    unconverged = [i for i, pt in enumerate(points) if not pt[2]]
     if unconverged:
-        warnings.append(f"{len(unconverged)} of {len(points)} fixed-cell relaxations did not reach fmax "
-                        f"{params['fmax']} eV/Å (points {unconverged})")
+        run.warnings.append(f"{len(unconverged)} of {len(points)} fixed-cell relaxations did not reach fmax "
+                            f"{p['fmax']} eV/Å (points {unconverged})")
 
-    fit = fit_eos(volumes, energies, params["eos"])
-    warnings += fit.messages
+    fit = fit_eos(volumes, energies, p["eos"])
+    run.warnings.extend(fit.messages)
     offset = 100.0 * (fit.v0 - v_ref) / v_ref
     if np.isfinite(offset) and abs(offset) > 100.0 * MAX_MINIMUM_OFFSET:
-        warnings.append(f"fitted minimum V0 = {fit.v0:.4g} Å³ lies {offset:+.2f}% from the "
-                        f"{'relaxed' if params['relax_first'] else 'input'} volume {v_ref:.4g} Å³ "
-                        f"(> {100 * MAX_MINIMUM_OFFSET:.0f}%): the E(V) curve is not centred on its minimum")
-    for w in warnings:
-        log.warning("bulk_modulus %s: %s", prep.label or prep.structure_hash[:8], w)
-
-    return BulkModulusResult(
-        **prep.common(name, params, warnings),
-        bulk_modulus_GPa=fit.b_GPa,
-        pressure_derivative=fit.b_prime,
-        equilibrium_volume_A3=fit.v0,
-        equilibrium_energy_eV=fit.e0,
-        fit_residual_eV=fit.residual_eV,
-        eos=params["eos"],
-        relaxed_volume_A3=v_ref,
-        minimum_offset_percent=float(offset),
-        relax_converged=relax_converged,
-        relax_steps=relax_steps,
-        points_converged=len(points) - len(unconverged),
-        volumes_A3=volumes,
-        energies_eV=energies,
-        eos_parameters=fit.parameters,
-    )
+        run.warnings.append(f"fitted minimum V0 = {fit.v0:.4g} Å³ lies {offset:+.2f}% from the "
+                            f"{'relaxed' if p['relax_first'] else 'input'} volume {v_ref:.4g} Å³ "
+                            f"(> {100 * MAX_MINIMUM_OFFSET:.0f}%): the E(V) curve is not centred on its minimum")
+    return {
+        "bulk_modulus_GPa": fit.b_GPa,
+        "pressure_derivative": fit.b_prime,
+        "equilibrium_volume_A3": fit.v0,
+        "equilibrium_energy_eV": fit.e0,
+        "fit_residual_eV": fit.residual_eV,
+        "eos": p["eos"],
+        "relaxed_volume_A3": v_ref,
+        "minimum_offset_percent": float(offset),
+        "points_converged": len(points) - len(unconverged),
+        "volumes_A3": volumes,
+        "energies_eV": energies,
+        "eos_parameters": fit.parameters,
+    }
 
 
 def _relax_strained(prep: Prepared, reference: Atoms, index: int, factor: float,
@@ -287,4 +209,30 @@ def _relax_strained(prep: Prepared, reference: Atoms, index: int, factor: float,
     return float(atoms.get_volume()), float(atoms.get_potential_energy()), trace.converged
 
 
-__all__ = ["EOS_TYPES", "BulkModulusResult", "bulk_modulus", "eos_energy", "fit_eos"]
+PROPERTY = Property(
+    name="bulk_modulus",
+    task_type="bulk-modulus",
+    summary="Bulk modulus of `structure` with `model` from an energy–volume fit (MOFSimBench protocol).",
+    details="""Pre-relax (LBFGS + `FrechetCellFilter`), then `n_points` volumes evenly spaced from
+    (1 − strain)·V₀ to (1 + strain)·V₀ (the cell scaled by s^(1/3) keeping its shape, fractional positions
+    kept), atomic positions relaxed at fixed cell (FIRE), and an `ase.eos.EquationOfState` fit.
+    V₀ is the relaxed volume (the input volume when `relax_first=False`).""",
+    result=BulkModulusResult,
+    params=(
+        Param("strain", Number(0.0, 0.5, lo_open=True, hi_open=True),
+              "volume strain: volumes from (1 − strain)·V₀ to (1 + strain)·V₀", default=0.04),
+        Param("n_points", Number(5, 101, integer=True), "number of volumes", default=11, presets={"fast": 7}),
+        Param("eos", Choice(EOS_TYPES), "equation of state (`ase.eos` name)", default="birchmurnaghan"),
+        Param("fixed_cell_max_steps", STEPS, "step limit of each fixed-cell relaxation", default=1000,
+              presets={"fast": 300}),
+        Param("fixed_cell_optimizer", Choice(tuple(OPTIMIZERS)), "optimizer of the fixed-cell relaxations",
+              default="FIRE"),
+    ),
+    prerelax=PreRelax(max_steps=1000, fast_max_steps=300,
+                      fmax_doc="force threshold of the pre-relaxation and of every fixed-cell relaxation"),
+    compute=_compute,
+)
+bulk_modulus = PROPERTY.function
+
+
+__all__ = ["EOS_TYPES", "PROPERTY", "BulkModulusResult", "bulk_modulus", "eos_energy", "fit_eos"]

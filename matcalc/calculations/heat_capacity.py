@@ -26,7 +26,6 @@ Conventions (documented choices):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,18 +34,13 @@ import numpy as np
 from ase import Atoms
 
 from matcalc import progress
-from matcalc.calculations import checks, protocols
-from matcalc.calculations.common import prepare
-from matcalc.calculations.optimize import check_optimizer_params, optimize
-from matcalc.calculations.results import Result
-from matcalc.models import Potential
+from matcalc.calculations.contract import Either, Number, Param, PreRelax, Property, Run, Vector
+from matcalc.calculations.results import PreRelaxedResult
 from matcalc.structures import mass_g_per_mol
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from phonopy import Phonopy
-
-log = logging.getLogger(__name__)
 
 IMAGINARY_TOLERANCE_THZ = 0.1
 """A mesh mode counts as imaginary below −this frequency (THz). Float32 models with 0.01 Å
@@ -58,7 +52,7 @@ GAS_CONSTANT_J_PER_K_MOL = 8.314462618
 
 
 @dataclass(kw_only=True)
-class HeatCapacityResult(Result):
+class HeatCapacityResult(PreRelaxedResult):
     """Harmonic thermal properties. Temperatures K; per mole of the input cell; per gram of it."""
 
     kind: ClassVar[str] = "heat_capacity"
@@ -80,10 +74,6 @@ class HeatCapacityResult(Result):
     max_drift_eV_per_A: float = 0.0
     """Largest |mean force| over the displaced supercells (subtracted before the force constants)."""
     mesh_numbers: list[int] = field(default_factory=list)
-    relax_converged: bool | None = None
-    relax_steps: int = 0
-    relaxed_structure: Atoms | None = field(default=None, repr=False)
-    """The structure the phonons were computed on (after the pre-relaxation)."""
     temperatures_K: np.ndarray = field(repr=False)
     cv_J_per_K_mol: np.ndarray = field(repr=False)
     cv_J_per_K_g: np.ndarray = field(repr=False)
@@ -108,106 +98,73 @@ class HeatCapacityResult(Result):
         ax.legend(fontsize="small")
 
 
-def check_phonon_params(supercell: Any, displacement: Any, mesh: Any, t_min: Any, t_max: Any, t_step: Any,
-                        fmax: Any) -> tuple[tuple[int, int, int], float, float | list[int], float, float, float]:
-    """Validate the phonon parameters; ``ValueError`` naming the first bad one."""
-    if isinstance(supercell, (str, bytes)) or not isinstance(supercell, Sequence | np.ndarray):
-        raise ValueError(f"supercell must be 3 positive integers, got {supercell!r}")
-    if len(supercell) != 3:
-        raise ValueError(f"supercell must be 3 positive integers, got {supercell!r}")
-    try:
-        sc = tuple(checks.integer("supercell", n, minimum=1) for n in supercell)
-    except ValueError:
-        raise ValueError(f"supercell must be 3 positive integers, got {supercell!r}") from None
-    displacement = checks.positive("displacement", displacement)
-    if isinstance(mesh, (str, bytes)):
-        raise ValueError(f"mesh must be a number >= 1 (length, Å) or 3 positive integers, got {mesh!r}")
-    if isinstance(mesh, Sequence | np.ndarray):
-        if len(mesh) != 3:
-            raise ValueError(f"mesh must be a number >= 1 (length, Å) or 3 positive integers, got {mesh!r}")
-        try:
-            mesh_value: float | list[int] = [checks.integer("mesh", m, minimum=1) for m in mesh]
-        except ValueError:
-            raise ValueError(f"mesh must be a number >= 1 (length, Å) or 3 positive integers, got {mesh!r}") \
-                from None
-    else:
-        mesh_value = checks.in_range("mesh", mesh, 1.0, float("inf"))
-    t_min = checks.non_negative("t_min", t_min)
-    t_max = checks.non_negative("t_max", t_max)
-    if t_max < t_min:
-        raise ValueError(f"t_max must be >= t_min ({t_min} K), got {t_max!r}")
-    t_step = checks.positive("t_step", t_step)
-    checks.positive("fmax", fmax)
-    return sc, displacement, mesh_value, t_min, t_max, t_step  # type: ignore[return-value]
+MAX_SUPERCELL_ATOMS = 3000
+"""Largest phonon supercell (atoms): phonopy's full force constants take 72 bytes per atom pair."""
+MAX_MESH_MODES = 50_000_000
+"""Largest q-point mesh, counted as q-points × bands (3 per atom of the cell): ~400 MB of frequencies."""
+MAX_TEMPERATURES = 100_001
+"""Largest number of temperatures ((t_max − t_min) / t_step + 1)."""
 
 
-def heat_capacity(
-    structure: Any,
-    model: str | Potential = "chgnet",
-    *,
-    supercell: Sequence[int] | None = None,
-    displacement: float | None = None,
-    mesh: float | Sequence[int] | None = None,
-    t_min: float | None = None,
-    t_max: float | None = None,
-    t_step: float | None = None,
-    relax_first: bool | None = None,
-    fmax: float | None = None,
-    relax_max_steps: int | None = None,
-    relax_optimizer: str | None = None,
-    protocol: str | None = None,
-    device: str | None = None,
-) -> HeatCapacityResult:
-    """Harmonic heat capacity, entropy and free energy of ``structure`` with ``model`` (phonopy).
+def check_temperatures(params: dict[str, Any]) -> None:
+    """``t_max >= t_min`` and at most :data:`MAX_TEMPERATURES` temperatures."""
+    if params["t_max"] < params["t_min"]:
+        raise ValueError(f"t_max must be >= t_min ({params['t_min']} K), got {params['t_max']!r}")
+    n = (params["t_max"] - params["t_min"]) / params["t_step"] + 1
+    if n > MAX_TEMPERATURES:
+        raise ValueError(f"t_step: {n:.0f} temperatures from t_min to t_max exceed the limit {MAX_TEMPERATURES}; "
+                         "use a larger t_step")
 
-    Args:
-        structure: anything :func:`matcalc.load_structure` reads.
-        model: model name (``"chgnet"``, ``"emt"``, ``"chgnet+d3"``...) or a loaded Potential.
-        supercell: diagonal supercell multiples for the displacements; default (1, 1, 1).
-        displacement: finite displacement (Å); default 0.01.
-        mesh: q-point mesh: a number is phonopy's length-based mesh density (Å, >= 1), three
-            integers an explicit mesh; default 100 (``"fast"``: 30).
-        t_min: lowest temperature (K); default 0.
-        t_max: highest temperature (K), >= t_min; default 1000.
-        t_step: temperature step (K), > 0; default 10.
-        relax_first: relax positions and cell first (default True).
-        fmax: force threshold of the pre-relaxation (eV/Å); default 1e-3 (``"fast"``: 0.05).
-        relax_max_steps: step limit of the pre-relaxation; default 5000 (``"fast"``: 500).
-        relax_optimizer: optimizer of the pre-relaxation; default ``BFGS``.
-        protocol: ``"mofsimbench"`` (default) or ``"fast"``.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: a GPU if torch sees one.
-    """
-    name, params = protocols.resolve(
-        "heat_capacity", protocol, supercell=supercell, displacement=displacement, mesh=mesh, t_min=t_min,
-        t_max=t_max, t_step=t_step, relax_first=relax_first, fmax=fmax, relax_max_steps=relax_max_steps,
-        relax_optimizer=relax_optimizer)
-    (params["supercell"], params["displacement"], params["mesh"], params["t_min"], params["t_max"],
-     params["t_step"]) = check_phonon_params(params["supercell"], params["displacement"], params["mesh"],
-                                             params["t_min"], params["t_max"], params["t_step"], params["fmax"])
-    params["relax_optimizer"] = check_optimizer_params(params["fmax"], params["relax_max_steps"],
-                                                       params["relax_optimizer"])
-    params["relax_first"] = bool(params["relax_first"])
-    prep = prepare(structure, model, device)
-    warnings: list[str] = []
 
-    atoms = prep.atoms
-    relax_converged: bool | None = None
-    relax_steps = 0
-    if params["relax_first"]:
-        trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["relax_max_steps"],
-                         optimizer=params["relax_optimizer"], relax_cell=True, stage="relax")
-        relax_converged, relax_steps = trace.converged, trace.steps
-        if (w := trace.warning("pre-relaxation", params["fmax"])) is not None:
-            warnings.append(w)
-    relaxed = atoms.copy()
+def mesh_numbers(atoms: Atoms, mesh: float | Sequence[int]) -> list[int]:
+    """The q-point mesh phonopy uses for ``atoms`` (length-based: phonopy's own ``length2mesh``)."""
+    if isinstance(mesh, (int, float)):
+        from phonopy.phonon.grid import length2mesh
+
+        return [int(n) for n in length2mesh(float(mesh), np.asarray(atoms.cell))]
+    return [int(n) for n in mesh]
+
+
+def check_phonon_size(params: dict[str, Any], atoms: Atoms) -> None:
+    """Refuse a supercell or q-point mesh too large to compute, before any model call."""
+    n_super = len(atoms) * int(np.prod(params["supercell"]))
+    if n_super > MAX_SUPERCELL_ATOMS:
+        raise ValueError(f"supercell {tuple(params['supercell'])} of {len(atoms)} atoms has {n_super} atoms "
+                         f"(limit {MAX_SUPERCELL_ATOMS})")
+    numbers = mesh_numbers(atoms, params["mesh"])
+    modes = int(np.prod(numbers)) * 3 * len(atoms)
+    if modes > MAX_MESH_MODES:
+        raise ValueError(f"mesh {params['mesh']!r} gives a {numbers[0]}x{numbers[1]}x{numbers[2]} q-point mesh with "
+                         f"{modes:.3g} modes (q-points × {3 * len(atoms)} bands; limit {MAX_MESH_MODES:.3g})")
+
+
+def phonon_params(*, mesh_default: float = 100.0, mesh_fast: float = 30.0) -> tuple[Param, ...]:
+    """The finite-displacement phonon parameters (supercell, displacement, q-point mesh, temperatures)."""
+    return (
+        Param("supercell", Vector(Number(1, 20, integer=True)), "diagonal supercell multiples of the displacements",
+              default=(1, 1, 1)),
+        Param("displacement", Number(0.0, 0.5, lo_open=True), "finite displacement", default=0.01, unit="Å"),
+        Param("mesh", Either(Number(1.0, 1000.0), Vector(Number(1, 1000, integer=True)),
+                             "a length (Å, 1–1000: phonopy's length-based mesh) or 3 integers 1–1000"),
+              "q-point mesh: phonopy's mesh density (a length) or an explicit mesh", default=mesh_default,
+              presets={"fast": mesh_fast}),
+        Param("t_min", Number(0.0, 10_000.0), "lowest temperature", default=0.0, unit="K"),
+        Param("t_max", Number(0.0, 10_000.0), "highest temperature (>= t_min)", default=1000.0, unit="K"),
+        Param("t_step", Number(0.0, 10_000.0, lo_open=True), "temperature step", default=10.0, unit="K"),
+    )
+
+
+def _compute(run: Run) -> dict[str, Any]:
+    p = run.params
+    relaxed = run.atoms.copy()
     relaxed.calc = None
     relaxed.set_constraint()
 
-    phonon = make_phonopy(relaxed, params["supercell"])
-    phonon.generate_displacements(distance=params["displacement"])
+    phonon = make_phonopy(relaxed, p["supercell"])
+    phonon.generate_displacements(distance=p["displacement"])
     supercells = [to_ase(s) for s in phonon.supercells_with_displacements or []]
     progress.report("phonons", 0, len(supercells))
-    evaluations = prep.evaluator.evaluate(supercells)
+    evaluations = run.prep.evaluator.evaluate(supercells)
     progress.report("phonons", len(supercells), len(supercells))
     forces = np.array([e.forces_eV_per_A for e in evaluations], dtype=float)
     drift = forces.mean(axis=1, keepdims=True)
@@ -215,52 +172,62 @@ def heat_capacity(
     max_drift = float(np.linalg.norm(drift, axis=2).max()) if len(forces) else 0.0
     phonon.forces = forces
     phonon.produce_force_constants()
-    qmesh = phonon.run_mesh(params["mesh"])
-    phonon.run_thermal_properties(t_min=params["t_min"], t_max=params["t_max"], t_step=params["t_step"],
+    qmesh = phonon.run_mesh(p["mesh"])
+    phonon.run_thermal_properties(t_min=p["t_min"], t_max=p["t_max"], t_step=p["t_step"],
                                   exclude_gamma_acoustic=True)
     tp = phonon.get_thermal_properties_dict()
 
     frequencies = np.asarray(qmesh.frequencies)
     n_imag, lowest = count_imaginary(np.asarray(qmesh.qpoints), frequencies, IMAGINARY_TOLERANCE_THZ)
     if n_imag:
-        warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest {lowest:.3f} "
-                        f"THz, tolerance −{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes excluded): the structure "
-                        "is not at a minimum of the model; imaginary modes are left out of the thermal properties")
+        run.warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest "
+                            f"{lowest:.3f} THz, tolerance −{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes "
+                            "excluded): the structure is not at a minimum of the model; imaginary modes are left "
+                            "out of the thermal properties")
 
     temperatures = np.asarray(tp["temperatures"], dtype=float)
     cv_mol = np.asarray(tp["heat_capacity"], dtype=float)
     molar_mass = mass_g_per_mol(relaxed)
-    cv_g = cv_mol / molar_mass
     if temperatures[0] <= REFERENCE_TEMPERATURE_K <= temperatures[-1]:
         cv300_mol = float(np.interp(REFERENCE_TEMPERATURE_K, temperatures, cv_mol))
     else:
         cv300_mol = float("nan")
-        warnings.append(f"300 K lies outside the temperature range {temperatures[0]:g}–{temperatures[-1]:g} K: "
-                        "cv_300K_J_per_K_g is NaN")
-    for w in warnings:
-        log.warning("heat_capacity %s: %s", prep.label or prep.structure_hash[:8], w)
+        run.warnings.append(f"300 K lies outside the temperature range {temperatures[0]:g}–{temperatures[-1]:g} K: "
+                            "cv_300K_J_per_K_g is NaN")
+    return {
+        "cv_300K_J_per_K_g": cv300_mol / molar_mass,
+        "cv_300K_J_per_K_mol": cv300_mol,
+        "molar_mass_g_per_mol": molar_mass,
+        "n_displacements": len(supercells),
+        "imaginary_modes": n_imag,
+        "mesh_modes": int(frequencies.size),
+        "lowest_frequency_THz": lowest,
+        "imaginary_tolerance_THz": IMAGINARY_TOLERANCE_THZ,
+        "max_drift_eV_per_A": max_drift,
+        "mesh_numbers": [int(n) for n in qmesh.mesh_numbers],
+        "temperatures_K": temperatures,
+        "cv_J_per_K_mol": cv_mol,
+        "cv_J_per_K_g": cv_mol / molar_mass,
+        "entropy_J_per_K_mol": np.asarray(tp["entropy"], dtype=float),
+        "free_energy_kJ_per_mol": np.asarray(tp["free_energy"], dtype=float),
+    }
 
-    return HeatCapacityResult(
-        **prep.common(name, params, warnings),
-        cv_300K_J_per_K_g=cv300_mol / molar_mass,
-        cv_300K_J_per_K_mol=cv300_mol,
-        molar_mass_g_per_mol=molar_mass,
-        n_displacements=len(supercells),
-        imaginary_modes=n_imag,
-        mesh_modes=int(frequencies.size),
-        lowest_frequency_THz=lowest,
-        imaginary_tolerance_THz=IMAGINARY_TOLERANCE_THZ,
-        max_drift_eV_per_A=max_drift,
-        mesh_numbers=[int(n) for n in qmesh.mesh_numbers],
-        relax_converged=relax_converged,
-        relax_steps=relax_steps,
-        relaxed_structure=relaxed,
-        temperatures_K=temperatures,
-        cv_J_per_K_mol=cv_mol,
-        cv_J_per_K_g=cv_g,
-        entropy_J_per_K_mol=np.asarray(tp["entropy"], dtype=float),
-        free_energy_kJ_per_mol=np.asarray(tp["free_energy"], dtype=float),
-    )
+
+PROPERTY = Property(
+    name="heat_capacity",
+    task_type="heat-capacity",
+    summary="Harmonic heat capacity, entropy and free energy of `structure` with `model` (phonopy).",
+    details="""Pre-relax (BFGS + `FrechetCellFilter`), then phonopy's finite displacements of the input cell
+    (`primitive_matrix="P"`), every displaced supercell evaluated in one batched request, force constants,
+    a q-point mesh and the harmonic thermal properties (per mole of the input cell and per gram).""",
+    result=HeatCapacityResult,
+    params=phonon_params(),
+    prerelax=PreRelax(max_steps=5000, fast_max_steps=500, optimizer="BFGS"),
+    compute=_compute,
+    check=check_temperatures,
+    check_structure=check_phonon_size,
+)
+heat_capacity = PROPERTY.function
 
 
 def make_phonopy(atoms: Atoms, supercell: Sequence[int]) -> Phonopy:
@@ -292,4 +259,5 @@ def count_imaginary(qpoints: np.ndarray, frequencies: np.ndarray, tolerance_THz:
     return int(np.sum(rest < -tolerance_THz)), float(rest.min())
 
 
-__all__ = ["IMAGINARY_TOLERANCE_THZ", "HeatCapacityResult", "count_imaginary", "heat_capacity", "make_phonopy"]
+__all__ = ["IMAGINARY_TOLERANCE_THZ", "PROPERTY", "HeatCapacityResult", "count_imaginary", "heat_capacity", "make_phonopy",
+           "mesh_numbers", "phonon_params"]

@@ -19,10 +19,10 @@ import numpy as np
 from ase import Atoms, units
 from ase.geometry import get_distances
 
-from matcalc.calculations import checks, protocols
-from matcalc.calculations.common import Prepared, prepare
+from matcalc.calculations import checks
+from matcalc.calculations.common import Prepared
+from matcalc.calculations.contract import Indices, Molecule, Number, Param, Property, Run, Vector
 from matcalc.calculations.results import Result
-from matcalc.models import Potential
 from matcalc.structures import load_structure, structure_hash, validate_structure
 
 if TYPE_CHECKING:
@@ -171,58 +171,25 @@ def _extent(guest: Atoms) -> float:
     return float(np.ptp(pos, axis=0).max()) if len(pos) > 1 else 0.0
 
 
-def interaction_energy(
-    complex_or_host: Any,
-    guest: Any = None,
-    model: str | Potential = "chgnet",
-    *,
-    guest_indices: Sequence[int] | np.ndarray | None = None,
-    guest_tag: int | None = None,
-    position: Sequence[float] | np.ndarray | None = None,
-    box_A: float | None = None,
-    protocol: str | None = None,
-    device: str | None = None,
-) -> InteractionEnergyResult:
-    """Interaction energy E(host+guest) − E(host) − E(isolated guest) from single points.
-
-    Two ways to give the guest:
-
-    * ``guest=None``: ``complex_or_host`` is the complex; the guest atoms are ``guest_indices``,
-      or the atoms tagged ``guest_tag``, or (neither given) every atom with a non-zero ASE tag
-      (GoldDAC convention: tag 0 = framework). The host is the complex without those atoms.
-    * ``guest`` = ``"CO2"``, ``"H2O"``, ``"N2"``, ``"CH4"`` (``ase.build.molecule`` geometry and
-      orientation) or Atoms/a structure: it is translated so that its centre of mass lies at
-      ``position`` (Cartesian Å; default: the pore centre, the grid point of the cell farthest
-      from every host atom, see :func:`pore_centre`) and added to the host.
-
-    The isolated guest sits in a cubic periodic box of edge ``box_A`` (Å; default 20 Å plus the
-    guest's extent), which must exceed the guest extent plus the model cutoff.
-
-    Raises:
-        ValueError: bad guest selection, unknown guest name, bad ``position`` or ``box_A``.
-        StructureError: the complex holds overlapping atoms (< 0.5 Å) or unsupported elements.
-    """
-    name, params = protocols.resolve("interaction_energy", protocol, box_A=box_A)
-    if guest is not None:
-        if guest_indices is not None or guest_tag is not None:
+def _check(params: dict[str, Any]) -> None:
+    if "guest" in params:
+        if "guest_indices" in params or "guest_tag" in params:
             raise ValueError("guest_indices/guest_tag select a guest inside a complex; "
                              "do not combine them with a separate guest molecule")
-        guest_atoms = guest_molecule(guest)
-        pos = None
-        if position is not None:
-            pos = np.asarray(position, dtype=float)
-            if pos.shape != (3,) or not np.all(np.isfinite(pos)):
-                raise ValueError(f"position must be 3 finite Cartesian coordinates (Å), got shape {pos.shape}")
-    elif position is not None:
+    elif "position" in params:
         raise ValueError("position places a separate guest molecule; with a complex give guest=None "
                          "and no position")
-    prep = prepare(complex_or_host, model, device)
-    potential = prep.potential
-    warnings: list[str] = []
+    if "guest_indices" in params and "guest_tag" in params:
+        raise ValueError("give either guest_indices or guest_tag, not both")
 
-    if guest is None:
+
+def _compute(run: Run) -> dict[str, Any]:
+    p = run.params
+    prep = run.prep
+    potential = prep.potential
+    if "guest" not in p:
         complex_atoms = prep.atoms
-        idx = _guest_selection(complex_atoms, guest_indices, guest_tag)
+        idx = _guest_selection(complex_atoms, p.get("guest_indices"), p.get("guest_tag"))
         guest_atoms = complex_atoms[idx]
         guest_atoms.pbc = False
         guest_atoms.cell = np.zeros((3, 3))
@@ -230,9 +197,10 @@ def interaction_energy(
         del host[idx]
         position_used = complex_atoms[idx].get_center_of_mass()
     else:
+        guest_atoms = guest_molecule(p["guest"])
         host = prep.atoms
         potential.check_elements(guest_atoms)
-        position_used = pore_centre(host) if pos is None else pos
+        position_used = pore_centre(host) if p.get("position") is None else np.asarray(p["position"], dtype=float)
         placed = guest_atoms.copy()
         placed.translate(position_used - placed.get_center_of_mass())
         placed.cell = host.cell
@@ -243,27 +211,26 @@ def interaction_energy(
         complex_atoms = host_tagged + placed
         validate_structure(complex_atoms)  # overlapping guest -> StructureError naming the distance
         idx = list(range(len(host), len(complex_atoms)))
-        prep = Prepared(complex_atoms, potential, prep.label, structure_hash(complex_atoms), prep.t0)
-    params["position_A"] = [float(x) for x in position_used]
+        run.prep = prep = Prepared(complex_atoms, potential, prep.label, structure_hash(complex_atoms), prep.t0)
+    p["position_A"] = [float(x) for x in position_used]
 
     extent = _extent(guest_atoms)
     cutoff = potential.cutoff_A or DEFAULT_CUTOFF_A
-    box = params.get("box_A")
+    box = p.get("box_A")
     if box is None:
         box = VACUUM_A + extent
-    box = checks.positive("box_A", box)
     if box <= extent + cutoff:
         raise ValueError(f"box_A must exceed the guest extent plus the model cutoff "
                          f"({extent:.2f} + {cutoff:.1f} Å), got {box}")
-    params["box_A"] = box
+    p["box_A"] = box
     guest_box = _box(guest_atoms, box)
 
     d = get_distances(complex_atoms.positions[idx], host.positions, cell=complex_atoms.cell,
                       pbc=complex_atoms.pbc)[1]
     dmin = float(d.min())
     if dmin < CLOSE_CONTACT_A:
-        warnings.append(f"guest atom {dmin:.2f} Å from a host atom (< {CLOSE_CONTACT_A} Å): "
-                        "unphysically close; E_int is dominated by repulsion")
+        run.warnings.append(f"guest atom {dmin:.2f} Å from a host atom (< {CLOSE_CONTACT_A} Å): "
+                            "unphysically close; E_int is dominated by repulsion")
 
     evs = prep.evaluator.evaluate([complex_atoms, host, guest_box])
     e_complex, e_host, e_guest = (float(e.energy_eV) for e in evs)
@@ -271,20 +238,56 @@ def interaction_energy(
     log.info("interaction energy %s: %.6f eV", guest_atoms.get_chemical_formula(), e_int)
     stored = complex_atoms.copy()
     stored.calc = None
-    return InteractionEnergyResult(
-        **prep.common(name, params, warnings),
-        interaction_energy_eV=e_int,
-        interaction_energy_kJ_per_mol=e_int * EV_TO_KJ_PER_MOL,
-        complex_energy_eV=e_complex,
-        host_energy_eV=e_host,
-        guest_energy_eV=e_guest,
-        forces_eV_per_A=np.asarray(evs[0].forces_eV_per_A, dtype=float),
-        guest_indices=list(idx),
-        guest_formula=guest_atoms.get_chemical_formula(mode="hill"),
-        min_host_guest_distance_A=dmin,
-        guest_box_A=box,
-        complex_structure=stored,
-    )
+    return {
+        "interaction_energy_eV": e_int,
+        "interaction_energy_kJ_per_mol": e_int * EV_TO_KJ_PER_MOL,
+        "complex_energy_eV": e_complex,
+        "host_energy_eV": e_host,
+        "guest_energy_eV": e_guest,
+        "forces_eV_per_A": np.asarray(evs[0].forces_eV_per_A, dtype=float),
+        "guest_indices": list(idx),
+        "guest_formula": guest_atoms.get_chemical_formula(mode="hill"),
+        "min_host_guest_distance_A": dmin,
+        "guest_box_A": box,
+        "complex_structure": stored,
+    }
 
 
-__all__ = ["GUEST_MOLECULES", "InteractionEnergyResult", "guest_molecule", "interaction_energy", "pore_centre"]
+PROPERTY = Property(
+    name="interaction_energy",
+    task_type="interaction-energy",
+    summary="Interaction energy E(host+guest) − E(host) − E(isolated guest) from single points.",
+    details="""Two ways to give the guest:
+
+    * `guest=None`: the structure is the complex; the guest atoms are `guest_indices`, or the atoms
+      tagged `guest_tag`, or (neither given) every atom with a non-zero ASE tag (GoldDAC convention:
+      tag 0 = framework). The host is the complex without those atoms.
+    * `guest` = `"CO2"`, `"H2O"`, `"N2"`, `"CH4"` (`ase.build.molecule` geometry and orientation) or
+      Atoms/a structure: it is translated so that its centre of mass lies at `position` (Cartesian Å;
+      default: the pore centre, the grid point of the cell farthest from every host atom, see
+      `pore_centre`) and added to the host.
+
+    The isolated guest sits in a cubic periodic box of edge `box_A` (default 20 Å plus the guest's
+    extent), which must exceed the guest extent plus the model cutoff. The three structures go to the
+    model as one batch.""",
+    result=InteractionEnergyResult,
+    structure_arg="complex_or_host",
+    positional=("guest",),
+    params=(
+        Param("guest", Molecule(GUEST_MOLECULES), "the guest molecule placed into the host (none: the structure "
+              "is the complex)"),
+        Param("guest_indices", Indices(), "indices of the guest atoms in the complex"),
+        Param("guest_tag", Number(0, 2**31 - 1, integer=True), "ASE tag of the guest atoms in the complex"),
+        Param("position", Vector(Number(-1e4, 1e4)), "where the guest's centre of mass goes (default: the "
+              "pore centre)", unit="Å"),
+        Param("box_A", Number(0.0, 1000.0, lo_open=True), "edge of the isolated guest's vacuum box (default "
+              "20 Å + the guest's extent)", unit="Å"),
+    ),
+    compute=_compute,
+    check=_check,
+)
+interaction_energy = PROPERTY.function
+
+
+__all__ = ["GUEST_MOLECULES", "PROPERTY", "InteractionEnergyResult", "guest_molecule", "interaction_energy",
+           "pore_centre"]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from ase import Atoms
 
-from matcalc.calculations import protocols
-from matcalc.calculations.common import prepare
-from matcalc.calculations.optimize import OPTIMIZERS, check_optimizer_params, fixed_mask, optimize
+from matcalc.calculations.contract import STEPS, Choice, Flag, Indices, Param, Property, Run, fmax_param
+from matcalc.calculations.optimize import OPTIMIZERS, fixed_mask, optimize
 from matcalc.calculations.results import Result
-from matcalc.models import Potential
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -68,44 +65,21 @@ def displacements(initial: Atoms, final: Atoms) -> np.ndarray:
     return disp - disp.mean(axis=0)
 
 
-def relax(
-    structure: Any,
-    model: str | Potential = "chgnet",
-    *,
-    fmax: float | None = None,
-    max_steps: int | None = None,
-    optimizer: str | None = None,
-    relax_cell: bool | None = None,
-    fixed_atoms: Sequence[int] | Sequence[bool] | np.ndarray | None = None,
-    protocol: str | None = None,
-    device: str | None = None,
-) -> RelaxResult:
-    """Relax positions (and the cell) of ``structure`` with ``model``.
-
-    Args:
-        structure: anything :func:`matcalc.load_structure` reads.
-        model: model name (``"chgnet"``, ``"emt"``, ``"chgnet+d3"``...) or a loaded Potential.
-        fmax: force convergence threshold (eV/Å); default 1e-3 (``"fast"``: 0.05).
-        max_steps: optimizer step limit; default 5000 (``"fast"``: 500).
-        optimizer: ``FIRE``, ``BFGS``, ``LBFGS`` (default) or ``MDMin``.
-        relax_cell: also relax the cell with ``FrechetCellFilter`` (default True).
-        fixed_atoms: indices or boolean mask of atoms to keep fixed.
-        protocol: ``"mofsimbench"`` (default) or ``"fast"``.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: a GPU if torch sees one.
-    """
-    name, params = protocols.resolve("relax", protocol, fmax=fmax, max_steps=max_steps, optimizer=optimizer,
-                                     relax_cell=relax_cell)
-    params["optimizer"] = check_optimizer_params(params["fmax"], params["max_steps"], params["optimizer"])
-    prep = prepare(structure, model, device)
-    mask = fixed_mask(prep.atoms, fixed_atoms)
+def _check_structure(params: dict[str, Any], atoms: Atoms) -> None:
+    mask = fixed_mask(atoms, params.get("fixed_atoms"))  # ValueError when out of range
     if mask is not None:
         params["fixed_atoms"] = np.flatnonzero(mask).tolist()
-    initial = prep.atoms.copy()
-    atoms = prep.atoms
-    trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["max_steps"],
-                     optimizer=params["optimizer"], relax_cell=bool(params["relax_cell"]), fixed=mask)
-    w = trace.warning("relaxation", params["fmax"])
-    warnings = [] if w is None else [w]
+
+
+def _compute(run: Run) -> dict[str, Any]:
+    p = run.params
+    mask = fixed_mask(run.atoms, p.get("fixed_atoms"))
+    initial = run.atoms.copy()
+    atoms = run.atoms
+    trace = optimize(atoms, run.calculator(), fmax=p["fmax"], max_steps=p["max_steps"], optimizer=p["optimizer"],
+                     relax_cell=p["relax_cell"], fixed=mask)
+    if (w := trace.warning("relaxation", p["fmax"])) is not None:
+        run.warnings.append(w)
     final = atoms.copy()
     final.calc = None
     disp = displacements(initial, final)
@@ -113,25 +87,45 @@ def relax(
     v0, v1 = initial.get_volume(), final.get_volume()
     a, b, c, alpha, beta, gamma = final.cell.cellpar()
     energies = np.asarray(trace.energies_eV)
-    return RelaxResult(
-        **prep.common(name, params, warnings),
-        converged=trace.converged,
-        steps=trace.steps,
-        initial_energy_eV=float(energies[0]),
-        final_energy_eV=float(energies[-1]),
-        final_energy_per_atom_eV=float(energies[-1]) / len(final),
-        final_fmax_eV_per_A=trace.final_fmax_eV_per_A,
-        initial_volume_A3=float(v0),
-        final_volume_A3=float(v1),
-        volume_change_percent=float(100.0 * (v1 - v0) / v0),
-        a_A=float(a), b_A=float(b), c_A=float(c),
-        alpha_deg=float(alpha), beta_deg=float(beta), gamma_deg=float(gamma),
-        rmsd_A=float(np.sqrt(np.mean(norms**2))),
-        max_displacement_A=float(norms.max()),
-        final_structure=final,
-        energies_eV=energies,
-        fmax_eV_per_A=np.asarray(trace.fmax_eV_per_A),
-    )
+    return {
+        "converged": trace.converged,
+        "steps": trace.steps,
+        "initial_energy_eV": float(energies[0]),
+        "final_energy_eV": float(energies[-1]),
+        "final_energy_per_atom_eV": float(energies[-1]) / len(final),
+        "final_fmax_eV_per_A": trace.final_fmax_eV_per_A,
+        "initial_volume_A3": float(v0),
+        "final_volume_A3": float(v1),
+        "volume_change_percent": float(100.0 * (v1 - v0) / v0),
+        "a_A": float(a), "b_A": float(b), "c_A": float(c),
+        "alpha_deg": float(alpha), "beta_deg": float(beta), "gamma_deg": float(gamma),
+        "rmsd_A": float(np.sqrt(np.mean(norms**2))),
+        "max_displacement_A": float(norms.max()),
+        "final_structure": final,
+        "energies_eV": energies,
+        "fmax_eV_per_A": np.asarray(trace.fmax_eV_per_A),
+    }
 
 
-__all__ = ["OPTIMIZERS", "RelaxResult", "displacements", "relax"]
+PROPERTY = Property(
+    name="relax",
+    task_type="optimization",
+    client_method="optimization",
+    summary="Relax positions (and the cell) of `structure` with `model`.",
+    details="""ASE optimizer (LBFGS by default, as MOFSimBench) on `FrechetCellFilter(atoms)` when the cell
+    relaxes; converged means max |F| <= `fmax` on every degree of freedom the optimizer sees.""",
+    result=RelaxResult,
+    params=(
+        fmax_param(),
+        Param("max_steps", STEPS, "optimizer step limit", default=5000, presets={"fast": 500}),
+        Param("optimizer", Choice(tuple(OPTIMIZERS)), "ASE optimizer", default="LBFGS"),
+        Param("relax_cell", Flag(), "also relax the cell (FrechetCellFilter)", default=True),
+        Param("fixed_atoms", Indices(mask=True), "atoms kept fixed (indices or a boolean mask)"),
+    ),
+    compute=_compute,
+    check_structure=_check_structure,
+)
+relax = PROPERTY.function
+
+
+__all__ = ["OPTIMIZERS", "PROPERTY", "RelaxResult", "displacements", "relax"]

@@ -152,6 +152,19 @@ class Result:
         ax.text(0.5, 0.5, f"{self.kind}: nothing to plot", ha="center", va="center", transform=ax.transAxes)
 
 
+@dataclass(kw_only=True)
+class PreRelaxedResult(Result):
+    """The fields of a property with a pre-relaxation (:class:`matcalc.calculations.contract.PreRelax`)."""
+
+    relax_converged: bool | None = None
+    """Pre-relaxation converged (``None`` when it was skipped: ``relax_first=False``)."""
+    relax_steps: int = 0
+    """Optimizer steps of the pre-relaxation."""
+    relaxed_structure: Atoms | None = field(default=None, repr=False)
+    """The structure the property's own step started from: after the pre-relaxation (the input when
+    ``relax_first=False``)."""
+
+
 def _figure(ax: Axes | None) -> tuple[Figure, Axes]:
     if ax is not None:
         return typing.cast("Figure", ax.figure), ax

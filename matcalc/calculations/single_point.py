@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from matcalc.calculations import protocols
-from matcalc.calculations.common import prepare
+from matcalc.calculations.contract import Property, Run
 from matcalc.calculations.results import Result
-from matcalc.models import EV_PER_A3_TO_GPA, Potential
+from matcalc.models import EV_PER_A3_TO_GPA
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,29 +37,37 @@ class SinglePointResult(Result):
         ax.set_title(f"{self.formula} ({self.model}): E = {self.energy_eV:.4f} eV")
 
 
-def single_point(structure: Any, model: str | Potential = "chgnet", *, device: str | None = None,
-                 protocol: str | None = None) -> SinglePointResult:
-    """Energy, forces and stress of ``structure`` with ``model`` (no relaxation).
-
-    Non-periodic structures are accepted (no stress is reported for them).
-    """
-    name, params = protocols.resolve("single_point", protocol)
-    prep = prepare(structure, model, device, require_cell=False)
-    ev = prep.evaluator.evaluate([prep.atoms])[0]
-    return single_point_result(prep.common(name, params), ev.energy_eV, ev.forces_eV_per_A, ev.stress_eV_per_A3)
+def _compute(run: Run) -> dict[str, Any]:
+    ev = run.prep.evaluator.evaluate([run.atoms])[0]
+    return single_point_fields(len(run.atoms), ev.energy_eV, ev.forces_eV_per_A, ev.stress_eV_per_A3)
 
 
-def single_point_result(common: dict[str, Any], energy_eV: float, forces: np.ndarray,
-                        stress_eV_per_A3: np.ndarray | None) -> SinglePointResult:
+PROPERTY = Property(
+    name="single_point",
+    task_type="single-point",
+    summary="Energy, forces and stress of `structure` with `model` (no relaxation).",
+    details="Non-periodic structures are accepted (no stress is reported for them).",
+    result=SinglePointResult,
+    params=(),
+    compute=_compute,
+    requires_cell=False,
+)
+single_point = PROPERTY.function
+
+
+def single_point_fields(n_atoms: int, energy_eV: float, forces: np.ndarray,
+                        stress_eV_per_A3: np.ndarray | None) -> dict[str, Any]:
+    """The :class:`SinglePointResult` fields of one evaluation (stress converted to GPa)."""
     forces = np.asarray(forces, dtype=float)
     stress = None if stress_eV_per_A3 is None else np.asarray(stress_eV_per_A3, dtype=float) * EV_PER_A3_TO_GPA
-    n = common["n_atoms"]
-    return SinglePointResult(
-        **common,
-        energy_eV=float(energy_eV),
-        energy_per_atom_eV=float(energy_eV) / n,
-        forces_eV_per_A=forces,
-        stress_GPa=stress,
-        max_force_eV_per_A=float(np.linalg.norm(forces, axis=1).max()) if n else 0.0,
-        pressure_GPa=None if stress is None else float(-stress[:3].mean()),
-    )
+    return {
+        "energy_eV": float(energy_eV),
+        "energy_per_atom_eV": float(energy_eV) / n_atoms,
+        "forces_eV_per_A": forces,
+        "stress_GPa": stress,
+        "max_force_eV_per_A": float(np.linalg.norm(forces, axis=1).max()) if n_atoms else 0.0,
+        "pressure_GPa": None if stress is None else float(-stress[:3].mean()),
+    }
+
+
+__all__ = ["PROPERTY", "SinglePointResult", "single_point", "single_point_fields"]

@@ -13,7 +13,6 @@ import logging
 import math
 import warnings as pywarnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -25,12 +24,9 @@ from ase.md.nose_hoover_chain import IsotropicMTKNPT
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
 from matcalc import progress
-from matcalc.calculations import checks, protocols
-from matcalc.calculations.common import prepare
-from matcalc.calculations.optimize import optimize
+from matcalc.calculations.contract import Choice, FilePath, Number, Param, PreRelax, Property, Run
 from matcalc.calculations.relax import displacements
-from matcalc.calculations.results import Result, _figure
-from matcalc.models import Potential
+from matcalc.calculations.results import PreRelaxedResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -47,6 +43,8 @@ BLOWUP_MIN_DISTANCE_A = 0.5
 """Two atoms closer than this (Å) end the run as a blow-up."""
 DISTANCE_CHECK_EVERY = 10
 """Interatomic distances are checked every this many steps (and at every recorded frame)."""
+MD_STEPS = Number(0, 10_000_000, integer=True)
+"""MD step counts (10⁷ steps = 10 ns at 1 fs)."""
 MAX_COORDINATION_SITES = 64
 """CrystalNN runs on at most this many metal sites (the first ones), to keep it cheap."""
 
@@ -57,7 +55,7 @@ def blowup_temperature_K(target_K: float) -> float:
 
 
 @dataclass(kw_only=True)
-class StabilityResult(Result):
+class StabilityResult(PreRelaxedResult):
     """Outcome of an MD stability run. Time ps, volumes Å³, temperatures K, energies eV, lengths Å.
 
     Traces hold one entry per recorded frame; frame 0 is the (relaxed) start at t = 0.
@@ -75,9 +73,6 @@ class StabilityResult(Result):
     """MD steps run (NVT + NPT)."""
     total_steps: int
     """MD steps requested (NVT + NPT, NPT counted only for ``ensemble="npt"``)."""
-    relax_converged: bool | None = None
-    """Pre-relaxation converged (``None`` when ``relax_first=False``)."""
-    relax_steps: int = 0
     initial_volume_A3: float
     """Volume of the input structure."""
     final_volume_A3: float
@@ -184,7 +179,7 @@ class _Run:
         a = self.atoms
         epot = _safe(a.get_potential_energy)
         ekin = float(a.get_kinetic_energy())
-        temp = float(a.get_temperature())
+        temp = temperature_K(a)
         vol = float(a.get_volume())
         with np.errstate(invalid="ignore"):
             norms = np.linalg.norm(displacements(self.reference, a), axis=1)
@@ -210,7 +205,7 @@ class _Run:
         forces = a.get_forces()
         if not np.all(np.isfinite(forces)) or not np.all(np.isfinite(a.positions)):
             return f"non-finite forces or positions at step {self.step}"
-        temp = float(a.get_temperature())
+        temp = temperature_K(a)
         if not temp <= self.t_limit:
             return f"temperature {temp:.0f} K above {self.t_limit:.0f} K at step {self.step}"
         dv = 100.0 * (a.get_volume() - self.v_input) / self.v_input
@@ -253,6 +248,14 @@ class _Run:
             self.reason = f"{stage} failed at step {self.step + 1}: {type(exc).__name__}: {exc}"
             return False
         return True
+
+
+def temperature_K(atoms: Atoms) -> float:
+    """Kinetic temperature (K) over the degrees of freedom the constraints leave; 0 K when none is left
+    (one atom with its centre of mass fixed), where ASE's ``get_temperature`` divides by zero."""
+    if atoms.get_number_of_degrees_of_freedom() <= 0:
+        return 0.0
+    return float(atoms.get_temperature())
 
 
 def _safe(getter: Any) -> float:
@@ -321,149 +324,81 @@ def _drift(time_ps: np.ndarray, energy_per_atom: np.ndarray) -> float:
     return float(np.polyfit(time_ps[ok], energy_per_atom[ok], 1)[0])
 
 
-def check_md_params(params: dict[str, Any]) -> None:
-    """Validate (and normalise in place) the MD parameters; ``ValueError`` naming the parameter."""
-    params["temperature_K"] = checks.positive("temperature_K", params["temperature_K"])
-    params["timestep_fs"] = checks.positive("timestep_fs", params["timestep_fs"])
-    params["nvt_steps"] = checks.integer("nvt_steps", params["nvt_steps"], minimum=0)
-    params["npt_steps"] = checks.integer("npt_steps", params["npt_steps"], minimum=0)
-    params["pressure_bar"] = checks.in_range("pressure_bar", params["pressure_bar"], -1e6, 1e6)
-    params["friction_per_fs"] = checks.positive("friction_per_fs", params["friction_per_fs"])
-    params["tdamp_fs"] = checks.positive("tdamp_fs", params["tdamp_fs"])
-    params["pdamp_fs"] = checks.positive("pdamp_fs", params["pdamp_fs"])
-    params["ensemble"] = checks.choice("ensemble", params["ensemble"], ENSEMBLES)
-    params["interval"] = checks.integer("interval", params["interval"], minimum=1)
-    params["seed"] = checks.integer("seed", params["seed"], minimum=0)
-    params["relax_first"] = bool(params["relax_first"])
-    params["fmax"] = checks.positive("fmax", params["fmax"])
-    params["relax_max_steps"] = checks.integer("relax_max_steps", params["relax_max_steps"], minimum=1)
-
-
-def stability(
-    structure: Any,
-    model: str | Potential = "chgnet",
-    *,
-    temperature_K: float | None = None,
-    timestep_fs: float | None = None,
-    nvt_steps: int | None = None,
-    npt_steps: int | None = None,
-    pressure_bar: float | None = None,
-    friction_per_fs: float | None = None,
-    tdamp_fs: float | None = None,
-    pdamp_fs: float | None = None,
-    ensemble: str | None = None,
-    interval: int | None = None,
-    seed: int | None = None,
-    relax_first: bool | None = None,
-    fmax: float | None = None,
-    relax_max_steps: int | None = None,
-    trajectory: str | Path | None = None,
-    protocol: str | None = None,
-    device: str | None = None,
-) -> StabilityResult:
-    """Run the MOFSimBench MD stability protocol on ``structure`` with ``model``.
-
-    Positions-only LBFGS pre-relaxation (cell fixed) -> velocities from Maxwell–Boltzmann
-    (seeded numpy Generator; centre-of-mass momentum and rotation removed) -> Langevin NVT
-    (centre of mass fixed) -> isotropic MTK NPT (``ase.md.nose_hoover_chain.IsotropicMTKNPT``).
-    A blow-up (non-finite energy/forces, atoms < 0.5 Å apart, |ΔV| > 50 %, temperature above
-    3·T + 1000 K, or the model failing) ends the run with ``stable=False`` and a ``reason``;
-    the trace up to that point is kept. A stop request (``progress.reporting(stop=...)``) ends
-    the run early with ``stopped_early=True`` (``stable`` then judges the partial run).
-
-    Args:
-        structure: anything :func:`matcalc.load_structure` reads (3D periodic).
-        model: model name or a loaded Potential.
-        temperature_K: target temperature (K), > 0; default 300.
-        timestep_fs: MD time step (fs); default 1.
-        nvt_steps: Langevin NVT steps; default 1000 (``"fast"``: 200).
-        npt_steps: MTK NPT steps; default 50 000 (``"fast"``: 2000).
-        pressure_bar: external pressure (bar); default 1.
-        friction_per_fs: Langevin friction (1/fs); default 0.01.
-        tdamp_fs: NPT thermostat time constant (fs); default 100.
-        pdamp_fs: NPT barostat time constant (fs); default 1000.
-        ensemble: ``"npt"`` (NVT then NPT, default) or ``"nvt"`` (stop after NVT).
-        interval: record a frame (and report progress) every this many steps; default 100.
-        seed: seed of the velocities and the Langevin noise; default 0.
-        relax_first: pre-relax positions (LBFGS, cell fixed); default True.
-        fmax: pre-relaxation force threshold (eV/Å); default 1e-3 (``"fast"``: 0.05).
-        relax_max_steps: pre-relaxation step limit; default 1000 (``"fast"``: 300).
-        trajectory: write an ASE trajectory (one image per recorded frame) to this path.
-        protocol: ``"mofsimbench"`` (default) or ``"fast"``.
-        device: ``"cpu"``, ``"cuda"``...; default: a GPU if torch sees one.
-    """
-    name, params = protocols.resolve(
-        "stability", protocol, temperature_K=temperature_K, timestep_fs=timestep_fs, nvt_steps=nvt_steps,
-        npt_steps=npt_steps, pressure_bar=pressure_bar, friction_per_fs=friction_per_fs, tdamp_fs=tdamp_fs,
-        pdamp_fs=pdamp_fs, ensemble=ensemble, interval=interval, seed=seed, relax_first=relax_first, fmax=fmax,
-        relax_max_steps=relax_max_steps)
-    check_md_params(params)
+def _check(params: dict[str, Any]) -> None:
     if params["ensemble"] == "nvt":
         params["npt_steps"] = 0
-    traj_path = Path(trajectory).expanduser() if trajectory is not None else None
-    if traj_path is not None and not traj_path.parent.is_dir():
-        raise ValueError(f"trajectory: directory {traj_path.parent} does not exist")
-    prep = prepare(structure, model, device)
-    atoms = prep.atoms
-    warnings: list[str] = []
-    if atoms.constraints:
-        warnings.append("constraints of the input structure were removed (MTK NPT does not support them)")
-        atoms.set_constraint()
-    v_input = float(atoms.get_volume())
-    atoms.calc = prep.calculator()
 
-    relax_converged: bool | None = None
-    relax_steps = 0
-    stopped = False
-    if params["relax_first"]:
-        opt = optimize(atoms, atoms.calc, fmax=params["fmax"], max_steps=params["relax_max_steps"],
-                       optimizer="LBFGS", relax_cell=False, stage="relax")
-        relax_converged, relax_steps, stopped = opt.converged, opt.steps, opt.stopped_early
-        if not stopped and (w := opt.warning("pre-relaxation", params["fmax"])) is not None:
-            warnings.append(w)
+
+def _setup(run: Run) -> None:
+    if run.atoms.constraints:
+        run.warnings.append("constraints of the input structure were removed (MTK NPT does not support them)")
+        run.atoms.set_constraint()
+
+
+def _remove_rotation(atoms: Atoms) -> None:
+    """ASE's ``ZeroRotation`` on a non-periodic copy (ASE warns that the inertia tensor ignores PBC), skipped
+    when the inertia tensor is singular (one atom, or all atoms on a line): there is no rotation to remove
+    and inverting it would turn every velocity into NaN."""
+    spin = atoms.copy()
+    spin.pbc = False
+    inertia = np.linalg.eigvalsh(np.asarray(spin.get_moments_of_inertia(vectors=True)[0]) * np.eye(3))
+    if len(atoms) < 3 or not np.all(inertia > 1e-8 * max(1.0, float(inertia.max()))):
+        return
+    ZeroRotation(spin)
+    atoms.set_momenta(spin.get_momenta())
+
+
+def _compute(run: Run) -> dict[str, Any]:
+    p = run.params
+    atoms = run.atoms
+    warnings = run.warnings
+    v_input = float(atoms.get_volume())  # the pre-relaxation keeps the cell
+    atoms.calc = run.calculator()
+    stopped = run.relaxation is not None and run.relaxation.stopped_early
     reference = atoms.copy()
     reference.calc = None
     coord_before = _coordination(reference, "relaxed start", warnings)
 
-    t_target = params["temperature_K"]
-    rng = np.random.default_rng(params["seed"])
-    MaxwellBoltzmannDistribution(atoms, temperature_K=t_target, rng=rng)
-    Stationary(atoms)
-    spin = atoms.copy()  # non-periodic copy: ASE warns that the inertia tensor ignores PBC
-    spin.pbc = False
-    ZeroRotation(spin)
-    atoms.set_momenta(spin.get_momenta())
+    t_target = p["temperature_K"]
+    rng = np.random.default_rng(p["seed"])
+    if len(atoms) > 1:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=t_target, rng=rng)
+        Stationary(atoms)
+        _remove_rotation(atoms)
+    else:  # ASE's Stationary rescales a zero kinetic energy to the old temperature: NaN velocities
+        warnings.append("one atom: no internal degrees of freedom, so it stays at rest (0 K) and only the cell "
+                        "responds to the pressure (NPT)")
 
-    nvt, npt = params["nvt_steps"], params["npt_steps"]
+    nvt, npt = p["nvt_steps"], p["npt_steps"]
     total = nvt + npt
     writer = None
-    if traj_path is not None:
+    if p.get("trajectory") is not None:
         from ase.io import Trajectory
 
-        writer = Trajectory(str(traj_path), "w")
-    run = _Run(atoms, reference, v_input, params, writer)
+        writer = Trajectory(p["trajectory"], "w")
+    md = _Run(atoms, reference, v_input, p, writer)
     try:
-        run.record("start")
+        md.record("start")
         stopped = stopped or (total > 0 and progress.should_stop())
-        run.stopped = stopped
+        md.stopped = stopped
         ok = not stopped
         if ok and nvt:
             atoms.set_constraint(FixCom())
-            dyn = Langevin(atoms, timestep=params["timestep_fs"] * units.fs, temperature_K=t_target,
-                           friction=params["friction_per_fs"] / units.fs, fixcm=False, rng=rng)
-            ok = run.run_stage(dyn, "nvt", nvt, total)
+            dyn = Langevin(atoms, timestep=p["timestep_fs"] * units.fs, temperature_K=t_target,
+                           friction=p["friction_per_fs"] / units.fs, fixcm=False, rng=rng)
+            ok = md.run_stage(dyn, "nvt", nvt, total)
             atoms.set_constraint()
         if ok and npt:
-            dyn = IsotropicMTKNPT(atoms, timestep=params["timestep_fs"] * units.fs, temperature_K=t_target,
-                                  pressure_au=params["pressure_bar"] * units.bar, tdamp=params["tdamp_fs"] * units.fs,
-                                  pdamp=params["pdamp_fs"] * units.fs)
-            ok = run.run_stage(dyn, "npt", npt, total)
+            dyn = IsotropicMTKNPT(atoms, timestep=p["timestep_fs"] * units.fs, temperature_K=t_target,
+                                  pressure_au=p["pressure_bar"] * units.bar, tdamp=p["tdamp_fs"] * units.fs,
+                                  pdamp=p["pdamp_fs"] * units.fs)
+            ok = md.run_stage(dyn, "npt", npt, total)
     finally:
         atoms.set_constraint()
         if writer is not None:
             writer.close()
 
-    t = run.trace
+    t = md.trace
     time_ps = np.asarray(t.time_ps)
     volumes = np.asarray(t.volume_A3)
     temps = np.asarray(t.temperature_K)
@@ -473,14 +408,14 @@ def stability(
     if last_stage == "start":
         tail = np.array([0])
     dv = float(100.0 * (volumes[-1] - v_input) / v_input)
-    reason = run.reason
+    reason = md.reason
     if not reason and not abs(dv) <= MAX_VOLUME_CHANGE_PERCENT:
         reason = f"volume changed by {dv:+.2f} % (> {MAX_VOLUME_CHANGE_PERCENT:.0f} %)"
-    blown_up = bool(run.reason)
-    if run.stopped:
-        warnings.append(f"stopped early after {run.step} of {total} MD steps")
+    blown_up = bool(md.reason)
+    if md.stopped:
+        warnings.append(f"stopped early after {md.step} of {total} MD steps")
     if blown_up:
-        warnings.append(f"run ended: {run.reason}")
+        warnings.append(f"run ended: {md.reason}")
 
     final = atoms.copy()
     final.calc = None
@@ -491,37 +426,70 @@ def stability(
     else:
         coord_after = _coordination(final, "last frame", warnings)
     changed = sorted(i for i in coord_before if i in coord_after and coord_before[i] != coord_after[i])
-    params["trajectory"] = str(traj_path) if traj_path is not None else None
-
-    return StabilityResult(
-        **prep.common(name, params, warnings),
-        stable=not reason,
-        reason=reason,
-        stopped_early=run.stopped,
-        steps_completed=run.step,
-        total_steps=total,
-        relax_converged=relax_converged,
-        relax_steps=relax_steps,
-        initial_volume_A3=v_input,
-        final_volume_A3=float(volumes[-1]),
-        volume_change_percent=dv,
-        mean_temperature_K=float(np.mean(temps[tail])),
-        final_rmsd_A=float(t.rmsd_A[-1]),
-        max_displacement_A=float(np.max(t.max_disp_A)),
-        energy_drift_eV_per_atom_per_ps=_drift(time_ps[tail], etot[tail] / len(atoms)),
-        coordination_before=coord_before,
-        coordination_after=coord_after,
-        coordination_changed=changed,
-        time_ps=time_ps,
-        volume_A3=volumes,
-        temperature_K=temps,
-        potential_energy_eV=np.asarray(t.potential_energy_eV),
-        total_energy_eV=etot,
-        rmsd_A=np.asarray(t.rmsd_A),
-        stages=list(t.stages),
-        trajectory=str(traj_path) if traj_path is not None else None,
-        final_structure=final,
-    )
+    return {
+        "stable": not reason,
+        "reason": reason,
+        "stopped_early": md.stopped,
+        "steps_completed": md.step,
+        "total_steps": total,
+        "initial_volume_A3": v_input,
+        "final_volume_A3": float(volumes[-1]),
+        "volume_change_percent": dv,
+        "mean_temperature_K": float(np.mean(temps[tail])),
+        "final_rmsd_A": float(t.rmsd_A[-1]),
+        "max_displacement_A": float(np.max(t.max_disp_A)),
+        "energy_drift_eV_per_atom_per_ps": _drift(time_ps[tail], etot[tail] / len(atoms)),
+        "coordination_before": coord_before,
+        "coordination_after": coord_after,
+        "coordination_changed": changed,
+        "time_ps": time_ps,
+        "volume_A3": volumes,
+        "temperature_K": temps,
+        "potential_energy_eV": np.asarray(t.potential_energy_eV),
+        "total_energy_eV": etot,
+        "rmsd_A": np.asarray(t.rmsd_A),
+        "stages": list(t.stages),
+        "trajectory": p.get("trajectory"),
+        "final_structure": final,
+    }
 
 
-__all__ = ["ENSEMBLES", "MAX_VOLUME_CHANGE_PERCENT", "StabilityResult", "metal_coordination", "stability"]
+PROPERTY = Property(
+    name="stability",
+    task_type="stability",
+    summary="Run the MOFSimBench MD stability protocol on `structure` with `model`.",
+    details="""Positions-only LBFGS pre-relaxation (cell fixed) -> velocities from Maxwell–Boltzmann
+    (seeded numpy Generator; centre-of-mass momentum and rotation removed) -> Langevin NVT
+    (centre of mass fixed) -> isotropic MTK NPT (`ase.md.nose_hoover_chain.IsotropicMTKNPT`).
+    A blow-up (non-finite energy/forces, atoms < 0.5 Å apart, |ΔV| > 50 %, temperature above
+    3·T + 1000 K, or the model failing) ends the run with `stable=False` and a `reason`;
+    the trace up to that point is kept. A stop request (`progress.reporting(stop=...)`) ends
+    the run early with `stopped_early=True` (`stable` then judges the partial run).""",
+    result=StabilityResult,
+    params=(
+        Param("temperature_K", Number(0.0, 10_000.0, lo_open=True), "target temperature", default=300.0, unit="K"),
+        Param("timestep_fs", Number(0.0, 20.0, lo_open=True), "MD time step", default=1.0, unit="fs"),
+        Param("nvt_steps", MD_STEPS, "Langevin NVT steps", default=1000, presets={"fast": 200}),
+        Param("npt_steps", MD_STEPS, "MTK NPT steps (0 with `ensemble=\"nvt\"`)", default=50_000,
+              presets={"fast": 2000}),
+        Param("pressure_bar", Number(-1e5, 1e6), "external pressure", default=1.0, unit="bar"),
+        Param("friction_per_fs", Number(0.0, 10.0, lo_open=True), "Langevin friction", default=0.01, unit="1/fs"),
+        Param("tdamp_fs", Number(0.0, 1e6, lo_open=True), "NPT thermostat time constant", default=100.0, unit="fs"),
+        Param("pdamp_fs", Number(0.0, 1e7, lo_open=True), "NPT barostat time constant", default=1000.0, unit="fs"),
+        Param("ensemble", Choice(ENSEMBLES), "`npt` (NVT then NPT) or `nvt` (stop after NVT)", default="npt"),
+        Param("interval", Number(1, 10_000_000, integer=True), "record a frame (and report progress) every this "
+              "many steps", default=100, presets={"fast": 20}),
+        Param("seed", Number(0, 2**32 - 1, integer=True), "seed of the velocities and the Langevin noise",
+              default=0),
+        Param("trajectory", FilePath(), "write an ASE trajectory (one image per recorded frame) here",
+              remote=False),
+    ),
+    prerelax=PreRelax(max_steps=1000, fast_max_steps=300, relax_cell=False, choose_optimizer=False),
+    compute=_compute,
+    check=_check,
+    setup=_setup,
+)
+stability = PROPERTY.function
+
+
+__all__ = ["ENSEMBLES", "MAX_VOLUME_CHANGE_PERCENT", "PROPERTY", "StabilityResult", "metal_coordination", "stability"]

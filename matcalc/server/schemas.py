@@ -1,25 +1,29 @@
 """Pydantic schemas of the REST API: the envelope, task requests per type, and responses.
 
-Every response is an :class:`Envelope`; every parameter has its unit in its name and the same
-meaning (and default from the protocol when omitted) as the Python function's keyword.
+Every response is an :class:`Envelope`. The task request models are derived from each property's
+declaration (:mod:`matcalc.calculations.contract`): the same parameters, checks, units and protocol
+defaults as the Python function's keywords.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
+
+from matcalc.calculations import properties
+from matcalc.calculations.contract import DEFAULT_PROTOCOL, PROTOCOL_NAMES, Param, Property
+from matcalc.calculations.interaction import GUEST_MOLECULES
 
 T = TypeVar("T")
 
 PriorityName = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
 StatusName = Literal["PENDING", "QUEUED", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"]
 FormatName = Literal["cif", "vasp", "poscar", "xyz", "extxyz"]
-OptimizerName = Literal["FIRE", "BFGS", "LBFGS", "MDMin"]
 NotifyEvent = Literal["task.started", "task.progress", "task.completed", "task.failed", "task.cancelled",
                       "task.timeout"]
-GAS_NAMES = ("CO2", "H2O", "N2", "CH4")
+GAS_NAMES = GUEST_MOLECULES
 
 
 def _builtin_names() -> tuple[str, ...]:
@@ -29,11 +33,6 @@ def _builtin_names() -> tuple[str, ...]:
 
 
 BuiltinName = Literal[_builtin_names()]  # type: ignore[valid-type]
-
-PosInt = Annotated[int, Field(ge=1, le=10_000_000)]
-Steps = Annotated[int, Field(ge=0, le=10_000_000)]
-Fmax = Annotated[float, Field(gt=0, le=100, description="force convergence threshold (eV/Å)")]
-
 
 # ----------------------------------------------------------------------------- envelope
 class Envelope(BaseModel, Generic[T]):
@@ -67,7 +66,8 @@ class TaskRequestBase(BaseModel):
     builtin: BuiltinName | None = Field(None, description="name of a structure shipped with matcalc "
                                                           "(GET /structures/builtin)")
     model: str = Field("chgnet", min_length=1, max_length=128, description="model name (GET /models)")
-    protocol: Literal["mofsimbench", "fast"] | None = Field(None, description="parameter preset (default mofsimbench)")
+    protocol: Literal[PROTOCOL_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description=f"parameter preset (default {DEFAULT_PROTOCOL})")
     priority: PriorityName = "NORMAL"
     timeout_s: float | None = Field(None, gt=0, le=30 * 86400, description="wall-clock limit once running (s)")
     label: str | None = Field(None, max_length=256)
@@ -100,112 +100,49 @@ class TaskRequestBase(BaseModel):
         return {k: v for k, v in self.model_dump(exclude_none=True).items() if k not in _COMMON and k != "type"}
 
 
-class OptimizationRequest(TaskRequestBase):
-    """Relax positions (and cell): ``matcalc.relax``."""
-
-    type: Literal["optimization"] = "optimization"
-    fmax: Fmax | None = None
-    max_steps: PosInt | None = None
-    optimizer: OptimizerName | None = None
-    relax_cell: bool | None = None
-    fixed_atoms: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=100_000,
-                                                                  description="indices of fixed atoms")
-
-
-class SinglePointRequest(TaskRequestBase):
-    """Energy, forces, stress: ``matcalc.single_point``."""
-
-    type: Literal["single-point"] = "single-point"
-
-
-class BulkModulusRequest(TaskRequestBase):
-    """Equation of state fit: ``matcalc.bulk_modulus``."""
-
-    type: Literal["bulk-modulus"] = "bulk-modulus"
-    strain: float | None = Field(None, gt=0, lt=0.5, description="volume range ±strain around V0")
-    n_points: int | None = Field(None, ge=5, le=101)
-    eos: Literal["birchmurnaghan", "murnaghan", "vinet", "sj"] | None = None
-    relax_first: bool | None = None
-    fmax: Fmax | None = None
-    relax_max_steps: PosInt | None = None
-    relax_optimizer: OptimizerName | None = None
-    fixed_cell_max_steps: Steps | None = None
-    fixed_cell_optimizer: OptimizerName | None = None
-
-
-class HeatCapacityRequest(TaskRequestBase):
-    """Phonons and thermal properties: ``matcalc.heat_capacity``."""
-
-    type: Literal["heat-capacity"] = "heat-capacity"
-    supercell: list[Annotated[int, Field(ge=1, le=20)]] | None = Field(None, min_length=3, max_length=3)
-    displacement: float | None = Field(None, gt=0, le=0.5, description="Å")
-    mesh: float | list[Annotated[int, Field(ge=1, le=1000)]] | None = Field(None, description="mesh density or 3 ints")
-    t_min: float | None = Field(None, ge=0, le=1e5, description="K")
-    t_max: float | None = Field(None, ge=0, le=1e5, description="K")
-    t_step: float | None = Field(None, gt=0, le=1e5, description="K")
-    relax_first: bool | None = None
-    fmax: Fmax | None = None
-    relax_max_steps: PosInt | None = None
-    relax_optimizer: OptimizerName | None = None
-
-    @model_validator(mode="after")
-    def _temperatures(self) -> HeatCapacityRequest:
-        if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
-            raise ValueError(f"t_max ({self.t_max} K) must not be below t_min ({self.t_min} K)")
-        if isinstance(self.mesh, list) and len(self.mesh) != 3:
-            raise ValueError("mesh must be a number or three integers")
-        if isinstance(self.mesh, float) and not self.mesh > 0:
-            raise ValueError("mesh must be positive")
-        return self
-
-
-class StabilityRequest(TaskRequestBase):
-    """Molecular-dynamics stability: ``matcalc.stability``."""
-
-    type: Literal["stability"] = "stability"
-    temperature_K: float | None = Field(None, gt=0, le=1e4)
-    timestep_fs: float | None = Field(None, gt=0, le=20)
-    nvt_steps: Steps | None = None
-    npt_steps: Steps | None = None
-    pressure_bar: float | None = Field(None, ge=-1e5, le=1e6)
-    friction_per_fs: float | None = Field(None, gt=0, le=10)
-    tdamp_fs: float | None = Field(None, gt=0, le=1e6)
-    pdamp_fs: float | None = Field(None, gt=0, le=1e7)
-    ensemble: Literal["nvt", "npt"] | None = None
-    interval: PosInt | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    relax_first: bool | None = None
-    fmax: Fmax | None = None
-    relax_max_steps: PosInt | None = None
-
-
-class InteractionEnergyRequest(TaskRequestBase):
-    """Host-guest interaction energy: ``matcalc.interaction_energy``. The structure is the complex
-    (guest given by ``guest_indices`` or ``guest_tag``) or the host (then give ``guest``)."""
-
-    type: Literal["interaction-energy"] = "interaction-energy"
-    guest: str | None = Field(None, min_length=1, description=f"a gas ({', '.join(GAS_NAMES)}) or guest structure text")
-    guest_indices: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=100_000)
-    guest_tag: int | None = Field(None, ge=0, le=1_000_000)
-    position: list[float] | None = Field(None, min_length=3, max_length=3, description="guest centre (Å)")
-    box_A: float | None = Field(None, gt=0, le=1000, description="vacuum box of the isolated guest (Å)")
-
-
 _COMMON = frozenset(TaskRequestBase.model_fields)
 
-TaskRequest = Annotated[
-    OptimizationRequest | SinglePointRequest | BulkModulusRequest | HeatCapacityRequest | StabilityRequest
-    | InteractionEnergyRequest,
-    Field(discriminator="type"),
-]
+
+def _param_field(p: Param) -> tuple[Any, Any]:
+    """The request field of one declared parameter: its kind's JSON schema in OpenAPI, and the kind's own
+    check as the validator (so REST accepts exactly what the Python function accepts)."""
+
+    def check(value: Any) -> Any:
+        return p.coerce(value)
+
+    schema = p.kind.json_schema()
+    default = p.default_for(DEFAULT_PROTOCOL)
+    description = f"{p.doc}" + (f" ({p.unit})" if p.unit else "") + f"; {p.kind.describe()}"
+    if default is not None:
+        presets = {n: p.default_for(n) for n in PROTOCOL_NAMES}
+        description += "; protocol default " + ", ".join(f"{n}: {v!r}" for n, v in presets.items())
+    annotation = Annotated[Any, AfterValidator(check),
+                           WithJsonSchema({"anyOf": [schema, {"type": "null"}], "description": description})]
+    return annotation, Field(None, description=description)
+
+
+def _request_model(spec: Property[Any]) -> type[TaskRequestBase]:
+    """``{TaskType}Request``: the shared fields plus the property's declared parameters."""
+
+    def resolve(self: TaskRequestBase) -> TaskRequestBase:
+        spec.resolve(self.protocol, self.calculation_parameters())  # cross-parameter checks, as locally
+        return self
+
+    fields = {p.name: _param_field(p) for p in spec.remote_params}
+    name = "".join(w.capitalize() for w in spec.task_type.split("-")) + "Request"
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        name, __base__=TaskRequestBase, __doc__=f"{spec.summary} (`matcalc.{spec.name}`)",
+        __validators__={"contract": model_validator(mode="after")(resolve)},
+        type=(Literal[spec.task_type], spec.task_type), **fields)
+
+
 REQUEST_TYPES: dict[str, type[TaskRequestBase]] = {
-    "optimization": OptimizationRequest,
-    "single-point": SinglePointRequest,
-    "bulk-modulus": BulkModulusRequest,
-    "heat-capacity": HeatCapacityRequest,
-    "stability": StabilityRequest,
-    "interaction-energy": InteractionEnergyRequest,
+    spec.task_type: _request_model(spec) for spec in properties().values()
 }
+"""Task type -> request model, one per property, derived from the property's declaration."""
+globals().update({model.__name__: model for model in REQUEST_TYPES.values()})
+
+TaskRequest = Annotated[Union[tuple(REQUEST_TYPES.values())], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
 
 
 class BatchRequest(BaseModel):

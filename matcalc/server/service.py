@@ -200,6 +200,7 @@ class TaskService:
                 params["guest"] = guest.strip().upper()
             else:
                 parse_structure(guest, None, max_atoms=self.max_atoms, what="guest")
+        self._check_with_structure(req, params, parsed, structure_id)
         if req.protocol is not None:
             params["protocol"] = req.protocol
         timeout_s = req.timeout_s if req.timeout_s is not None else self.default_timeout_s
@@ -209,6 +210,26 @@ class TaskService:
                       notify_url=req.notify_url, notify_events=list(req.notify_events) if req.notify_events else None,
                       notify_secret=req.notify_secret)
         return new, parsed
+
+    def _check_with_structure(self, req: TaskRequestBase, params: dict[str, Any], parsed: ParsedStructure | None,
+                              structure_id: str) -> None:
+        """The property's checks that need the structure (supercell and q-point mesh sizes, atom indices),
+        before anything is stored: the same checks the calculation runs before its first model call."""
+        from matcalc.calculations import get_property
+
+        spec = get_property(req.type)
+        if spec.check_structure is None:
+            return
+        if parsed is not None:
+            atoms = parsed.atoms
+        else:
+            stored = self.store.get_structure(structure_id)
+            atoms = parse_structure(stored.content, stored.format, max_atoms=self.max_atoms).atoms
+        try:
+            _, resolved = spec.resolve(req.protocol, params)
+            spec.check_structure(resolved, atoms)
+        except ValueError as exc:
+            raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc)) from exc
 
     def submit(self, requests: Sequence[TaskRequestBase], *, batch: bool = False) -> tuple[str | None, list[Task]]:
         """Validate all, store all in one transaction, then queue them; ``(batch_id, tasks)``."""
