@@ -25,6 +25,7 @@ import contextvars
 import logging
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,18 +106,13 @@ def stack_results(results: Sequence[Evaluation | BaseException], sizes: Sequence
     return ok, energies, np.concatenate(forces) if forces else np.zeros((0, 3)), stresses
 
 
-class OptimizationGroup:
-    """Jobs that step together: one evaluator, one algorithm, one target kind (see the module doc)."""
+class Group(ABC):
+    """Jobs of many threads stepping together (module doc): submission, driving, hand-over, failure."""
 
-    def __init__(self, evaluator: Evaluator, make_optimizer: Callable[[], BatchedOptimizer],
-                 relax_cell: bool) -> None:
+    def __init__(self, evaluator: Evaluator) -> None:
         self.evaluator = evaluator
-        self.relax_cell = relax_cell
-        self._make_optimizer = make_optimizer
-        self.optimizer = make_optimizer()
-        self.target: Target = FrechetCellTarget() if relax_cell else PositionsTarget()
-        self.jobs: list[OptimizationJob] = []
-        self._incoming: list[OptimizationJob] = []
+        self.jobs: list[Any] = []
+        self._incoming: list[Any] = []
         self._cond = threading.Condition()
         self._driving = False
         self.ticks = 0
@@ -126,14 +122,19 @@ class OptimizationGroup:
         with self._cond:
             return not self.jobs and not self._incoming and not self._driving
 
-    def submit(self, jobs: Sequence[OptimizationJob]) -> None:
+    def submit(self, jobs: Sequence[Any]) -> None:
         for job in jobs:
             if job.context is None:
                 job.context = contextvars.copy_context()
         with self._cond:
             self._incoming.extend(jobs)
 
-    def wait(self, jobs: Sequence[OptimizationJob]) -> None:
+    def _take_incoming(self) -> list[Any]:
+        with self._cond:
+            new, self._incoming = self._incoming, []
+        return new
+
+    def wait(self, jobs: Sequence[Any]) -> None:
         """Block until every job of ``jobs`` is done, driving the group whenever nobody else does."""
         while True:
             with self._cond:
@@ -146,7 +147,7 @@ class OptimizationGroup:
                 while not all(j.done for j in jobs):
                     self.tick()
             except Exception as exc:  # a bug, not a model error: every job of the group gets it
-                log.exception("batched optimisation failed")
+                log.exception("batched stepping failed")
                 self._fail_all(exc)
             except BaseException as exc:  # KeyboardInterrupt and friends: fail the group, then propagate
                 self._fail_all(exc)
@@ -163,14 +164,43 @@ class OptimizationGroup:
                     job.error = exc
                     job.done = True
             self.jobs, self._incoming = [], []
-            self.target = type(self.target)()
-            self.optimizer = self._make_optimizer()
+            self.reset()
             self._cond.notify_all()
+
+    def _finish(self, done: Sequence[Any]) -> None:
+        if done:
+            with self._cond:
+                for job in done:
+                    job.done = True
+                self._cond.notify_all()
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget all batch state (after a failure)."""
+
+    @abstractmethod
+    def tick(self) -> None:
+        """Admit new jobs, evaluate every running structure once, observe, drop the finished, step the rest."""
+
+
+class OptimizationGroup(Group):
+    """Optimisation jobs with one evaluator, one algorithm and one target kind."""
+
+    def __init__(self, evaluator: Evaluator, make_optimizer: Callable[[], BatchedOptimizer],
+                 relax_cell: bool) -> None:
+        super().__init__(evaluator)
+        self.relax_cell = relax_cell
+        self._make_optimizer = make_optimizer
+        self.optimizer = make_optimizer()
+        self.target: Target = FrechetCellTarget() if relax_cell else PositionsTarget()
+
+    def reset(self) -> None:
+        self.target = type(self.target)()
+        self.optimizer = self._make_optimizer()
 
     def tick(self) -> None:
         """One evaluation of every running job, their observations, and one batched step."""
-        with self._cond:
-            new, self._incoming = self._incoming, []
+        new = self._take_incoming()
         if new:
             self.target.add([j.atoms for j in new], [j.fixed for j in new])
             self.optimizer.add(self.target.rows.sizes[len(self.jobs):].tolist())
@@ -217,11 +247,7 @@ class OptimizationGroup:
             target.set_x(self.optimizer.step(target.get_x(), opt_forces))
             for job in self.jobs:
                 job.steps += 1
-        if done:
-            with self._cond:
-                for job in done:
-                    job.done = True
-                self._cond.notify_all()
+        self._finish(done)
 
     def _write_back(self, i: int, job: OptimizationJob) -> None:
         target = self.target
@@ -232,21 +258,20 @@ class OptimizationGroup:
 
 
 # ---------------------------------------------------------------------- process-wide groups
-_GROUPS: dict[Hashable, OptimizationGroup] = {}
+_GROUPS: dict[Hashable, Group] = {}
 _LOCK = threading.Lock()
 
 
-def run_optimizations(jobs: Sequence[OptimizationJob], evaluator: Evaluator, *, key: Hashable,
-                      make_optimizer: Callable[[], BatchedOptimizer], relax_cell: bool) -> None:
-    """Run ``jobs`` to completion in the process-wide group for (``evaluator``, ``key``, ``relax_cell``),
-    together with whatever other threads run there (module doc). Outcomes are stored on the jobs."""
+def run_in_group(jobs: Sequence[Any], evaluator: Evaluator, key: Hashable, factory: Callable[[], Group]) -> None:
+    """Run ``jobs`` in the process-wide group of (``evaluator``, ``key``), made by ``factory`` when there is
+    none, together with whatever other threads run there; returns when all of ``jobs`` are done."""
     if not jobs:
         return
-    gkey = (id(evaluator), key, bool(relax_cell))
+    gkey = (id(evaluator), key)
     with _LOCK:
         group = _GROUPS.get(gkey)
         if group is None or group.evaluator is not evaluator:
-            group = OptimizationGroup(evaluator, make_optimizer, relax_cell)
+            group = factory()
             _GROUPS[gkey] = group
         group.submit(jobs)
     try:
@@ -257,7 +282,15 @@ def run_optimizations(jobs: Sequence[OptimizationJob], evaluator: Evaluator, *, 
                 del _GROUPS[gkey]
 
 
-def groups() -> list[OptimizationGroup]:
+def run_optimizations(jobs: Sequence[OptimizationJob], evaluator: Evaluator, *, key: Hashable,
+                      make_optimizer: Callable[[], BatchedOptimizer], relax_cell: bool) -> None:
+    """Run ``jobs`` to completion in the process-wide group for (``evaluator``, ``key``, ``relax_cell``),
+    together with whatever other threads run there (module doc). Outcomes are stored on the jobs."""
+    run_in_group(jobs, evaluator, ("optimize", key, bool(relax_cell)),
+                 lambda: OptimizationGroup(evaluator, make_optimizer, relax_cell))
+
+
+def groups() -> list[Group]:
     """The groups alive now (for tests and diagnostics)."""
     with _LOCK:
         return list(_GROUPS.values())
@@ -272,5 +305,5 @@ def _after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
-__all__ = ["OptimizationGroup", "OptimizationJob", "evaluate_each", "groups", "run_optimizations",
-           "stack_results"]
+__all__ = ["Group", "OptimizationGroup", "OptimizationJob", "evaluate_each", "groups", "run_in_group",
+           "run_optimizations", "stack_results"]

@@ -1,11 +1,15 @@
 """Geometry optimisation (ASE's FIRE/BFGS/LBFGS/MDMin, ``FrechetCellFilter`` for the cell), shared by
-``relax`` and the pre-relaxation step of every other property.
+``relax`` and the pre-relaxation step of every other property, and MD stepping (Langevin NVT, isotropic MTK
+NPT) for the MD properties.
 
 :func:`optimize` (one structure) and :func:`optimize_many` (a list) run the batched versions of ASE's
 algorithms (:mod:`matcalc.batched`: same trajectories to float round-off) when they can: every structure
 being optimised in the process with the same model and algorithm, from any thread, steps in one batch with
 one model request per step. ASE's own loop is the fallback (``MATCALC_BATCHED=0``, MDMin, an arbitrary ASE
 calculator, constraints other than ``FixAtoms``) and the reference.
+
+:func:`run_md` / :func:`run_md_many` do the same for MD (:mod:`matcalc.batched.md`: ``ase.md.langevin.Langevin``
+and ``ase.md.nose_hoover_chain.IsotropicMTKNPT``, same trajectories and, for Langevin, the same random stream).
 """
 
 from __future__ import annotations
@@ -29,10 +33,15 @@ from matcalc import batched, progress
 from matcalc.batched.base import BatchedOptimizer
 from matcalc.batched.bfgs import BatchedBFGS
 from matcalc.batched.fire import BatchedFIRE
+from matcalc.batched.integrator import BatchedIntegrator, supported_constraints
+from matcalc.batched.langevin import BatchedLangevin, LangevinParams
 from matcalc.batched.lbfgs import BatchedLBFGS
+from matcalc.batched.md import MDFrame, MDJob, cache_results
+from matcalc.batched.md import run_md as run_md_jobs
+from matcalc.batched.mtk import BatchedIsotropicMTKNPT, MTKParams
 from matcalc.batched.runner import OptimizationJob, run_optimizations
 from matcalc.calculations import checks
-from matcalc.models.base import Evaluation, Evaluator, PotentialCalculator
+from matcalc.models.base import Evaluator, PotentialCalculator
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +240,7 @@ def _optimize_batched(atoms_list: list[Atoms], calculators: list[Calculator], ev
     for atoms, calc, job, trace, stage in zip(atoms_list, calculators, jobs, traces, stages, strict=True):
         atoms.calc = calc
         if job.final is not None:
-            _cache_results(calc, atoms, job.final)
+            cache_results(atoms, job.final)  # as ASE leaves it: no new model call for get_potential_energy
         if job.error is not None:
             out.append(job.error)
             continue
@@ -253,17 +262,6 @@ def _fixed_with_constraints(atoms: Atoms, fixed: np.ndarray | None) -> np.ndarra
                 mask = np.zeros(len(atoms), dtype=bool)
             mask[c.index] = True
     return mask
-
-
-def _cache_results(calc: Calculator, atoms: Atoms, ev: Evaluation) -> None:
-    """Leave the final evaluation in ``calc`` as ASE would (no new model call for ``get_potential_energy``)."""
-    snapshot = atoms.copy()
-    snapshot.calc = None
-    calc.atoms = snapshot
-    calc.results = {"energy": float(ev.energy_eV), "free_energy": float(ev.energy_eV),
-                    "forces": np.array(ev.forces_eV_per_A, dtype=float)}
-    if ev.stress_eV_per_A3 is not None:
-        calc.results["stress"] = np.array(ev.stress_eV_per_A3, dtype=float)
 
 
 def _observer(trace: OptimizationTrace, stage: str, max_steps: int) -> Callable[[int, float, float], bool]:
@@ -315,3 +313,131 @@ def _optimize_ase(atoms: Atoms, calculator: Calculator, *, fmax: float, max_step
     trace.final_fmax_eV_per_A = trace.fmax_eV_per_A[-1] if trace.fmax_eV_per_A else float("nan")
     _log_done(stage, trace)
     return trace
+
+
+# ---------------------------------------------------------------------- molecular dynamics
+MDParams = LangevinParams | MTKParams
+"""One structure's integrator and its parameters in ASE units: :class:`~matcalc.batched.langevin.LangevinParams`
+(``ase.md.langevin.Langevin(atoms, timestep, temperature_K=, friction=, fixcm=False, rng=)``) or
+:class:`~matcalc.batched.mtk.MTKParams` (``IsotropicMTKNPT(atoms, timestep, temperature_K, pressure_au, tdamp,
+pdamp)``, chains of 3)."""
+
+MDObserver = Callable[[MDFrame], bool]
+"""Called after every MD step with the structure's :class:`~matcalc.batched.md.MDFrame`; return True to stop."""
+
+
+@dataclass
+class MDOutcome:
+    """What happened during one MD run."""
+
+    steps: int
+    """Steps completed."""
+    stopped_early: bool = False
+    """The observer asked to stop before all steps ran."""
+
+
+def run_md(atoms: Atoms, calculator: Calculator, params: MDParams, steps: int, *,
+           observer: MDObserver | None = None) -> MDOutcome:
+    """Run ``steps`` MD steps of ``params``' integrator on ``atoms`` (in place: positions, momenta, cell).
+
+    ``observer(frame)`` sees the state after every step (energy, forces, temperature, volume...;
+    ``frame.atoms()`` for the ``Atoms`` itself) and returns True to stop. Concurrent runs with the same model
+    and integrator in other threads step together in one batch (:mod:`matcalc.batched.md`); ASE's own
+    integrator is the fallback (module doc). A model error is raised, with ``atoms`` at the failing step.
+    Afterwards ``atoms.calc`` is ``calculator`` holding the final results.
+    """
+    out = run_md_many([atoms], calculator, [params], steps, observers=[observer])[0]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def run_md_many(atoms_list: Sequence[Atoms], calculator: Calculator | Evaluator, params: Sequence[MDParams],
+                steps: int | Sequence[int], *, observers: Sequence[MDObserver | None] | None = None,
+                contexts: Sequence[contextvars.Context] | None = None,
+                return_exceptions: bool = False) -> list[Any]:
+    """:func:`run_md` on every structure (one set of parameters and one observer each), stepped as one batch.
+
+    All structures must use the same integrator kind. Returns one :class:`MDOutcome` per structure (or its
+    exception, with ``return_exceptions``; otherwise the first exception is raised once all ended).
+    """
+    n = len(atoms_list)
+    steps_each = _per_structure(steps, n, "steps")
+    obs = list(observers) if observers is not None else [None] * n
+    if len(params) != n or len(obs) != n or (contexts is not None and len(contexts) != n):
+        raise ValueError(f"params, observers and contexts need one entry per structure ({n})")
+    kinds = {type(p) for p in params}
+    if len(kinds) > 1 or not kinds <= {LangevinParams, MTKParams}:
+        raise ValueError("params must all be LangevinParams or all MTKParams")
+    for s_ in steps_each:
+        checks.integer("steps", s_, minimum=0)
+    if isinstance(calculator, PotentialCalculator):
+        calcs: list[Calculator] = [calculator] * n if n == 1 else [
+            PotentialCalculator(calculator.evaluator, name=calculator.model_name) for _ in range(n)]
+        evaluator: Evaluator | None = calculator.evaluator
+    elif isinstance(calculator, Calculator):
+        calcs, evaluator = [calculator] * n, None
+    else:
+        name = getattr(calculator, "name", "matcalc")
+        calcs, evaluator = [PotentialCalculator(calculator, name=name) for _ in range(n)], calculator
+    mtk = kinds == {MTKParams}
+    usable = evaluator is not None and batched.enabled() and all(
+        (not a.constraints) if mtk else supported_constraints(a) for a in atoms_list)
+    for a, c in zip(atoms_list, calcs, strict=True):
+        a.calc = c
+    if not usable:
+        out: list[Any] = []
+        for i, a in enumerate(atoms_list):
+            def one(i: int = i, a: Atoms = a) -> MDOutcome:
+                return _md_ase(a, params[i], steps_each[i], obs[i])
+            try:
+                out.append(contexts[i].run(one) if contexts is not None else one())
+            except Exception as exc:  # noqa: BLE001 - per structure, like the batched path
+                out.append(exc)
+    else:
+        jobs = [MDJob(a, steps_each[i], params[i], observer=obs[i],
+                      context=contexts[i].copy() if contexts is not None else None)
+                for i, a in enumerate(atoms_list)]
+        make: Callable[[], BatchedIntegrator] = BatchedIsotropicMTKNPT if mtk else BatchedLangevin
+        assert evaluator is not None
+        run_md_jobs(jobs, evaluator, key="mtk" if mtk else "langevin", make_integrator=make)
+        out = []
+        for a, job in zip(atoms_list, jobs, strict=True):
+            if job.final is not None:
+                cache_results(a, job.final)
+            out.append(job.error if job.error is not None else MDOutcome(job.steps_done, job.stopped))
+    if not return_exceptions:
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+    return out
+
+
+def _md_ase(atoms: Atoms, params: MDParams, steps: int, observer: MDObserver | None) -> MDOutcome:
+    """ASE's own integrator: the reference and the fallback."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT
+
+    if isinstance(params, LangevinParams):
+        dyn: Any = Langevin(atoms, timestep=params.timestep, temperature_K=params.temperature_K,
+                            friction=params.friction, fixcm=False, rng=params.rng)
+    else:
+        dyn = IsotropicMTKNPT(atoms, timestep=params.timestep, temperature_K=params.temperature_K,
+                              pressure_au=params.pressure_au, tdamp=params.tdamp, pdamp=params.pdamp)
+    done = 0
+    it = dyn.irun(steps)
+    next(it)  # the state before the first step
+    for _ in it:
+        done += 1
+        if observer is None:
+            continue
+        ekin = float(atoms.get_kinetic_energy())
+        results = atoms.calc.results if atoms.calc is not None else {}
+        frame = MDFrame(atoms, done, float(atoms.get_potential_energy()), atoms.get_forces(md=True),
+                        results.get("stress"), atoms.get_positions(), atoms.get_momenta(), np.array(atoms.cell),
+                        float(atoms.get_volume()), ekin,
+                        2 * ekin / (atoms.get_number_of_degrees_of_freedom() * units.kB), synced=True)
+        if observer(frame):
+            return MDOutcome(done, stopped_early=True)
+    return MDOutcome(done)
