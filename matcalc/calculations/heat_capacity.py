@@ -34,7 +34,7 @@ import numpy as np
 from ase import Atoms
 
 from matcalc import progress
-from matcalc.calculations.contract import Either, Number, Param, PreRelax, Property, Run, Vector
+from matcalc.calculations.contract import Either, ModelInfo, Number, Param, PreRelax, Property, Run, Vector
 from matcalc.calculations.results import PreRelaxedResult
 from matcalc.structures import mass_g_per_mol
 
@@ -125,7 +125,7 @@ def mesh_numbers(atoms: Atoms, mesh: float | Sequence[int]) -> list[int]:
     return [int(n) for n in mesh]
 
 
-def check_phonon_size(params: dict[str, Any], atoms: Atoms) -> None:
+def check_phonon_size(params: dict[str, Any], atoms: Atoms, model: ModelInfo | None = None) -> None:
     """Refuse a supercell or q-point mesh too large to compute, before any model call."""
     n_super = len(atoms) * int(np.prod(params["supercell"]))
     if n_super > MAX_SUPERCELL_ATOMS:
@@ -161,17 +161,45 @@ def _compute(run: Run) -> dict[str, Any]:
     relaxed.set_constraint()
 
     phonon = make_phonopy(relaxed, p["supercell"])
-    phonon.generate_displacements(distance=p["displacement"])
-    supercells = [to_ase(s) for s in phonon.supercells_with_displacements or []]
+    supercells = displaced_supercells(phonon, p["displacement"])
     progress.report("phonons", 0, len(supercells))
     evaluations = run.prep.evaluator.evaluate(supercells)
     progress.report("phonons", len(supercells), len(supercells))
-    forces = np.array([e.forces_eV_per_A for e in evaluations], dtype=float)
-    drift = forces.mean(axis=1, keepdims=True)
-    forces -= drift
-    max_drift = float(np.linalg.norm(drift, axis=2).max()) if len(forces) else 0.0
-    phonon.forces = forces
+    max_drift = set_forces(phonon, [e.forces_eV_per_A for e in evaluations])
+    return {**thermal_fields(phonon, relaxed, p, run.warnings), "n_displacements": len(supercells),
+            "max_drift_eV_per_A": max_drift}
+
+
+def displaced_supercells(phonon: Phonopy, distance_A: float) -> list[Atoms]:
+    """phonopy's displaced supercells of ``phonon`` (displacement ``distance_A`` Å), as ASE Atoms."""
+    phonon.generate_displacements(distance=distance_A)
+    return [to_ase(s) for s in phonon.supercells_with_displacements or []]
+
+
+def set_forces(phonon: Phonopy, forces: Sequence[np.ndarray], *, symmetrize: bool = False) -> float:
+    """Give ``phonon`` the forces (eV/Å) of its displaced supercells and produce its force constants.
+
+    The mean force of each supercell (drift) is subtracted first; ``symmetrize`` applies phonopy's
+    ``symmetrize_force_constants`` (translational and permutation symmetry). Returns the largest
+    |drift| (eV/Å).
+    """
+    f = np.array(forces, dtype=float)
+    drift = f.mean(axis=1, keepdims=True)
+    f -= drift
+    max_drift = float(np.linalg.norm(drift, axis=2).max()) if len(f) else 0.0
+    phonon.forces = f
     phonon.produce_force_constants()
+    if symmetrize:
+        phonon.symmetrize_force_constants(show_drift=False)
+    return max_drift
+
+
+def thermal_fields(phonon: Phonopy, atoms: Atoms, params: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """The harmonic thermal fields of :class:`HeatCapacityResult` from ``phonon`` with force constants:
+    q-point mesh ``params["mesh"]``, temperatures ``t_min``..``t_max`` step ``t_step`` (K), the imaginary-mode
+    count (a warning appended to ``warnings``), Cv per mole of ``atoms`` and per gram. Leaves the mesh on
+    ``phonon`` (``phonon.mesh``) for further use (DOS)."""
+    p = params
     qmesh = phonon.run_mesh(p["mesh"])
     phonon.run_thermal_properties(t_min=p["t_min"], t_max=p["t_max"], t_step=p["t_step"],
                                   exclude_gamma_acoustic=True)
@@ -180,30 +208,28 @@ def _compute(run: Run) -> dict[str, Any]:
     frequencies = np.asarray(qmesh.frequencies)
     n_imag, lowest = count_imaginary(np.asarray(qmesh.qpoints), frequencies, IMAGINARY_TOLERANCE_THZ)
     if n_imag:
-        run.warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest "
-                            f"{lowest:.3f} THz, tolerance −{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes "
-                            "excluded): the structure is not at a minimum of the model; imaginary modes are left "
-                            "out of the thermal properties")
+        warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest "
+                        f"{lowest:.3f} THz, tolerance −{IMAGINARY_TOLERANCE_THZ} THz, Γ acoustic modes "
+                        "excluded): the structure is not at a minimum of the model; imaginary modes are left "
+                        "out of the thermal properties")
 
     temperatures = np.asarray(tp["temperatures"], dtype=float)
     cv_mol = np.asarray(tp["heat_capacity"], dtype=float)
-    molar_mass = mass_g_per_mol(relaxed)
+    molar_mass = mass_g_per_mol(atoms)
     if temperatures[0] <= REFERENCE_TEMPERATURE_K <= temperatures[-1]:
         cv300_mol = float(np.interp(REFERENCE_TEMPERATURE_K, temperatures, cv_mol))
     else:
         cv300_mol = float("nan")
-        run.warnings.append(f"300 K lies outside the temperature range {temperatures[0]:g}–{temperatures[-1]:g} K: "
-                            "cv_300K_J_per_K_g is NaN")
+        warnings.append(f"300 K lies outside the temperature range {temperatures[0]:g}–{temperatures[-1]:g} K: "
+                        "cv_300K_J_per_K_g is NaN")
     return {
         "cv_300K_J_per_K_g": cv300_mol / molar_mass,
         "cv_300K_J_per_K_mol": cv300_mol,
         "molar_mass_g_per_mol": molar_mass,
-        "n_displacements": len(supercells),
         "imaginary_modes": n_imag,
         "mesh_modes": int(frequencies.size),
         "lowest_frequency_THz": lowest,
         "imaginary_tolerance_THz": IMAGINARY_TOLERANCE_THZ,
-        "max_drift_eV_per_A": max_drift,
         "mesh_numbers": [int(n) for n in qmesh.mesh_numbers],
         "temperatures_K": temperatures,
         "cv_J_per_K_mol": cv_mol,
@@ -259,5 +285,6 @@ def count_imaginary(qpoints: np.ndarray, frequencies: np.ndarray, tolerance_THz:
     return int(np.sum(rest < -tolerance_THz)), float(rest.min())
 
 
-__all__ = ["IMAGINARY_TOLERANCE_THZ", "PROPERTY", "HeatCapacityResult", "count_imaginary", "heat_capacity", "make_phonopy",
-           "mesh_numbers", "phonon_params"]
+__all__ = ["IMAGINARY_TOLERANCE_THZ", "PROPERTY", "HeatCapacityResult", "check_phonon_size", "check_temperatures",
+           "count_imaginary", "displaced_supercells", "heat_capacity", "make_phonopy", "mesh_numbers", "phonon_params",
+           "set_forces", "thermal_fields", "to_ase"]
