@@ -301,12 +301,16 @@ class Molecule:
     max_length: int = 1_000_000
 
     def coerce(self, name: str, value: Any) -> Any:
-        if isinstance(value, Atoms):
-            return value
-        if isinstance(value, PathLike):
+        if isinstance(value, (Atoms, PathLike)):
             return value
         if isinstance(value, str) and value.strip() and len(value) <= self.max_length:
-            return value
+            if "\n" in value.strip():
+                return value  # structure text (read by the calculation, or by the server at submission)
+            lookup = {n.lower(): n for n in self.names}
+            if value.strip().lower() in lookup:
+                return lookup[value.strip().lower()]
+            if Path(value.strip()).is_file():
+                return value
         raise ValueError(f"{name} must be one of {', '.join(self.names)}, structure text, a file or Atoms; "
                          f"got {value!r}")
 
@@ -488,6 +492,13 @@ class Run:
 R = TypeVar("R", bound="Result")
 
 
+class ModelInfo(Protocol):
+    """What a structure check may know of the model without loading it (a Potential or a model card)."""
+
+    name: str
+    cutoff_A: float | None
+
+
 class PropertyFunction(Protocol[R]):  # type: ignore[misc]
     """The public function of a property: ``fn(structure, model="chgnet", *, protocol, device, **params)``."""
 
@@ -513,8 +524,9 @@ class Property(Generic[R]):
         structure_arg: name of the first positional argument.
         positional: parameters that may also be given positionally after the structure.
         check: cross-parameter checks on the resolved parameters (may normalise them in place).
-        check_structure: checks that need the structure (``check_structure(params, atoms)``), run
-            before any model call; the server runs them at submission.
+        check_structure: checks that need the structure and the model (``check_structure(params, atoms,
+            model)``; ``model`` has ``name`` and ``cutoff_A``: the Potential locally, its model card on the
+            server), run before any model call; the server runs them at submission.
         setup: called on the run before the pre-relaxation.
         client_method: name of the client method (default: the property name).
     """
@@ -531,7 +543,7 @@ class Property(Generic[R]):
     structure_arg: str = "structure"
     positional: tuple[str, ...] = ()
     check: Callable[[dict[str, Any]], None] | None = None
-    check_structure: Callable[[dict[str, Any], Atoms], None] | None = None
+    check_structure: Callable[[dict[str, Any], Atoms, ModelInfo], None] | None = None
     setup: Callable[[Run], None] | None = None
     client_method: str = ""
     function: PropertyFunction[R] = field(init=False, repr=False)
@@ -595,7 +607,7 @@ class Property(Generic[R]):
         name, params = self.resolve(protocol, given)
         prep = prepare(structure, model, device, require_cell=self.requires_cell)
         if self.check_structure is not None:
-            self.check_structure(params, prep.atoms)
+            self.check_structure(params, prep.atoms, prep.potential)
         run = Run(prep, name, params)
         if self.setup is not None:
             self.setup(run)
@@ -717,6 +729,7 @@ __all__ = [
     "Flag",
     "Indices",
     "Kind",
+    "ModelInfo",
     "Molecule",
     "Number",
     "Param",

@@ -19,9 +19,8 @@ import numpy as np
 from ase import Atoms, units
 from ase.geometry import get_distances
 
-from matcalc.calculations import checks
 from matcalc.calculations.common import Prepared
-from matcalc.calculations.contract import Indices, Molecule, Number, Param, Property, Run, Vector
+from matcalc.calculations.contract import Indices, ModelInfo, Molecule, Number, Param, Property, Run, Vector
 from matcalc.calculations.results import Result
 from matcalc.structures import load_structure, structure_hash, validate_structure
 
@@ -106,26 +105,21 @@ def guest_molecule(guest: Any) -> Atoms:
     return atoms
 
 
-def _guest_selection(atoms: Atoms, guest_indices: Sequence[int] | np.ndarray | None,
-                     guest_tag: int | None) -> list[int]:
+def _guest_selection(atoms: Atoms, guest_indices: Sequence[int] | None, guest_tag: int | None) -> list[int]:
+    """Indices of the guest atoms of a complex (the parameters are already checked against their kinds)."""
     n = len(atoms)
-    if guest_indices is not None and guest_tag is not None:
-        raise ValueError("give either guest_indices or guest_tag, not both")
     if guest_indices is not None:
-        arr = np.asarray(guest_indices)
-        if arr.ndim != 1 or arr.size == 0:
+        if not guest_indices:
             raise ValueError("guest_indices must be a non-empty list of atom indices")
-        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"guest_indices must be integer atom indices, got {arr.dtype}")
-        if arr.min() < 0 or arr.max() >= n:
-            raise ValueError(f"guest_indices must be in [0, {n - 1}], got {arr.min()}..{arr.max()}")
-        idx = sorted(set(arr.tolist()))
-        if len(idx) != arr.size:
+        if max(guest_indices) >= n:
+            raise ValueError(f"guest_indices must be in [0, {n - 1}], got {min(guest_indices)}..{max(guest_indices)}")
+        idx = sorted(set(guest_indices))
+        if len(idx) != len(guest_indices):
             raise ValueError("guest_indices contains duplicates")
     else:
         tags = atoms.get_tags()
         if guest_tag is not None:
-            tag = checks.integer("guest_tag", guest_tag, minimum=-(2**31))
+            tag = int(guest_tag)
             idx = np.flatnonzero(tags == tag).tolist()
             if not idx:
                 raise ValueError(f"guest_tag: no atom carries tag {tag} (tags present: {sorted(set(tags.tolist()))})")
@@ -183,21 +177,48 @@ def _check(params: dict[str, Any]) -> None:
         raise ValueError("give either guest_indices or guest_tag, not both")
 
 
+def _guest_of(params: dict[str, Any], atoms: Atoms) -> tuple[Atoms, list[int] | None]:
+    """The guest molecule and, for a complex, its atom indices (``ValueError`` for a bad selection)."""
+    if "guest" in params:
+        return guest_molecule(params["guest"]), None
+    idx = _guest_selection(atoms, params.get("guest_indices"), params.get("guest_tag"))
+    guest = atoms[idx]
+    guest.pbc = False
+    guest.cell = np.zeros((3, 3))
+    return guest, idx
+
+
+def guest_box_A(params: dict[str, Any], guest: Atoms, cutoff_A: float | None) -> float:
+    """Edge (Å) of the isolated guest's box: ``box_A`` or 20 Å + the guest's extent; it must exceed the
+    extent plus the model cutoff (``ValueError`` otherwise)."""
+    extent = _extent(guest)
+    cutoff = cutoff_A or DEFAULT_CUTOFF_A
+    box = params.get("box_A")
+    if box is None:
+        box = VACUUM_A + extent
+    if box <= extent + cutoff:
+        raise ValueError(f"box_A must exceed the guest extent plus the model cutoff "
+                         f"({extent:.2f} + {cutoff:.1f} Å), got {box}")
+    return float(box)
+
+
+def _check_structure(params: dict[str, Any], atoms: Atoms, model: ModelInfo) -> None:
+    """Before any model call: the guest selection picks some, not all, atoms; the guest's box fits the model."""
+    guest, _ = _guest_of(params, atoms)
+    guest_box_A(params, guest, model.cutoff_A)
+
+
 def _compute(run: Run) -> dict[str, Any]:
     p = run.params
     prep = run.prep
     potential = prep.potential
-    if "guest" not in p:
+    guest_atoms, idx = _guest_of(p, prep.atoms)
+    if idx is not None:
         complex_atoms = prep.atoms
-        idx = _guest_selection(complex_atoms, p.get("guest_indices"), p.get("guest_tag"))
-        guest_atoms = complex_atoms[idx]
-        guest_atoms.pbc = False
-        guest_atoms.cell = np.zeros((3, 3))
         host = complex_atoms.copy()
         del host[idx]
         position_used = complex_atoms[idx].get_center_of_mass()
     else:
-        guest_atoms = guest_molecule(p["guest"])
         host = prep.atoms
         potential.check_elements(guest_atoms)
         position_used = pore_centre(host) if p.get("position") is None else np.asarray(p["position"], dtype=float)
@@ -213,16 +234,7 @@ def _compute(run: Run) -> dict[str, Any]:
         idx = list(range(len(host), len(complex_atoms)))
         run.prep = prep = Prepared(complex_atoms, potential, prep.label, structure_hash(complex_atoms), prep.t0)
     p["position_A"] = [float(x) for x in position_used]
-
-    extent = _extent(guest_atoms)
-    cutoff = potential.cutoff_A or DEFAULT_CUTOFF_A
-    box = p.get("box_A")
-    if box is None:
-        box = VACUUM_A + extent
-    if box <= extent + cutoff:
-        raise ValueError(f"box_A must exceed the guest extent plus the model cutoff "
-                         f"({extent:.2f} + {cutoff:.1f} Å), got {box}")
-    p["box_A"] = box
+    p["box_A"] = box = guest_box_A(p, guest_atoms, potential.cutoff_A)
     guest_box = _box(guest_atoms, box)
 
     d = get_distances(complex_atoms.positions[idx], host.positions, cell=complex_atoms.cell,
@@ -285,6 +297,7 @@ PROPERTY = Property(
     ),
     compute=_compute,
     check=_check,
+    check_structure=_check_structure,
 )
 interaction_energy = PROPERTY.function
 

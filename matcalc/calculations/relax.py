@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from ase import Atoms
 
-from matcalc.calculations.contract import STEPS, Choice, Flag, Indices, Param, Property, Run, fmax_param
+from matcalc.calculations.contract import STEPS, Choice, Flag, Indices, ModelInfo, Param, Property, Run, fmax_param
 from matcalc.calculations.optimize import OPTIMIZERS, fixed_mask, optimize
 from matcalc.calculations.results import Result
 
@@ -65,7 +65,7 @@ def displacements(initial: Atoms, final: Atoms) -> np.ndarray:
     return disp - disp.mean(axis=0)
 
 
-def _check_structure(params: dict[str, Any], atoms: Atoms) -> None:
+def _check_structure(params: dict[str, Any], atoms: Atoms, model: ModelInfo) -> None:
     mask = fixed_mask(atoms, params.get("fixed_atoms"))  # ValueError when out of range
     if mask is not None:
         params["fixed_atoms"] = np.flatnonzero(mask).tolist()

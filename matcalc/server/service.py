@@ -21,10 +21,12 @@ from ase import Atoms
 from matcalc.calculations import TASK_TYPES
 from matcalc.server.errors import ApiError, ErrorCode
 from matcalc.server.events import EventBus
-from matcalc.server.executor import Executor, Job
+from matcalc.execution import Job
+from matcalc.server.executor import Executor
 from matcalc.server.schemas import GAS_NAMES, TaskRequestBase
-from matcalc.store import NewTask, Store, Task, TaskStatus
+from matcalc.store import ImmutableResultError, NewTask, Store, Task, TaskFilter
 from matcalc.store.repository import NewStructure
+from matcalc.tasks import DEFAULT_MAX_CRASHES, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,11 @@ class TaskService:
 
     def __init__(self, store: Store, executor: Executor, *, max_atoms: int = 10_000, max_batch: int = 1000,
                  default_timeout_s: float | None = None, progress_interval_s: float = 0.5,
-                 bus: EventBus | None = None) -> None:
+                 bus: EventBus | None = None, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
         self.store = store
         self.executor = executor
+        self.max_crashes = max_crashes
+        """A task whose execution died this many times is FAILED (also at start: see :meth:`start`)."""
         self.max_atoms = max_atoms
         self.max_batch = max_batch
         self.default_timeout_s = default_timeout_s
@@ -154,9 +158,19 @@ class TaskService:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> int:
-        """Start the executor and requeue every unfinished task; returns how many were requeued."""
+        """Start the executor and requeue every unfinished task; returns how many were requeued.
+
+        A task that was RUNNING died with the previous server process: that counts a crash, and a task
+        that has died ``max_crashes`` times is FAILED instead of run again (a task that kills its server
+        is not requeued forever)."""
         self.executor.start(self)
-        ids = self.store.requeue_active("server restarted")
+        running = [t.id for t in self.store.list_tasks(TaskFilter(status=[TaskStatus.RUNNING.value]),
+                                                       page_size=1_000_000).items]
+        ids = self.store.requeue_active("server restarted", max_crashes=self.max_crashes)
+        for row in self.store.get_tasks(running):
+            if row.status == TaskStatus.FAILED.value:
+                log.error("task %s not requeued: %s", row.id, row.error)
+                self._observe("task_finished", row.id, row.status, row.error, None)
         for tid in ids:
             self._dispatch(self.store.get_task(tid))
         if ids:
@@ -225,9 +239,11 @@ class TaskService:
         else:
             stored = self.store.get_structure(structure_id)
             atoms = parse_structure(stored.content, stored.format, max_atoms=self.max_atoms).atoms
+        from matcalc.models.registry import model_card
+
         try:
             _, resolved = spec.resolve(req.protocol, params)
-            spec.check_structure(resolved, atoms)
+            spec.check_structure(resolved, atoms, model_card(req.model))
         except ValueError as exc:
             raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc)) from exc
 
@@ -262,7 +278,7 @@ class TaskService:
         params = dict(row.parameters or {})
         job = Job(task_id=row.id, prop=TASK_TYPES.get(row.type, row.type), model=row.model,
                   structure=structure.content, fmt=structure.format, params=params, priority=row.priority,
-                  timeout_s=row.timeout_s, label=row.label or structure.name)
+                  timeout_s=row.timeout_s, label=row.label or structure.name, crashes=row.crashes or 0)
         self.store.mark_queued(row.id)
         try:
             self.executor.submit(job)
@@ -333,10 +349,42 @@ class TaskService:
             self._last_progress.pop(task_id, None)
         try:
             changed = self.store.finish(task_id, status, result=result, error=error, attempt=attempt)
-        except Exception:  # noqa: BLE001 - ImmutableResultError etc.: logged, the worker goes on
+        except ImmutableResultError:  # a duplicate outcome of a completed task: logged, the worker goes on
             log.exception("could not record the outcome of task %s", task_id)
             return
+        except Exception as exc:  # noqa: BLE001 - the outcome cannot be stored: the task fails with the reason
+            log.exception("could not record the outcome of task %s", task_id)
+            status, result = TaskStatus.FAILED.value, None
+            error = f"OutcomeNotRecorded: the outcome could not be stored ({type(exc).__name__}: {exc})"
+            try:
+                changed = self.store.finish(task_id, status, error=error, attempt=attempt)
+            except Exception:  # noqa: BLE001 - the database itself is down: requeued at the next start
+                log.exception("could not record the failure of task %s either", task_id)
+                return
         if changed:
             self.bus.publish(task_id, {"event": "status", "status": status, "error": error})
             self.bus.close(task_id)
             self._observe("task_finished", task_id, status, error, result)
+
+    def on_crashed(self, task_id: str, reason: str, attempt: int | None) -> bool:
+        status = self.store.record_crash(task_id, reason, max_crashes=self.max_crashes, attempt=attempt)
+        if status is None:
+            return False
+        with self._lock:
+            self._last_progress.pop(task_id, None)
+        if status == TaskStatus.QUEUED:
+            log.warning("task %s: its execution died (%s); running it again", task_id, reason)
+            self.bus.publish(task_id, {"event": "status", "status": status.value, "reason": reason})
+            return True
+        error = self.store.get_task(task_id).error
+        log.error("task %s FAILED: %s", task_id, error)
+        self.bus.publish(task_id, {"event": "status", "status": status.value, "error": error})
+        self.bus.close(task_id)
+        self._observe("task_finished", task_id, status.value, error, None)
+        return False
+
+    def on_requeued(self, task_id: str, reason: str) -> bool:
+        if not self.store.requeue(task_id, reason):
+            return False
+        self.bus.publish(task_id, {"event": "status", "status": TaskStatus.QUEUED.value, "reason": reason})
+        return True
