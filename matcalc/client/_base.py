@@ -24,6 +24,7 @@ import httpx
 
 from matcalc.client._errors import MatcalcError, NotFoundError, ServerError, ValidationError, error_class
 from matcalc.client._models import TASK_PROPERTY, CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.tasks import PRIORITIES
 
 log = logging.getLogger("matcalc.client")
 
@@ -36,7 +37,7 @@ StructureLike: TypeAlias = Any
 uploaded structure id (64 hex digits) or :class:`StructureInfo` — everything
 :func:`matcalc.load_structure` accepts, plus the server's own references."""
 
-Priority = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
+Priority = Literal[PRIORITIES]  # type: ignore[valid-type]  # matcalc.tasks: the one order
 Protocol = Literal["mofsimbench", "fast"]
 Optimizer = Literal["FIRE", "BFGS", "LBFGS", "MDMin"]
 

@@ -28,6 +28,7 @@ from matcalc.client._base import (
 from matcalc.client._errors import MatcalcError, TaskFailed, TaskStateError
 from matcalc.client._errors import TimeoutError as ClientTimeout
 from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.tasks import TERMINAL
 
 if TYPE_CHECKING:
     from matcalc.calculations.results import Result
@@ -137,7 +138,7 @@ class RemoteTask:
 
     def done(self) -> bool:
         """True once the task is in a terminal state (asks the server)."""
-        return self.status in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+        return self.status in TERMINAL
 
     # ------------------------------------------------------------------ waiting and results
     def wait(self, timeout: float | None = None, poll: float = 1.0) -> TaskInfo:

@@ -8,11 +8,9 @@ from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 from matcalc.calculations import TASK_TYPES
+from matcalc.tasks import TERMINAL
 
 T = TypeVar("T")
-
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
-"""Statuses a task never leaves."""
 
 TASK_PROPERTY: dict[str, str] = TASK_TYPES
 """REST task type -> the local function's name (one table with the server's)."""
@@ -52,6 +50,8 @@ class TaskInfo:
     worker: str | None = None
     gpu: str | None = None
     attempts: int = 0
+    crashes: int = 0
+    """Executions of the task that died with their worker (FAILED at the server's ``max_crashes``)."""
     progress: dict[str, Any] | None = None
     """Latest progress event (stage, step, total_steps, fraction, energy_eV, fmax_eV_per_A)."""
     error: str | None = None
@@ -81,6 +81,7 @@ class TaskInfo:
             created_at=parse_time(d.get("created_at")), queued_at=parse_time(d.get("queued_at")),
             started_at=parse_time(d.get("started_at")), finished_at=parse_time(d.get("finished_at")),
             worker=d.get("worker"), gpu=d.get("gpu"), attempts=int(d.get("attempts") or 0),
+            crashes=int(d.get("crashes") or 0),
             progress=dict(progress) if isinstance(progress, dict) else None, error=d.get("error"),
             batch_id=d.get("batch_id"), result_url=d.get("result_url"), raw=dict(d),
         )
