@@ -18,13 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from ase import Atoms, units
 from ase.constraints import FixCom
-from ase.md.langevin import Langevin
-from ase.md.md import MolecularDynamics
-from ase.md.nose_hoover_chain import IsotropicMTKNPT
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
 from matcalc import progress
 from matcalc.calculations.contract import Choice, FilePath, Number, Param, PreRelax, Property, Run
+from matcalc.calculations.optimize import LangevinParams, MDFrame, MDParams, MTKParams, run_md
 from matcalc.calculations.relax import displacements
 from matcalc.calculations.results import PreRelaxedResult
 
@@ -218,36 +216,42 @@ class _Run:
         return ""
 
     # ------------------------------------------------------------------ stages
-    def run_stage(self, dyn: MolecularDynamics, stage: str, n_steps: int, last_step: int) -> bool:
-        """Run ``n_steps`` of ``dyn``; False when the run must end (blow-up or stop request)."""
+    def run_stage(self, params: MDParams, stage: str, n_steps: int, last_step: int) -> bool:
+        """Run ``n_steps`` of the integrator ``params``; False when the run must end (blow-up or stop request).
+
+        Runs through :func:`matcalc.calculations.optimize.run_md`: concurrent stability runs with the same
+        model step together in one batch (ASE's integrators are the fallback, same trajectories)."""
         interval = self.p["interval"]
         first = self.step
-        it = dyn.irun(n_steps)
-        try:
-            next(it)  # the state before the first step (already recorded)
-            for _ in it:
-                self.step += 1
-                self.reason = self.blowup()
-                if self.reason or self.step % interval == 0 or self.step == last_step:
+
+        def observe(frame: MDFrame) -> bool:
+            self.atoms = frame.atoms()  # the same Atoms, brought to this step (results cached)
+            self.step += 1
+            self.reason = self.blowup()
+            if self.reason or self.step % interval == 0 or self.step == last_step:
+                self.record(stage)
+                t = self.trace
+                progress.report(stage, self.step - first, n_steps, energy_eV=t.potential_energy_eV[-1],
+                                temperature_K=t.temperature_K[-1], volume_A3=t.volume_A3[-1],
+                                time_ps=t.time_ps[-1])
+            if self.reason:
+                log.warning("stability: %s", self.reason)
+                return True
+            if progress.should_stop() and self.step < last_step:
+                if self.trace.steps[-1] != self.step:
                     self.record(stage)
-                    t = self.trace
-                    progress.report(stage, self.step - first, n_steps, energy_eV=t.potential_energy_eV[-1],
-                                    temperature_K=t.temperature_K[-1], volume_A3=t.volume_A3[-1],
-                                    time_ps=t.time_ps[-1])
-                if self.reason:
-                    log.warning("stability: %s", self.reason)
-                    return False
-                if progress.should_stop() and self.step < last_step:
-                    if self.trace.steps[-1] != self.step:
-                        self.record(stage)
-                    self.stopped = True
-                    log.info("stability: stop requested at step %d", self.step)
-                    return False
+                self.stopped = True
+                log.info("stability: stop requested at step %d", self.step)
+                return True
+            return False
+
+        try:
+            run_md(self.atoms, self.atoms.calc, params, n_steps, observer=observe)
         except Exception as exc:  # noqa: BLE001 - a model failing on an exploded structure ends the run, keeps the trace
             log.exception("stability: %s stage failed at step %d", stage, self.step + 1)
             self.reason = f"{stage} failed at step {self.step + 1}: {type(exc).__name__}: {exc}"
             return False
-        return True
+        return not (self.reason or self.stopped)
 
 
 def temperature_K(atoms: Atoms) -> float:
@@ -384,15 +388,15 @@ def _compute(run: Run) -> dict[str, Any]:
         ok = not stopped
         if ok and nvt:
             atoms.set_constraint(FixCom())
-            dyn = Langevin(atoms, timestep=p["timestep_fs"] * units.fs, temperature_K=t_target,
-                           friction=p["friction_per_fs"] / units.fs, fixcm=False, rng=rng)
-            ok = md.run_stage(dyn, "nvt", nvt, total)
+            nvt_params = LangevinParams(timestep=p["timestep_fs"] * units.fs, temperature_K=t_target,
+                                        friction=p["friction_per_fs"] / units.fs, rng=rng)
+            ok = md.run_stage(nvt_params, "nvt", nvt, total)
             atoms.set_constraint()
         if ok and npt:
-            dyn = IsotropicMTKNPT(atoms, timestep=p["timestep_fs"] * units.fs, temperature_K=t_target,
-                                  pressure_au=p["pressure_bar"] * units.bar, tdamp=p["tdamp_fs"] * units.fs,
-                                  pdamp=p["pdamp_fs"] * units.fs)
-            ok = md.run_stage(dyn, "npt", npt, total)
+            npt_params = MTKParams(timestep=p["timestep_fs"] * units.fs, temperature_K=t_target,
+                                   pressure_au=p["pressure_bar"] * units.bar, tdamp=p["tdamp_fs"] * units.fs,
+                                   pdamp=p["pdamp_fs"] * units.fs)
+            ok = md.run_stage(npt_params, "npt", npt, total)
     finally:
         atoms.set_constraint()
         if writer is not None:
