@@ -200,3 +200,149 @@ def test_default_atom_limit_is_10000() -> None:
 
 def test_unsupported_elements() -> None:
     _raises("elements not supported by the model: Co", CIF, elements={"C", "H", "O"})
+
+
+# ----------------------------------------------------------------- symmetry: size known before expansion
+def symmetric_cif(number: int, sites: list[tuple[str, tuple[float, float, float]]], *, explicit: bool = False,
+                  cellpar: tuple[float, ...] = (10.0, 10.0, 10.0, 90.0, 90.0, 90.0)) -> str:
+    """CIF text of ``sites`` in space group ``number``; ``explicit``: the operations listed as x,y,z strings
+    (formatted here from ASE's tables), else only the group's number."""
+    from fractions import Fraction
+
+    from ase.spacegroup import Spacegroup
+
+    tags = ["length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"]
+    lines = ["data_test", *[f"_cell_{t} {v}" for t, v in zip(tags, cellpar, strict=True)],
+             f"_symmetry_Int_Tables_number {number}"]
+    if explicit:
+        lines += ["loop_", "_symmetry_equiv_pos_as_xyz"]
+        for rot, trans in Spacegroup(number).get_symop():
+            comps = []
+            for i in range(3):
+                terms = "".join(("+" if rot[i, j] > 0 else "-") + "xyz"[j] for j in range(3) if rot[i, j])
+                shift = Fraction(float(trans[i])).limit_denominator(24)
+                comps.append(terms + (f"+{shift}" if shift else ""))
+            lines.append("'" + ",".join(comps) + "'")
+    lines += ["loop_", "_atom_site_label", "_atom_site_type_symbol", "_atom_site_fract_x", "_atom_site_fract_y",
+              "_atom_site_fract_z"]
+    lines += [f"{sym}{i} {sym} {x:.6f} {y:.6f} {z:.6f}" for i, (sym, (x, y, z)) in enumerate(sites)]
+    return "\n".join(lines) + "\n"
+
+
+def _ase_read(text: str) -> Atoms:
+    import io
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read(io.StringIO(text), format="cif")
+
+
+SYMMETRIC = {
+    "fcc Cu (225, number only)": symmetric_cif(225, [("Cu", (0, 0, 0))], cellpar=(3.6,) * 3 + (90,) * 3),
+    "CsCl-like on special positions (221, explicit)": symmetric_cif(221, [("Cs", (0, 0, 0)), ("Cl", (0.5, 0.5, 0.5))],
+                                                                    explicit=True, cellpar=(4.1,) * 3 + (90,) * 3),
+    "diamond (227)": symmetric_cif(227, [("C", (0, 0, 0))], cellpar=(3.57,) * 3 + (90,) * 3),
+    "skutterudite CoSb3 (204)": symmetric_cif(204, [("Co", (0.25, 0.25, 0.25)), ("Sb", (0, 0.335, 0.158))],
+                                             cellpar=(9.04,) * 3 + (90,) * 3),
+    "hcp Mg (194)": symmetric_cif(194, [("Mg", (1 / 3, 2 / 3, 0.25))], cellpar=(3.21, 3.21, 5.21, 90, 90, 120)),
+    "MOF-5-like Fm-3m sites (225, explicit)": symmetric_cif(
+        225, [("Zn", (0.2934, 0.2066, 0.2066)), ("O", (0.25, 0.25, 0.25)), ("C", (0.3889, 0.1111, 0.1111)),
+              ("H", (0.41, 0.17, 0.03))], explicit=True, cellpar=(25.8,) * 3 + (90,) * 3),
+    "monoclinic general positions (14)": symmetric_cif(14, [("C", (0.11, 0.23, 0.37)), ("O", (0.41, 0.07, 0.29))],
+                                                        cellpar=(9.0, 11.0, 7.0, 90, 101, 90)),
+    "P1 with a duplicate site across the boundary": symmetric_cif(1, [("Cu", (0, 0, 0)), ("Cu", (1e-7, 0, 1.0)),
+                                                                      ("Cu", (0.5, 0.5, 0.5))]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYMMETRIC))
+def test_cif_expansion_equals_ase(name: str) -> None:
+    """matcalc expands CIF symmetry itself (ASE's loop is quadratic in the sites); same atoms, same order."""
+    from matcalc.structures import cif_atom_count, read_structure
+
+    text = SYMMETRIC[name]
+    ours, ref = read_structure(text), _ase_read(text)
+    assert ours.get_chemical_symbols() == ref.get_chemical_symbols()
+    np.testing.assert_allclose(ours.positions, ref.positions, atol=1e-9)
+    np.testing.assert_allclose(ours.cell, ref.cell, atol=1e-12)
+    from ase.io.cif import parse_cif
+    import io
+
+    block = list(parse_cif(io.StringIO(text)))[-1]
+    assert cif_atom_count(block, block.get_spacegroup(True), len(block["_atom_site_label"])) >= len(ref)
+
+
+def test_high_symmetry_cif_within_the_limit_is_read_although_sites_x_ops_exceed_it() -> None:
+    from matcalc.structures import read_structure
+
+    text = SYMMETRIC["fcc Cu (225, number only)"]  # 1 site x 192 operations, 4 atoms
+    assert len(read_structure(text, max_atoms=10)) == len(_ase_read(text)) == 4
+
+
+def test_symmetry_bomb_cif_is_refused_before_expansion(monkeypatch) -> None:
+    """25 kB: 192 operations x 560 sites ~ 10^5 atoms; refused from the counts alone."""
+    import ase.io.cif
+
+    from matcalc.structures import TooManyAtomsError, read_structure
+
+    rng = np.random.default_rng(1)
+    text = symmetric_cif(225, [("C", tuple(rng.random(3))) for _ in range(560)], explicit=True,
+                         cellpar=(60.0,) * 3 + (90,) * 3)
+    assert 20_000 < len(text.encode()) < 30_000
+
+    def no_expansion(*_a, **_k):
+        raise AssertionError("the CIF was expanded")
+
+    monkeypatch.setattr(ase.io.cif.CIFBlock, "get_atoms", no_expansion)
+    monkeypatch.setattr("matcalc.structures.equivalent_sites", no_expansion)
+    with pytest.raises(TooManyAtomsError, match=r"expands to \d+ atoms \(560 sites x 192 symmetry operations\) "
+                                                r"> limit 10000") as info:
+        load_structure(text)
+    # random sites are general positions (192 images each) but for the few within 1e-3 of a mirror
+    assert 0.97 * 107_520 < info.value.n_atoms <= 107_520 and info.value.max_atoms == 10_000
+    with pytest.raises(TooManyAtomsError):
+        read_structure(text, max_atoms=100_000)
+
+
+@pytest.mark.parametrize(("fmt", "text", "match"), [
+    ("vasp", "Cu\n1.0\n3.6 0 0\n0 3.6 0\n0 0 3.6\nCu\n10000000\nDirect\n0 0 0\n", "10000000 \\(POSCAR counts line\\)"),
+    ("extxyz", '10000000\nLattice="3.6 0 0 0 3.6 0 0 0 3.6" Properties=species:S:1:pos:R:3 pbc="T T T"\nCu 0 0 0\n',
+     "10000000 \\(XYZ header, line 1\\)"),
+])
+def test_poscar_and_xyz_counts_bound_the_atoms_before_reading(fmt: str, text: str, match: str) -> None:
+    """A 100-byte file claiming 10^7 atoms: refused by its header (ASE would allocate the arrays first)."""
+    from matcalc.structures import TooManyAtomsError, read_structure
+
+    with pytest.raises(TooManyAtomsError, match=match):
+        read_structure(text, fmt=fmt, max_atoms=10_000)
+    with pytest.raises(StructureError, match="says 10000000 atoms but"):  # without a limit: inconsistent
+        read_structure(text, fmt=fmt)
+
+
+CU_SITE = "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n" \
+          "_atom_site_fract_z\n{label} {symbol} {x} 0 0\n"
+CU_CELL = "data_x\n_cell_length_a 3.6\n_cell_length_b 3.6\n_cell_length_c 3.6\n_cell_angle_alpha 90\n" \
+          "_cell_angle_beta 90\n_cell_angle_gamma 90\n"
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    (CU_CELL + CU_SITE.format(label="cu1", symbol="1", x=0), "site type_symbol '1' names no chemical element"),
+    (CU_CELL + CU_SITE.format(label="Xx1", symbol="Xx", x=0), "unknown element 'Xx'"),
+    (CU_CELL + CU_SITE.format(label="Cu1", symbol="Cu", x="abc"), "_atom_site_fract_x value is not a number"),
+    (CU_CELL.replace("_cell_length_b 3.6\n", "") + CU_SITE.format(label="Cu1", symbol="Cu", x=0),
+     "incomplete cell, missing _cell_length_b"),
+    (CU_CELL.replace("_cell_angle_beta 90", "_cell_angle_beta 190") + CU_SITE.format(label="Cu1", symbol="Cu", x=0),
+     "_cell_angle_beta = 190 is out of range"),
+    (CU_CELL + "loop_\n_symmetry_equiv_pos_as_xyz\n'x,y,z'\n'a,b,c'\n" + CU_SITE.format(label="Cu1", symbol="Cu", x=0),
+     "symmetry operation 'a,b,c'"),
+    (CU_CELL + "loop_\n_symmetry_equiv_pos_as_xyz\n'x,y,z,w'\n" + CU_SITE.format(label="Cu1", symbol="Cu", x=0),
+     "symmetry operation 'x,y,z,w'"),
+    (CU_CELL + "_symmetry_space_group_name_H-M 'P 1'\nloop_\n_symmetry_equiv_pos_as_xyz\n'x,x,z'\n" + CU_SITE.format(label="Cu1", symbol="Cu", x=0),
+     "not rotations"),
+    (CU_CELL + "_symmetry_space_group_name_H-M 'Q 9'\n" + CU_SITE.format(label="Cu1", symbol="Cu", x=0),
+     "space group"),
+])
+def test_malformed_cif_names_the_problem(text: str, match: str) -> None:
+    err = _raises(match, text)
+    assert "NoneType" not in str(err) and str(err).startswith("malformed CIF")
