@@ -57,7 +57,13 @@ def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, na
 
     Only file *contents* are accepted: a one-line string is never taken as a server path.
     """
-    from matcalc.structures import StructureError, detect_format, read_structure, validate_structure
+    from matcalc.structures import (
+        StructureError,
+        TooManyAtomsError,
+        detect_format,
+        read_structure,
+        validate_structure,
+    )
 
     if isinstance(content, bytes):
         try:
@@ -80,7 +86,10 @@ def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, na
                            f"{what}: unsupported format {fmt!r}; use cif, vasp/poscar or xyz/extxyz")
     try:
         detected = fmt or detect_format(content)
-        atoms = read_structure(content, fmt=detected)
+        atoms = read_structure(content, fmt=detected, max_atoms=max_atoms)  # bounded before any expansion
+    except TooManyAtomsError as exc:
+        raise ApiError(ErrorCode.TOO_MANY_ATOMS, f"{what}: {exc}",
+                       data={"n_atoms": exc.n_atoms, "max_atoms": exc.max_atoms}) from exc
     except StructureError as exc:
         unknown = "recognise the structure format" in str(exc)
         code = ErrorCode.UNSUPPORTED_FORMAT if unknown else ErrorCode.INVALID_STRUCTURE
