@@ -101,6 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unparsable = _unparsable_body(request, exc)
+        if unparsable is not None:
+            return error_response(ErrorCode.MALFORMED_JSON, unparsable)
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
                 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 413: ErrorCode.PAYLOAD_TOO_LARGE,
                 400: ErrorCode.VALIDATION_ERROR, 422: ErrorCode.VALIDATION_ERROR}.get(exc.status_code)
@@ -110,6 +113,22 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:  # list every method of every route on this path, not just the first match
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return JSONResponse(_envelope(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
+
+
+def _unparsable_body(request: Request, exc: StarletteHTTPException) -> str | None:
+    """The message for a JSON body FastAPI could not even decode (its 400 "error parsing the body"):
+    invalid UTF-8, nesting too deep for the parser; ``None`` for any other error."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"malformed JSON body: not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "malformed JSON body: nested too deeply"
+    content_type = request.headers.get("content-type", "")
+    if not content_type or "json" in content_type.split(";")[0]:
+        return f"malformed JSON body: {type(cause).__name__}: {cause}"
+    return None
 
 
 def unexpected_error(exc: Exception) -> tuple[ErrorCode, str]:
