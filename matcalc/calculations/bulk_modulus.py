@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from ase import Atoms
 from ase.eos import EquationOfState
 from ase.units import GPa
 
-from matcalc.calculations.common import Prepared, map_threads
 from matcalc.calculations.contract import STEPS, Choice, Number, Param, PreRelax, Property, Run
-from matcalc.calculations.optimize import OPTIMIZERS, optimize
+from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
 
 if TYPE_CHECKING:
@@ -166,8 +164,16 @@ def _compute(run: Run) -> dict[str, Any]:
     v_ref = float(reference.get_volume())
 
     factors = np.linspace(1.0 - p["strain"], 1.0 + p["strain"], p["n_points"])
-    points = map_threads(lambda item: _relax_strained(run.prep, reference, item[0], item[1], p),
-                         list(enumerate(factors)))
+    strained = []
+    for factor in factors:  # scale the volume by factor, then relax positions at fixed cell
+        atoms = reference.copy()
+        atoms.set_cell(reference.cell * factor ** (1.0 / 3.0), scale_atoms=True)
+        strained.append(atoms)
+    traces = optimize_many(strained, run.prep.calculator(), fmax=p["fmax"], max_steps=p["fixed_cell_max_steps"],
+                           optimizer=p["fixed_cell_optimizer"], relax_cell=False,
+                           stage=[f"eos {i + 1}/{p['n_points']}" for i in range(len(factors))])
+    points = [(float(a.get_volume()), float(a.get_potential_energy()), t.converged)
+              for a, t in zip(strained, traces, strict=True)]
     volumes = np.array([pt[0] for pt in points])
     energies = np.array([pt[1] for pt in points])
     unconverged = [i for i, pt in enumerate(points) if not pt[2]]
@@ -196,17 +202,6 @@ def _compute(run: Run) -> dict[str, Any]:
         "energies_eV": energies,
         "eos_parameters": fit.parameters,
     }
-
-
-def _relax_strained(prep: Prepared, reference: Atoms, index: int, factor: float,
-                    params: dict[str, Any]) -> tuple[float, float, bool]:
-    """Scale ``reference``'s volume by ``factor``, relax positions at fixed cell: (V Å³, E eV, converged)."""
-    atoms = reference.copy()
-    atoms.set_cell(reference.cell * factor ** (1.0 / 3.0), scale_atoms=True)
-    trace = optimize(atoms, prep.calculator(), fmax=params["fmax"], max_steps=params["fixed_cell_max_steps"],
-                     optimizer=params["fixed_cell_optimizer"], relax_cell=False,
-                     stage=f"eos {index + 1}/{params['n_points']}")
-    return float(atoms.get_volume()), float(atoms.get_potential_energy()), trace.converged
 
 
 PROPERTY = Property(
