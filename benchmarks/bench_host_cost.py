@@ -22,13 +22,13 @@ import _common as c
 args = c.parse(__doc__.splitlines()[0], n_default=16, extra=lambda p: p.add_argument(
     "--steps", type=int, default=40, help="optimizer steps per structure (default 40)"))
 
-import numpy as np  # noqa: E402
-from ase.filters import FrechetCellFilter  # noqa: E402
-from ase.optimize import FIRE  # noqa: E402
+import numpy as np
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE
 
-import matcalc  # noqa: E402
-from matcalc import batched, batching  # noqa: E402
-from matcalc.calculations.many import relax_many  # noqa: E402
+import matcalc
+from matcalc import batched, batching
+from matcalc.calculations.many import relax_many
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     cells = c.rattled_cells(args.n, names[:1], args.rattle)
     n_atoms = len(reference)
     steps = args.steps
-    kw = dict(model=pot, optimizer="FIRE", fmax=1e-9, max_steps=steps, relax_cell=True, progress=False)
+    kw = {"model": pot, "optimizer": "FIRE", "fmax": 1e-9, "max_steps": steps, "relax_cell": True, "progress": False}
     print(f"{len(cells)} x {names[0]} ({n_atoms} atoms), FIRE + FrechetCellFilter, {steps} steps each")
 
     def plain():

@@ -21,7 +21,7 @@ class BatchedFIRE(BatchedOptimizer):
                                   "started": (bool, False)}
     row_fields: ClassVar = {"vel": 0}
 
-    def __init__(self, *, dt: float = 0.1, maxstep: float = 0.2, dtmax: float = 1.0, Nmin: int = 5,  # noqa: N803
+    def __init__(self, *, dt: float = 0.1, maxstep: float = 0.2, dtmax: float = 1.0, Nmin: int = 5,
                  finc: float = 1.1, fdec: float = 0.5, astart: float = 0.1, fa: float = 0.99,
                  a: float = 0.1) -> None:
         self.dt0, self.maxstep, self.dtmax, self.Nmin = dt, maxstep, dtmax, Nmin

@@ -76,7 +76,7 @@ def evaluate_each(evaluator: Evaluator, atoms_list: Sequence[Atoms]) -> list[Eva
         return list(partial(atoms_list))
     try:
         return list(evaluator.evaluate(atoms_list))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted out per structure below
         if len(atoms_list) == 1:
             return [exc]
     out: list[Evaluation | BaseException] = []

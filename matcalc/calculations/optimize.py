@@ -14,9 +14,9 @@ and ``ase.md.nose_hoover_chain.IsotropicMTKNPT``, same trajectories and, for Lan
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import warnings
-import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
