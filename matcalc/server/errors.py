@@ -54,6 +54,7 @@ class ErrorCode(enum.IntEnum):
     MODEL_FILE_INVALID = 40014
     UNSUPPORTED_MODEL_FORMAT = 40015
     INVALID_HEADER = 40016
+    IDEMPOTENCY_KEY_REUSED = 40017
     # 50xxx task
     TASK_NOT_FINISHED = 50001
     TASK_FAILED = 50002
@@ -106,6 +107,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.MODEL_FILE_INVALID: 422,
     ErrorCode.UNSUPPORTED_MODEL_FORMAT: 422,
     ErrorCode.INVALID_HEADER: 400,
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: 422,
     ErrorCode.TASK_NOT_FINISHED: 409,
     ErrorCode.TASK_FAILED: 409,
     ErrorCode.TASK_ALREADY_FINISHED: 409,
@@ -149,6 +151,8 @@ _DESCRIPTION: dict[ErrorCode, str] = {
     ErrorCode.MODEL_FILE_INVALID: "the model file is empty, corrupt or truncated",
     ErrorCode.UNSUPPORTED_MODEL_FORMAT: "the model file's format is not accepted for that family",
     ErrorCode.INVALID_HEADER: "a request header has an invalid value (e.g. Last-Event-ID not a log id)",
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: "the Idempotency-Key was used before for a different request (another "
+                                      "endpoint or body); use a new key for a new request",
     ErrorCode.TASK_NOT_FINISHED: "the task has no result yet",
     ErrorCode.TASK_FAILED: "the task failed; see its error",
     ErrorCode.TASK_ALREADY_FINISHED: "the task has already finished",
