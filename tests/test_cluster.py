@@ -271,29 +271,32 @@ def test_connect_to_running_scheduler(cl):
 
 
 def test_task_logs_are_isolated_between_concurrent_tasks():
-    """Log records go to the task whose context emitted them, also with tasks in parallel threads."""
+    """Log records go to the task whose context emitted them, also with tasks in parallel threads
+    (the one job runner, as the dask workers and the server's workers run it)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from matcalc.cluster.worker import TaskSpec, install_log_capture, run_task
+    from matcalc.execution import Job, install_log_capture, run_job
 
     install_log_capture("INFO")
     published: dict[str, list] = {"a": [], "b": []}
 
     def one(tid: str):
-        spec = TaskSpec(task_id=tid, model="emt", prop="relax",
-                        params={"fmax": 1e-3, "optimizer": "FIRE", "relax_cell": False})
-        return run_task(spec, cu(2, 0.1, seed=ord(tid)), publish=published[tid].append)
+        job = Job(task_id=tid, model="emt", prop="relax", structure=cu(2, 0.1, seed=ord(tid)),
+                  params={"fmax": 1e-3, "optimizer": "FIRE", "relax_cell": False})
+        return run_job(job, published[tid].append, progress_interval_s=0.0)
 
     with ThreadPoolExecutor(2) as pool:
         out = dict(zip("ab", pool.map(one, "ab"), strict=True))
     for tid in "ab":
-        logs = out[tid]["logs"]
+        assert out[tid].status == TaskStatus.COMPLETED, out[tid].error
+        logs = out[tid].logs
         assert logs and all(r["task_id"] == tid for r in logs)
         assert sum("relax: converged" in r["message"] for r in logs) == 1
         kinds = [m["type"] for m in published[tid]]
         assert kinds[0] == "running" and "progress" in kinds and "log" in kinds
+        assert all(m["task_id"] == tid and m["attempt"] == 1 for m in published[tid])
         progress_events = [m for m in published[tid] if m["type"] == "progress"]
-        assert progress_events[-1]["step"] == out[tid]["result"].steps
+        assert progress_events[-1]["step"] == out[tid].result.steps
 
 
 @pytest.mark.slow

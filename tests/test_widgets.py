@@ -60,9 +60,9 @@ def test_rows_and_counts_follow_callbacks(widget_and_tasks):
     assert text(w.rows["t0"].cells["structure"].value) == "Cu-0"
     assert w.rows["t0"].cells["property"].value == "relax" and w.rows["t0"].cells["model"].value == "emt"
 
-    a._advance(TaskStatus.QUEUED)
-    b._advance(TaskStatus.RUNNING, worker="tcp://w")
-    b._on_progress({"stage": "relax", "step": 7, "total_steps": 500, "fraction": 7 / 500,
+    a.state.advance(TaskStatus.QUEUED)
+    b.state.advance(TaskStatus.RUNNING, worker="tcp://w")
+    b.state.record_progress({"stage": "relax", "step": 7, "total_steps": 500, "fraction": 7 / 500,
                     "energy_eV": -1.234567, "fmax_eV_per_A": 0.0421})
     w._throttle.flush()
     assert w.counts() == {"PENDING": 1, "QUEUED": 1, "RUNNING": 1}
@@ -77,9 +77,9 @@ def test_rows_and_counts_follow_callbacks(widget_and_tasks):
     assert "1 running" in text(w.summary.value) and "1 queued" in text(w.summary.value)
 
     result = mc.relax(cu(), "emt", protocol="fast")
-    b._finish(TaskStatus.COMPLETED, result=result)
-    c._advance(TaskStatus.RUNNING)
-    c._finish(TaskStatus.FAILED, error=ValueError("fmax must be > 0, got -1"))
+    b.state.finish(TaskStatus.COMPLETED, result=result)
+    c.state.advance(TaskStatus.RUNNING)
+    c.state.finish(TaskStatus.FAILED, error=ValueError("fmax must be > 0, got -1"))
     w._throttle.flush()
     assert w.counts() == {"QUEUED": 1, "COMPLETED": 1, "FAILED": 1}
     assert w.overall.value == 2 and w.overall.description == "2/3"
@@ -99,14 +99,14 @@ def test_rows_and_counts_follow_callbacks(widget_and_tasks):
 
 def test_cancel_buttons_call_cancel(widget_and_tasks):
     w, (a, b, c) = widget_and_tasks
-    b._advance(TaskStatus.RUNNING)
+    b.state.advance(TaskStatus.RUNNING)
     w.rows["t1"].cancel.click()
     assert b.status == TaskStatus.CANCELLED
     assert a.status == TaskStatus.PENDING and c.status == TaskStatus.PENDING
     w._throttle.flush()
     assert w.rows["t1"].cancel.disabled and text(w.rows["t1"].cells["status"].value) == "CANCELLED"
     assert w.rows["t1"].error.layout.display == "none"  # a cancel is not an error
-    a._finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
+    a.state.finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
     w.cancel_all_button.click()
     assert c.status == TaskStatus.CANCELLED and a.status == TaskStatus.COMPLETED  # finished ones stay
     assert w.wait(5)
@@ -153,12 +153,12 @@ def test_cancel_calls_the_task_like_objects_cancel():
 
 def test_updates_are_throttled_and_merged():
     task = make_task(0)
-    task._advance(TaskStatus.RUNNING)
+    task.state.advance(TaskStatus.RUNNING)
     w = ProgressWidget([task], max_rate_hz=20)  # at most one refresh per 50 ms
     calls0 = w._throttle.calls
     t0 = time.monotonic()
     for step in range(2000):
-        task._on_progress({"stage": "md", "step": step, "total_steps": 2000, "energy_eV": -float(step)})
+        task.state.record_progress({"stage": "md", "step": step, "total_steps": 2000, "energy_eV": -float(step)})
     elapsed = time.monotonic() - t0
     w._throttle.flush()
     assert w._throttle.calls - calls0 <= elapsed / 0.05 + 2  # 2000 events, a handful of refreshes
@@ -221,9 +221,9 @@ def test_tqdm_fallback_without_a_kernel():
     out = io.StringIO()
     view = progress(tasks, file=out, max_rate_hz=1000)  # pytest has no Jupyter kernel
     assert isinstance(view, TqdmProgress)
-    tasks[0]._advance(TaskStatus.RUNNING)
-    tasks[0]._finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
-    tasks[1]._finish(TaskStatus.FAILED, error=RuntimeError("x"))
+    tasks[0].state.advance(TaskStatus.RUNNING)
+    tasks[0].state.finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
+    tasks[1].state.finish(TaskStatus.FAILED, error=RuntimeError("x"))
     view._throttle.flush()
     assert view.bar.n == 2
     assert "1 pending, 1 completed, 1 failed" in out.getvalue()
@@ -248,8 +248,8 @@ def test_results_view_grows_and_plots():
     view = ResultsWidget(tasks, max_rate_hz=1000)
     assert view.frame().empty and "no finished results" in view.table.value
     sp = mc.single_point(atoms[0], "emt")
-    tasks[0]._finish(TaskStatus.COMPLETED, result=sp)
-    tasks[1]._finish(TaskStatus.FAILED, error=ValueError("bad structure"))
+    tasks[0].state.finish(TaskStatus.COMPLETED, result=sp)
+    tasks[1].state.finish(TaskStatus.FAILED, error=ValueError("bad structure"))
     view.refresh()
     df = view.frame()
     assert list(df["task_id"]) == ["t0", "t1"]
@@ -258,7 +258,7 @@ def test_results_view_grows_and_plots():
     assert "1/3" not in view.summary.value and "2/3" in text(view.summary.value)
     assert [k for _, k in view.selector.options] == [None, "t0"]  # only rows with a result
     r = mc.relax(atoms[2], "emt", protocol="fast")
-    tasks[2]._finish(TaskStatus.COMPLETED, result=r)
+    tasks[2].state.finish(TaskStatus.COMPLETED, result=r)
     view.refresh()
     assert [k for _, k in view.selector.options] == [None, "t0", "t2"]
     view.selector.value = "t2"  # what a click does
@@ -405,9 +405,9 @@ def test_many_tasks_show_running_and_failed_first():
     w.refresh()
     assert list(w.rows) == ["t0", "t1"] and len(w.children) == 2 + 2 + 1  # header rows, 2 slots, note
     assert "showing 2 of 5 tasks" in w.more.value
-    tasks[3]._advance(TaskStatus.RUNNING)
-    tasks[3]._on_progress({"stage": "relax", "step": 3, "total_steps": 10, "energy_eV": -2.0})
-    tasks[4]._finish(TaskStatus.FAILED, error=RuntimeError("worker died"))
+    tasks[3].state.advance(TaskStatus.RUNNING)
+    tasks[3].state.record_progress({"stage": "relax", "step": 3, "total_steps": 10, "energy_eV": -2.0})
+    tasks[4].state.finish(TaskStatus.FAILED, error=RuntimeError("worker died"))
     w._throttle.flush()
     assert list(w.rows) == ["t3", "t4"]
     assert w.rows["t3"].cells["step"].value == "relax 3/10"

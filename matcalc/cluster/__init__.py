@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from matcalc.cluster.gpus import cuda_status, gpus
 from matcalc.cluster.local import Cluster, connect, start, tasks_frame
-from matcalc.cluster.tasks import (
+from matcalc.cluster.tasks import Task, is_transient
+from matcalc.cluster.worker import MatcalcWorkerPlugin
+from matcalc.tasks import (
     PRIORITIES,
     TERMINAL,
-    Task,
     TaskCancelledError,
     TaskStatus,
     TaskTimeoutError,
+    WorkerCrashedError,
     check_priority,
-    is_transient,
 )
-from matcalc.cluster.worker import MatcalcWorkerPlugin
 
 __all__ = [
     "PRIORITIES",
@@ -33,6 +33,7 @@ __all__ = [
     "TaskCancelledError",
     "TaskStatus",
     "TaskTimeoutError",
+    "WorkerCrashedError",
     "check_priority",
     "connect",
     "cuda_status",

@@ -29,30 +29,33 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from matcalc.calculations import PROPERTIES, checks
 from matcalc.cluster.gpus import cuda_status
-from matcalc.cluster.tasks import (
-    Task,
-    TaskCancelledError,
-    TaskStatus,
-    TaskTimeoutError,
-    WorkerTaskError,
-    check_priority,
-    dask_priority,
-    is_transient,
-)
+from matcalc.cluster.tasks import Task, WorkerTaskError, dask_priority, is_transient
 from matcalc.cluster.worker import (
     ASSIGNED_TOPIC,
     KEY_PREFIX,
     MALLOC_TRIM,
     MatcalcWorkerPlugin,
-    TaskSpec,
     request_stop_async,
     request_stop_many_async,
     run_task,
     worker_info,
+)
+from matcalc.execution import Job, Outcome, plan_concurrency
+from matcalc.tasks import (
+    DEFAULT_MAX_CRASHES,
+    ON_WORKER,
+    TaskCancelledError,
+    TaskStatus,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    check_priority,
+    crash_error,
 )
 
 if TYPE_CHECKING:
@@ -62,18 +65,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS_GPU = 4
-"""Concurrent tasks per GPU worker (their force requests are fused by the batching engine)."""
+"""Concurrent tasks per GPU worker (their force requests are fused by the batching engine);
+:data:`matcalc.execution.GPU_SLOTS`."""
 DEFAULT_THREADS_CPU = 1
 """On a CPU, fusing MOF-sized CHGNet calls does not pay (benchmarks/README.md) and a second task thread
-per worker made one-at-a-time tasks wait for the batching engine's idle "active caller" (~40 ms)."""
+per worker made one-at-a-time tasks wait for the batching engine's idle "active caller" (~40 ms);
+:data:`matcalc.execution.CPU_SLOTS`."""
 WORKER_REFRESH_S = 2.0
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
+SCHEDULER_TOPIC = "all"
+"""The scheduler's own event topic (workers added and removed, with the tasks they were processing)."""
 
 
 def property_name(fn: str | Callable[..., Any]) -> tuple[str, Callable[..., Any] | None]:
@@ -116,22 +116,47 @@ def _prepare_structure(structure: Any) -> tuple[Any, str, str | None]:
     return atoms, label, structure_hash(atoms)
 
 
+@dataclass
+class _Submission:
+    """What the cluster keeps of one task while dask runs it (the :class:`Task` is the user's handle)."""
+
+    task: Task
+    fn: Callable[..., Any] | None
+    atoms: Any
+    key: str | None = None
+    future: Future | None = None
+    timer: threading.Timer | None = None
+    running_on: str | None = None
+    """Worker that reported running the current attempt (None until it did)."""
+    settled_key: str | None = None
+    waiters: int = 0
+
+
 class Cluster:
     """A dask client plus matcalc task handling; use as a context manager.
 
     Build with :func:`start` or :func:`connect`. ``close()`` shuts down a cluster that
     :func:`start` created and only disconnects from one given to :func:`connect`.
+
+    Worker deaths: when a worker dies, its tasks are sent again (new dask keys, fresh worker hints);
+    the task it was *running* counts a crash and, after ``max_crashes`` of them, is FAILED with
+    :class:`~matcalc.tasks.WorkerCrashedError` ("worker crashed: ..."), so a task that kills its worker
+    never stays RUNNING and never loops. A task that crashed once runs alone on its next GPU worker.
     """
 
     def __init__(self, client: Client, cluster: Any = None, *, owns_cluster: bool = False,
                  gpu: bool = False, gpu_share: float | None = None, gpu_reason: str = "",
-                 dashboard: bool = True, progress_interval_s: float = 0.1) -> None:
+                 dashboard: bool = True, progress_interval_s: float = 0.1,
+                 max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
+        checks.integer("max_crashes", max_crashes, minimum=1)
         self.client = client
         self.cluster = cluster
         self.gpu = gpu
         """True when tasks request the worker resource ``GPU``."""
         self.gpu_reason = gpu_reason
         """Why GPUs are (not) used."""
+        self.max_crashes = max_crashes
+        """A task whose worker died this many times while running it is FAILED."""
         self._gpu_share = gpu_share
         self._owns = owns_cluster
         self._dashboard = dashboard
@@ -139,12 +164,16 @@ class Cluster:
         self.topic = f"matcalc-events-{uuid.uuid4().hex[:16]}"
         self._lock = threading.RLock()
         self._tasks: dict[str, Task] = {}
-        self._by_key: dict[str, Task] = {}
+        self._subs: dict[str, _Submission] = {}
+        self._by_key: dict[str, _Submission] = {}
         self._worker_models: dict[str, set[str]] = {}
         self._workers_seen: tuple[float, list[str]] = (0.0, [])
         self._closed = False
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="matcalc-cluster")
+        """Work that must not run on the client's event loop thread (blocking dask calls), in order."""
         client.subscribe_topic(self.topic, self._on_event)
         client.subscribe_topic(ASSIGNED_TOPIC, self._on_assigned)
+        client.subscribe_topic(SCHEDULER_TOPIC, self._on_scheduler_event)
 
     # ------------------------------------------------------------------ context / info
     def __enter__(self) -> Cluster:
@@ -182,17 +211,18 @@ class Cluster:
             return
         self._closed = True
         with self._lock:
-            tasks = list(self._tasks.values())
+            subs = list(self._subs.values())
         futures, started = [], []
-        for t in tasks:
-            if t._timer is not None:
-                t._timer.cancel()
-            future = t._future
-            if t._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {t.id}: cluster closed")):
+        for sub in subs:
+            if sub.timer is not None:
+                sub.timer.cancel()
+            future = sub.future
+            if sub.task.state.finish(TaskStatus.CANCELLED,
+                                     error=TaskCancelledError(f"task {sub.task.id}: cluster closed")):
                 if future is not None:
                     futures.append(future)
-                if t.worker:
-                    started.append(t.id)
+                if sub.task.worker:
+                    started.append(sub.task.id)
         try:  # unfinished work must not keep running for nobody (on a cluster we only connected to)
             if futures:
                 self.client.cancel(futures)
@@ -200,11 +230,12 @@ class Cluster:
                 self.client.run(request_stop_many_async, started, "cancel", on_error="ignore")
         except Exception as exc:  # noqa: BLE001 - closing must not fail
             log.debug("cancelling unfinished tasks on close failed: %s", exc)
-        for topic in (self.topic, ASSIGNED_TOPIC):
+        for topic in (self.topic, ASSIGNED_TOPIC, SCHEDULER_TOPIC):
             try:
                 self.client.unsubscribe_topic(topic)
             except Exception:  # noqa: BLE001
                 pass
+        self._helper.shutdown(wait=False, cancel_futures=True)
         try:
             self.client.close()
         finally:
@@ -252,7 +283,7 @@ class Cluster:
     # ------------------------------------------------------------------ submission
     def submit(self, fn: str | Callable[..., Any], structure: Any, model: str = "chgnet", *,
                priority: str = "NORMAL", timeout_s: float | None = None, retries: int = 0,
-               task_id: str | None = None, **params: Any) -> Task:
+               task_id: str | None = None, crashes: int = 0, **params: Any) -> Task:
         """Run ``fn`` (a property name such as ``"relax"``, a property function such as
         ``matcalc.relax``, or any ``fn(structure, model=..., **params)``) on ``structure``.
 
@@ -260,9 +291,11 @@ class Cluster:
             model: model name (loaded once per worker).
             priority: ``CRITICAL`` > ``HIGH`` > ``NORMAL`` > ``LOW``; FIFO within a level.
             timeout_s: wall-clock limit once running (s); the task then ends as TIMEOUT.
-            retries: resubmissions after transient errors (worker lost, CUDA out of memory);
-                never after invalid input.
+            retries: resubmissions after transient errors (CUDA out of memory, a dropped connection);
+                never after invalid input. A worker that dies is handled apart (``max_crashes``).
             task_id: stable id to use (default: a uuid hex); must be unique in this cluster.
+            crashes: executions of this task that already died elsewhere (e.g. before a server restart);
+                they count towards the cluster's ``max_crashes``.
             **params: keyword arguments of the calculation (``protocol="fast"``, ``fmax=``...).
 
         An unreadable structure gives a task that is FAILED at once (no exception here), so
@@ -275,6 +308,7 @@ class Cluster:
         if timeout_s is not None:
             checks.positive("timeout_s", timeout_s)
         checks.integer("retries", retries, minimum=0)
+        checks.integer("crashes", crashes, minimum=0)
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be a model name (str), got {model!r}")
         tid = str(task_id) if task_id is not None else uuid.uuid4().hex
@@ -282,16 +316,22 @@ class Cluster:
             if tid in self._tasks:
                 raise ValueError(f"task_id {tid!r} is already used in this cluster")
             task = Task(task_id=tid, prop=prop, model=model, priority=prio, params=params,
-                        timeout_s=timeout_s, retries=int(retries), cluster=self)
-            task._custom_fn = custom
+                        timeout_s=timeout_s, retries=int(retries), runner=self)
+            task.state.crashes = int(crashes)
             self._tasks[tid] = task
         try:
             atoms, task.label, task.structure_hash = _prepare_structure(structure)
         except ValueError as exc:  # StructureError: invalid input fails the task, never the batch
-            task._finish(TaskStatus.FAILED, error=exc)
+            task.state.finish(TaskStatus.FAILED, error=exc)
             return task
-        task._atoms = atoms
-        self._send(task)
+        sub = _Submission(task, custom, atoms)
+        with self._lock:
+            self._subs[tid] = sub
+        if task.state.crashes >= self.max_crashes:
+            task.state.finish(TaskStatus.FAILED, error=WorkerCrashedError(crash_error(
+                "in an earlier session", task.state.crashes, self.max_crashes)))
+            return task
+        self._send(sub)
         return task
 
     def map(self, fn: str | Callable[..., Any], structures: Iterable[Any], model: str = "chgnet", *,
@@ -328,45 +368,64 @@ class Cluster:
             fresh = [a for a in addrs if not self._worker_models.get(a)]
         return fresh or addrs
 
-    def _send(self, task: Task) -> None:
-        task.attempts += 1
+    def _send(self, sub: _Submission) -> None:
+        task = sub.task
+        attempt = task.state.start_attempt()
         key = f"{KEY_PREFIX}{task.property.replace('_', '-')}-{uuid.uuid4().hex}"
-        spec = TaskSpec(task_id=task.id, model=task.model, prop=None if task._custom_fn else task.property,
-                        fn=task._custom_fn, params=task.params, topic=self.topic,
-                        timeout_s=task.timeout_s, attempt=task.attempts,
-                        progress_interval_s=self.progress_interval_s)
+        job = Job(task_id=task.id, model=task.model, prop=None if sub.fn else task.property, fn=sub.fn,
+                  params=task.params, structure=sub.atoms, label=task.label or None, timeout_s=task.timeout_s,
+                  priority=task.priority, attempt=attempt, crashes=task.crashes)
         hint = self._preferred_workers(task.model)
         kwargs: dict[str, Any] = {}
         if hint:
             kwargs.update(workers=hint, allow_other_workers=True)
-        if self.gpu and self._gpu_share:
-            kwargs["resources"] = {"GPU": self._gpu_share}
+        if self.gpu and self._gpu_share:  # a task that crashed a worker runs alone on the next one
+            kwargs["resources"] = {"GPU": 1.0 if task.crashes else self._gpu_share}
         with self._lock:
-            task.key = key
-            self._by_key[key] = task
+            sub.key, sub.running_on = key, None
+            self._by_key[key] = sub
         try:
-            future = self.client.submit(run_task, spec, task._atoms, key=key, pure=False,
+            future = self.client.submit(run_task, job, self.topic, self.progress_interval_s, key=key, pure=False,
                                         priority=dask_priority(task.priority), retries=0, **kwargs)
         except Exception as exc:  # noqa: BLE001 - e.g. unpicklable custom function
             with self._lock:
                 self._by_key.pop(key, None)
-            task._finish(TaskStatus.FAILED, error=exc)
+            task.state.finish(TaskStatus.FAILED, error=exc)
             return
-        task._future = future
-        task._advance(TaskStatus.QUEUED)
-        future.add_done_callback(lambda f, t=task: self._on_future_done(t, f))
+        sub.future = future
+        task.state.advance(TaskStatus.QUEUED)
+        future.add_done_callback(lambda f, s=sub: self._on_future_done(s, f))
+
+    def _sub(self, task: Task) -> _Submission | None:
+        with self._lock:
+            return self._subs.get(task.id)
 
     # ------------------------------------------------------------------ completion
-    def _wait_future(self, task: Task, future: Future, timeout: float | None) -> bool:
-        """Wait for ``future`` and settle ``task`` from it in this thread (False: timed out first).
+    def wait_for(self, task: Task, timeout: float | None = None) -> bool:
+        """Wait for ``task`` to finish (False: ``timeout`` s passed first). While its dask future is
+        out, this thread waits on it and settles the task itself (saves the hop through dask's callback
+        thread); resubmissions swap the future."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not task.done():
+            sub = self._sub(task)
+            future = sub.future if sub is not None else None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if sub is None or future is None:
+                return task.state.wait(left)
+            if not self._wait_future(sub, future, left):
+                return task.done()
+        return True
+
+    def _wait_future(self, sub: _Submission, future: Future, timeout: float | None) -> bool:
+        """Wait for ``future`` and settle its task from it in this thread (False: timed out first).
 
         While a thread waits here, dask's done-callback leaves the task alone, so the result is
         fetched once, without the hop through dask's callback thread.
         """
         from concurrent.futures import CancelledError
 
-        with task._lock:
-            task._waiters += 1
+        with self._lock:
+            sub.waiters += 1
         outcome: tuple[str, Any] | None = None
         try:
             try:
@@ -376,34 +435,32 @@ class Cluster:
             except BaseException as exc:  # noqa: BLE001 - the task's error, or our wait timing out
                 outcome = ("error", exc) if future.done() else None
         finally:
-            with task._lock:
-                task._waiters -= 1
+            with self._lock:
+                sub.waiters -= 1
         if outcome is None and not future.done():
             return False
-        self._settle(task, future, outcome)
+        self._settle(sub, future, outcome)
         return True
 
-    def _on_future_done(self, task: Task, future: Future) -> None:
+    def _on_future_done(self, sub: _Submission, future: Future) -> None:
         """dask's done-callback (its callback thread); a thread in :meth:`_wait_future` takes precedence."""
-        with task._lock:
-            if task._waiters:
-                return
-        self._settle(task, future, None)
-
-    def _settle(self, task: Task, future: Future, outcome: tuple[str, Any] | None) -> None:
-        """Move ``task`` to its terminal state (or retry it) from its finished ``future``; once per future."""
-        with task._lock:
-            if task._settled_key == future.key:
-                return
-            task._settled_key = future.key
         with self._lock:
+            if sub.waiters:
+                return
+        self._settle(sub, future, None)
+
+    def _settle(self, sub: _Submission, future: Future, outcome: tuple[str, Any] | None) -> None:
+        """Move the task to its terminal state (or send it again) from its finished ``future``; once per future."""
+        task = sub.task
+        with self._lock:
+            if sub.settled_key == future.key:
+                return
+            sub.settled_key = future.key
             self._by_key.pop(str(future.key), None)
-            current = future.key == task.key
-        if not current:
+            current = future.key == sub.key
+        if not current or task.done():
             return
         try:
-            if task.done():
-                return
             if outcome is None:
                 status = future.status
                 if status == "finished":
@@ -414,72 +471,132 @@ class Cluster:
                     err = future.exception()
                     outcome = ("error", err if err is not None else
                                WorkerTaskError(f"task {task.id} ended with dask status {status!r}"))
-            kind: str = outcome[0]
-            value: Any = outcome[1]
+            kind, value = outcome
             if kind == "finished":
-                task._merge_logs(value.get("logs", []))
-                worker = value.get("worker")
-                if worker:
-                    task.worker = worker
-                    with self._lock:
-                        self._worker_models[worker] = set(value.get("models", []))
-                task._finish(TaskStatus.COMPLETED, result=value["result"])
-                return
-            if kind == "cancelled":
-                task._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled"))
-                return
-            exc = value
-            task._merge_logs(getattr(exc, "matcalc_logs", []) or [])
-            if isinstance(exc, TaskTimeoutError):
-                task._finish(TaskStatus.TIMEOUT, error=exc)
-            elif isinstance(exc, TaskCancelledError):
-                task._finish(TaskStatus.CANCELLED, error=exc)
-            elif is_transient(exc) and task.attempts <= task.retries and not self._closed:
-                log.warning("task %s attempt %d failed (%s: %s); retrying", task.id, task.attempts,
-                            type(exc).__name__, exc)
-                task._reset_for_retry()
-                self._send(task)
+                self._finish_outcome(sub, value)
+            elif kind == "cancelled":
+                task.state.finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled"))
+            elif type(value).__name__ == "KilledWorker":  # dask gave up on it: its workers died
+                last = getattr(getattr(value, "last_worker", None), "address", None)
+                self._lost(sub, str(future.key), last)
+            elif is_transient(value) and task.attempts <= task.retries and not self._closed:
+                self._retry(sub, value)
             else:
-                task._finish(TaskStatus.FAILED, error=exc)
+                task.state.finish(TaskStatus.FAILED, error=value)
         except Exception as exc:  # noqa: BLE001 - e.g. the result could not be fetched
-            task._finish(TaskStatus.FAILED, error=exc)
+            task.state.finish(TaskStatus.FAILED, error=exc)
         finally:
-            if task.done():
-                task._future = None  # let dask release the result on the worker
-                task._atoms = None
+            self._release(sub)
+
+    def _finish_outcome(self, sub: _Submission, outcome: Outcome) -> None:
+        task = sub.task
+        task.state.add_logs(outcome.logs)
+        if outcome.worker:
+            task.state.worker = outcome.worker
+            with self._lock:
+                self._worker_models[outcome.worker] = set(outcome.models)
+        if outcome.status == TaskStatus.COMPLETED:
+            task.state.finish(TaskStatus.COMPLETED, result=outcome.result)
+            return
+        exc = outcome.exception if outcome.exception is not None else WorkerTaskError(outcome.error)
+        if (outcome.status == TaskStatus.FAILED and is_transient(exc) and task.attempts <= task.retries
+                and not self._closed):
+            self._retry(sub, exc)
+            return
+        task.state.finish(outcome.status, error=exc)
+
+    def _retry(self, sub: _Submission, exc: BaseException) -> None:
+        task = sub.task
+        log.warning("task %s attempt %d failed (%s: %s); retrying", task.id, task.attempts,
+                    type(exc).__name__, exc)
+        if sub.timer is not None:
+            sub.timer.cancel()
+        if task.state.retry():
+            self._send(sub)
+
+    def _release(self, sub: _Submission) -> None:
+        if sub.task.done():
+            if sub.timer is not None:
+                sub.timer.cancel()
+            sub.future = None  # let dask release the result on the worker
+            sub.atoms = None
+
+    # ------------------------------------------------------------------ worker deaths
+    def _on_scheduler_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A worker left the scheduler unexpectedly: its tasks go again (on the client's event loop
+        thread: the work is handed to the helper thread)."""
+        _, msg = event
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker" or msg.get("expected"):
+            return
+        worker = msg.get("worker")
+        with self._lock:
+            lost = [(self._by_key[k], k) for k in msg.get("processing-tasks", ()) if k in self._by_key]
+        for sub, key in lost:
+            self._helper.submit(self._lost, sub, key, worker)
+
+    def _lost(self, sub: _Submission, key: str, worker: str | None) -> None:
+        """The dask task ``key`` of ``sub`` was on a worker that died: send the task again, counting a
+        crash when it was running there; FAILED once it crashed ``max_crashes`` times."""
+        task = sub.task
+        with self._lock:
+            if sub.key != key or task.done() or self._closed:
+                return
+            running = sub.running_on is not None and (worker is None or sub.running_on == worker)
+            old, where = sub.future, worker or sub.running_on or "?"
+            sub.key = None  # claimed: the other notice of the same death (event or KilledWorker) stops here
+        if sub.timer is not None:
+            sub.timer.cancel()
+        if running and task.crashes + 1 >= self.max_crashes:
+            task.state.crashes += 1
+            task.state.finish(TaskStatus.FAILED, error=WorkerCrashedError(crash_error(
+                f"dask worker {where} died while running it", task.crashes, self.max_crashes)))
+            log.error("task %s: its worker %s died while running it (%d time(s)); FAILED", task.id, where,
+                      task.crashes)
+        else:
+            if running:
+                log.warning("task %s: its worker %s died while running it; running it again (crash %d of %d "
+                            "allowed)", task.id, where, task.crashes + 1, self.max_crashes)
+            if task.state.retry(crashed=running):
+                self._send(sub)
+        if old is not None:
+            try:
+                old.cancel()  # dask may have rescheduled it with stale worker hints
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._release(sub)
 
     # ------------------------------------------------------------------ events from workers
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
         with self._lock:
-            task = self._tasks.get(msg.get("task_id", ""))
-        if task is None or msg.get("attempt") != task.attempts:
+            sub = self._subs.get(msg.get("task_id", ""))
+        if sub is None or msg.get("attempt") != sub.task.attempts:
             return
+        task = sub.task
         kind = msg.get("type")
         if kind == "progress":
-            task._on_progress({k: v for k, v in msg.items() if k not in ("type", "task_id", "attempt")})
+            task.state.record_progress({k: v for k, v in msg.items() if k not in ("type", "task_id", "attempt")})
         elif kind == "log":
-            task._on_log(msg["record"])
+            task.state.add_logs([msg["record"]])
         elif kind == "running":
             worker = msg.get("worker")
-            if worker:
-                with self._lock:
+            with self._lock:
+                sub.running_on = worker or "?"
+                if worker:
                     self._worker_models.setdefault(worker, set()).update(msg.get("models", []))
-            advanced = task._advance(TaskStatus.RUNNING, worker)
-            if advanced and msg.get("time"):
-                task.started_at = float(msg["time"])  # worker clock: the true start order
-            if advanced and task.timeout_s is not None:
+            at = float(msg["time"]) if msg.get("time") else None  # worker clock: the true start order
+            if task.state.advance(TaskStatus.RUNNING, worker, at=at) and task.timeout_s is not None:
                 timer = threading.Timer(task.timeout_s, self._timeout, args=(task, task.attempts))
                 timer.daemon = True
-                task._timer = timer
+                sub.timer = timer
                 timer.start()
 
     def _on_assigned(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
         with self._lock:
-            task = self._by_key.get(msg.get("key", ""))
-        if task is not None and task.key == msg.get("key"):
-            task._advance(TaskStatus.ASSIGNED, msg.get("worker"))
+            sub = self._by_key.get(msg.get("key", ""))
+        if sub is not None and sub.key == msg.get("key"):
+            sub.task.state.advance(TaskStatus.ASSIGNED, msg.get("worker"))
 
     # ------------------------------------------------------------------ cancel / timeout
     def _stop_remote(self, task: Task, reason: str, future: Future | None) -> None:
@@ -509,23 +626,28 @@ class Cluster:
         except Exception as exc:  # noqa: BLE001 - the worker may be gone; the task is over anyway
             log.debug("stop request for task %s failed: %s", task.id, exc)
 
-    def _cancel(self, task: Task) -> bool:
-        future = task._future
-        was_started = task.status in (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
-        if not task._finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled")):
+    def cancel_task(self, task: Task) -> bool:
+        """Cancel ``task`` (queued: dropped; running: asked to stop on its worker); False when finished."""
+        sub = self._sub(task)
+        future = sub.future if sub is not None else None
+        was_started = task.status in ON_WORKER
+        if not task.state.finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled")):
             return False
-        task._future = None
-        self._stop_remote(task, "cancel", future if future is not None else None)
+        if sub is not None:
+            self._release(sub)
+        self._stop_remote(task, "cancel", future)
         log.info("task %s cancelled (%s)", task.id, "running" if was_started else "queued")
         return True
 
     def _timeout(self, task: Task, attempt: int) -> None:
         if task.attempts != attempt or task.done():
             return
-        future = task._future
+        sub = self._sub(task)
+        future = sub.future if sub is not None else None
         err = TaskTimeoutError(f"task {task.id} exceeded its timeout of {task.timeout_s} s")
-        if task._finish(TaskStatus.TIMEOUT, error=err):
-            task._future = None
+        if task.state.finish(TaskStatus.TIMEOUT, error=err):
+            if sub is not None:
+                self._release(sub)
             self._stop_remote(task, "timeout", future)
 
     # ------------------------------------------------------------------ results
@@ -534,7 +656,7 @@ class Cluster:
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in tasks:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not t._wait(left):
+            if not t.wait(left):
                 return False
         return True
 
@@ -552,11 +674,12 @@ def tasks_frame(tasks: Sequence[Task], timeout: float | None = None) -> pd.DataF
     rows = []
     for t in tasks:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        t._wait(left)
+        t.wait(left)
         row: dict[str, Any] = {"task_id": t.id, "label": t.label, "property": t.property, "model": t.model,
                                "status": t.status.value, "structure_hash": t.structure_hash}
-        if t.status == TaskStatus.COMPLETED and t._result is not None:
-            row.update(t._result.row())
+        result = t.state.result
+        if t.status == TaskStatus.COMPLETED and result is not None:
+            row.update(result.row())
             row["status"] = t.status.value
         row["error"] = t.error
         rows.append(row)
@@ -599,17 +722,18 @@ def _env_config(torch_threads: int) -> dict[str, Any]:
 def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = None,
           threads_per_worker: int | None = None, dashboard: bool = True, preload: Iterable[str] = ("chgnet",),
           *, torch_threads: int | None = None, memory_limit: str | float | None = "auto",
-          log_level: str = "INFO", **cluster_kwargs: Any) -> Cluster:
+          log_level: str = "INFO", max_crashes: int = DEFAULT_MAX_CRASHES, **cluster_kwargs: Any) -> Cluster:
     """Start a local dask cluster for matcalc and connect to it.
 
-    With GPUs (torch CUDA + ``dask_cuda``): one worker per selected GPU (``CUDA_VISIBLE_DEVICES``
+    Sizes come from :func:`matcalc.execution.plan_concurrency` (the server's executor uses the same):
+    with GPUs (torch CUDA + ``dask_cuda``), one worker per selected GPU (``CUDA_VISIBLE_DEVICES``
     pinned by dask-cuda), each with resource ``GPU=1`` and ``threads_per_worker`` concurrent tasks
-    (default 4) sharing that GPU's batching engine. Otherwise CPU worker processes (a warning
-    says why GPUs are not used).
+    (default 4) sharing that GPU's batching engine. Otherwise one CPU worker process per CPU (at most
+    one per 2 GiB of memory), one task and one torch thread each (a warning says why GPUs are not used).
 
     Args:
         n_gpus: ``"all"``, a count, or a list of GPU indices; ``0`` forces CPU workers.
-        n_workers: CPU path only: worker processes (default: CPUs // 4, at least 1).
+        n_workers: CPU path only: worker processes (default: one per CPU, memory permitting).
         threads_per_worker: concurrent tasks per worker (default 4 on GPU, 1 on CPU).
         dashboard: serve dask's dashboard (``Cluster.dashboard_link``) on a free port.
         preload: model names each worker loads at start (a model that cannot load is skipped
@@ -617,13 +741,13 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         torch_threads: torch intra-op threads per worker (default: CPUs // workers).
         memory_limit: per worker, as dask takes it.
         log_level: level of the per-task log capture on the workers.
+        max_crashes: a task whose worker died this many times while running it is FAILED.
         **cluster_kwargs: passed on to ``LocalCluster`` / ``LocalCUDACluster``.
     """
     from distributed import Client
 
     import dask
 
-    cpus = _cpu_count()
     use_gpu = False
     reason = "n_gpus=0 asked for CPU workers"
     if n_gpus not in (0, None, False) and n_gpus != []:
@@ -634,6 +758,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         checks.integer("threads_per_worker", threads_per_worker, minimum=1)
     if torch_threads is not None:
         checks.integer("torch_threads", torch_threads, minimum=1)
+    checks.integer("max_crashes", max_crashes, minimum=1)
     if os.environ.get(MALLOC_TRIM):
         # glibc reads it at process start; workers spawned from here would inherit it
         log.info("removing %s=%s from this process' environment so dask workers do not inherit it",
@@ -643,44 +768,45 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         dashboard = False
     dashboard_address = ":0"  # a free port: the scheduler's HTTP server (health, metrics) runs regardless
     gpu_share = None
+    # the cluster handles worker deaths itself (Cluster._lost): dask must not retry a task on other
+    # workers behind its back (with stale worker hints it even left such tasks waiting forever)
+    config = {"distributed.scheduler.allowed-failures": 0}
     if use_gpu:
         from dask_cuda import LocalCUDACluster
 
         devices = _gpu_devices(n_gpus)
         if not devices:
             raise ValueError("n_gpus selected no GPU")
-        tpw = threads_per_worker or DEFAULT_THREADS_GPU
-        n_workers_eff = len(devices)
-        tt = torch_threads or max(1, cpus // n_workers_eff)
+        plan = plan_concurrency(devices, slots=threads_per_worker, torch_threads=torch_threads)
+        tpw, tt = plan.slots, plan.torch_threads
         # each task asks for a power-of-two share of the GPU so tpw tasks fit exactly (no float drift)
         gpu_share = 2.0 ** -math.ceil(math.log2(tpw))
-        with dask.config.set(_env_config(tt)):
-            cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, n_workers=n_workers_eff,
+        with dask.config.set({**_env_config(tt), **config}):
+            cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, n_workers=plan.workers,
                                        threads_per_worker=tpw, resources={"GPU": 1},
                                        dashboard_address=dashboard_address, memory_limit=memory_limit,
                                        **cluster_kwargs)
         log.info("started %d GPU worker(s) on GPUs %s, %d task threads and %d torch threads each",
-                 n_workers_eff, devices, tpw, tt)
+                 plan.workers, devices, tpw, tt)
     else:
         from distributed import LocalCluster
 
         if n_gpus not in (0, None, False) and n_gpus != []:
             log.warning("matcalc cluster: GPUs not used: %s; starting CPU workers", reason)
-        n_workers_eff = n_workers or max(1, cpus // 4)
-        tpw = threads_per_worker or DEFAULT_THREADS_CPU
-        tt = torch_threads or max(1, cpus // n_workers_eff)
-        with dask.config.set(_env_config(tt)):
-            cluster = LocalCluster(n_workers=n_workers_eff, threads_per_worker=tpw, processes=True,
+        plan = plan_concurrency(workers=n_workers, slots=threads_per_worker, torch_threads=torch_threads)
+        tpw, tt = plan.slots, plan.torch_threads
+        with dask.config.set({**_env_config(tt), **config}):
+            cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=tpw, processes=True,
                                    dashboard_address=dashboard_address, memory_limit=memory_limit,
                                    **cluster_kwargs)
-        log.info("started %d CPU worker process(es), %d task threads and %d torch threads each",
-                 n_workers_eff, tpw, tt)
+        log.info("started %d CPU worker process(es) (%s), %d task threads and %d torch threads each",
+                 plan.workers, plan.reason, tpw, tt)
     try:
         client = Client(cluster)
         client.register_plugin(MatcalcWorkerPlugin(preload=preload, torch_threads=tt, log_level=log_level),
                                name="matcalc")
         cl = Cluster(client, cluster, owns_cluster=True, gpu=use_gpu, gpu_share=gpu_share, gpu_reason=reason,
-                     dashboard=dashboard)
+                     dashboard=dashboard, max_crashes=max_crashes)
     except BaseException:
         cluster.close()
         raise
@@ -690,14 +816,17 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
 
 
 def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | None = None,
-            log_level: str = "INFO", dashboard: bool = True, timeout_s: float = 30.0) -> Cluster:
+            log_level: str = "INFO", dashboard: bool = True, timeout_s: float = 30.0,
+            max_crashes: int = DEFAULT_MAX_CRASHES) -> Cluster:
     """Attach to a running dask scheduler at ``address`` (e.g. ``"tcp://host:8786"``).
 
     The matcalc worker plugin is registered on its workers (matcalc must be installed there);
     ``torch_threads`` reaches only worker threads that have not run torch yet, so give it to the
     first client that connects (or start the workers with ``OMP_NUM_THREADS`` set).
     Workers that carry the resource ``GPU`` make tasks request a share of it.
-    ``close()`` disconnects without stopping the cluster.
+    ``close()`` disconnects without stopping the cluster. Worker deaths are handled as with
+    :func:`start`, but the scheduler keeps its own ``allowed-failures``: it may also rerun a task that
+    killed a worker before this client sends it again.
     """
     from distributed import Client
 
@@ -715,7 +844,7 @@ def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | N
             share = 2.0 ** -math.ceil(math.log2(max(1, tpw)))
         reason = f"{len(gpu_workers)} worker(s) with resource GPU" if gpu_workers else "no worker has resource GPU"
         return Cluster(client, None, owns_cluster=False, gpu=bool(gpu_workers), gpu_share=share, gpu_reason=reason,
-                       dashboard=dashboard)
+                       dashboard=dashboard, max_crashes=max_crashes)
     except BaseException:
         client.close()
         raise

@@ -1,5 +1,6 @@
-"""What runs on a dask worker: the task function, cooperative stop/timeout, per-task log capture,
-and :class:`MatcalcWorkerPlugin` (torch threads, model preload, log capture, assignment events).
+"""What runs on a dask worker: the task function (:func:`run_task`, over the one job runner of
+:mod:`matcalc.execution`) and :class:`MatcalcWorkerPlugin` (torch threads, model preload, log capture,
+assignment events).
 
 Models are cached per process by :func:`matcalc.models.get_model`, and every calculation asks
 :func:`matcalc.calculations.common.evaluator_for` for its evaluator, so all tasks on one worker
@@ -9,21 +10,24 @@ share one loaded model and one batching engine without anything here.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import itertools
 import logging
 import os
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from matcalc import progress
-from matcalc.cluster.tasks import TaskCancelledError, TaskTimeoutError
+from matcalc.execution import (
+    Job,
+    Outcome,
+    Publish,
+    cpu_count,
+    install_log_capture,
+    loaded_model_names,
+    request_stop,
+    run_job,
+    running_tasks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,55 +37,11 @@ ASSIGNED_TOPIC = "matcalc-assigned"
 """Event topic on which workers announce tasks that reached their queue."""
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 
-Publish = Callable[[dict[str, Any]], None]
 
-
-@dataclass
-class TaskSpec:
-    """What the worker needs to run one task (small; the structure travels separately)."""
-
-    task_id: str
-    model: str
-    prop: str | None = None
-    """Property name (``calculations.property_function``); None when ``fn`` is given."""
-    fn: Callable[..., Any] | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    topic: str | None = None
-    """Event topic for progress/log/state messages (None: publish nothing)."""
-    timeout_s: float | None = None
-    attempt: int = 1
-    progress_interval_s: float = 0.1
-    """At most one progress event per interval (the last one of the task is always sent)."""
-
-
-# ---------------------------------------------------------------------------- stop requests
-_RUNNING: dict[str, tuple[threading.Event, list[str]]] = {}
-_EARLY: OrderedDict[str, str] = OrderedDict()
-_REG_LOCK = threading.Lock()
-
-
-def request_stop(task_id: str, reason: str = "cancel") -> bool:
-    """Ask the task ``task_id`` running in this process to stop (``reason``: cancel or timeout).
-
-    Returns True when it was running here; otherwise the request is remembered briefly in case
-    the task starts right after.
-    """
-    with _REG_LOCK:
-        entry = _RUNNING.get(task_id)
-        if entry is None:
-            _EARLY[task_id] = reason
-            while len(_EARLY) > 10_000:
-                _EARLY.popitem(last=False)
-            return False
-    stop, reasons = entry
-    if not reasons:
-        reasons.append(reason)
-    stop.set()
-    return True
-
-
+# ---------------------------------------------------------------------------- the task function
 async def request_stop_async(task_id: str, reason: str = "cancel") -> bool:
-    """:func:`request_stop` as a coroutine (runs in the worker's event loop via ``Client.run``)."""
+    """:func:`matcalc.execution.request_stop` as a coroutine (runs in the worker's event loop via
+    ``Client.run``)."""
     return request_stop(task_id, reason)
 
 
@@ -90,76 +50,10 @@ async def request_stop_many_async(task_ids: list[str], reason: str = "cancel") -
     return sum(request_stop(t, reason) for t in task_ids)
 
 
-def running_tasks() -> list[str]:
-    """Ids of the tasks running in this process."""
-    with _REG_LOCK:
-        return sorted(_RUNNING)
-
-
-# ---------------------------------------------------------------------------- log capture
-@dataclass
-class _TaskContext:
-    task_id: str
-    attempt: int
-    publish: Publish | None
-    records: list[dict[str, Any]] = field(default_factory=list)
-    seq: itertools.count = field(default_factory=itertools.count)
-
-
-_CURRENT: contextvars.ContextVar[_TaskContext | None] = contextvars.ContextVar("matcalc_task", default=None)
-
-
-class TaskLogHandler(logging.Handler):
-    """Routes records of the ``matcalc`` loggers to the task whose context emitted them
-    (threads started with :func:`matcalc.calculations.common.map_threads` inherit the context)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        ctx = _CURRENT.get()
-        if ctx is None:
-            return
-        try:
-            rec = {"time": record.created, "level": record.levelname, "logger": record.name,
-                   "message": record.getMessage(), "task_id": ctx.task_id, "attempt": ctx.attempt,
-                   "seq": next(ctx.seq)}
-        except Exception:  # noqa: BLE001 - a bad format string must not break the task
-            self.handleError(record)
-            return
-        ctx.records.append(rec)
-        if ctx.publish is not None:
-            ctx.publish({"type": "log", "record": rec})
-
-
-_HANDLER: TaskLogHandler | None = None
-
-
-def install_log_capture(level: int | str = logging.INFO) -> None:
-    """Attach the per-task handler to the ``matcalc`` logger (once per process) at ``level``."""
-    global _HANDLER
-    logger = logging.getLogger("matcalc")
-    lvl = logging.getLevelName(level) if isinstance(level, str) else level
-    if _HANDLER is None:
-        _HANDLER = TaskLogHandler()
-        logger.addHandler(_HANDLER)
-    _HANDLER.setLevel(lvl)
-    if logger.getEffectiveLevel() > lvl:
-        logger.setLevel(lvl)
-
-
-# ---------------------------------------------------------------------------- the task function
-def _event_safe(value: Any) -> Any:
-    from matcalc.calculations.results import _jsonable
-
-    v = _jsonable(value)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, dict):
-        return {k: _event_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_event_safe(x) for x in v]
-    return str(v)
-
-
-def _dask_publisher(topic: str, task_id: str, attempt: int) -> Publish | None:
+def _dask_publisher(topic: str) -> Publish | None:
+    """Messages of a task to the worker's event stream on ``topic``. The ``running`` message goes to
+    the scheduler synchronously (an RPC, not the batched stream): once the calculation starts, the
+    scheduler has it, so a worker that dies while running the task is known to have been running it."""
     try:
         from distributed import get_worker
 
@@ -168,7 +62,15 @@ def _dask_publisher(topic: str, task_id: str, attempt: int) -> Publish | None:
         return None
 
     def publish(msg: dict[str, Any]) -> None:
-        worker.log_event(topic, {"task_id": task_id, "attempt": attempt, **msg})
+        if msg.get("type") == "running":
+            from distributed.utils import sync
+
+            try:
+                sync(worker.loop, worker.scheduler.log_event, topic=topic, msg=msg)
+                return
+            except Exception as exc:  # noqa: BLE001 - fall back to the batched stream
+                log.debug("synchronous running event failed (%s); sending it batched", exc)
+        worker.log_event(topic, msg)
 
     return publish
 
@@ -182,101 +84,21 @@ def worker_address() -> str | None:
         return None
 
 
-def loaded_model_names() -> list[str]:
-    from matcalc.models.registry import loaded_models
+def run_task(job: Job, topic: str | None = None, progress_interval_s: float = 0.1) -> Outcome:
+    """What a dask worker runs for one task: :func:`matcalc.execution.run_job`, its messages published
+    on ``topic``; the :class:`~matcalc.execution.Outcome` comes back as the future's result."""
+    outcome = run_job(job, _dask_publisher(topic) if topic else None, worker=worker_address(),
+                      progress_interval_s=progress_interval_s)
+    if outcome.exception is not None:
+        import pickle
 
-    return sorted({name for name, _ in loaded_models()})
-
-
-def run_task(spec: TaskSpec, structure: Any, publish: Publish | None = None) -> dict[str, Any]:
-    """Run one calculation (on a worker, or in-process) and return ``{"result", "logs", ...}``.
-
-    Progress events and log records go to ``publish`` (default: the worker's event stream on
-    ``spec.topic``). A timeout or cancel sets the progress stop event: ASE loops end at their
-    next step, then :class:`TaskTimeoutError` / :class:`TaskCancelledError` is raised.
-    """
-    if publish is None and spec.topic:
-        publish = _dask_publisher(spec.topic, spec.task_id, spec.attempt)
-    address = worker_address()
-    stop = threading.Event()
-    reasons: list[str] = []
-    with _REG_LOCK:
-        _RUNNING[spec.task_id] = (stop, reasons)
-        early = _EARLY.pop(spec.task_id, None)
-    if early:
-        reasons.append(early)
-        stop.set()
-    timer = None
-    if spec.timeout_s is not None:
-        def fire() -> None:
-            if not reasons:
-                reasons.append("timeout")
-            stop.set()
-
-        timer = threading.Timer(spec.timeout_s, fire)
-        timer.daemon = True
-        timer.start()
-    ctx = _TaskContext(spec.task_id, spec.attempt, publish)
-    token = _CURRENT.set(ctx)
-    last_sent = [0.0]
-    pending: list[dict[str, Any] | None] = [None]
-
-    def sink(event: progress.ProgressEvent) -> None:
-        if publish is None:
-            return
-        msg = {"type": "progress", **_event_safe(event.to_dict())}
-        now = time.monotonic()
-        if now - last_sent[0] >= spec.progress_interval_s:
-            last_sent[0] = now
-            pending[0] = None
-            publish(msg)
-        else:
-            pending[0] = msg
-
-    t0 = time.perf_counter()
-    try:
-        if publish is not None:
-            publish({"type": "running", "worker": address, "models": sorted({*loaded_model_names(), spec.model}),
-                     "time": time.time()})
-        if stop.is_set():
-            raise _stopped(spec, reasons)
-        fn = spec.fn
-        if fn is None:
-            from matcalc.calculations import property_function
-
-            fn = property_function(spec.prop or "")
         try:
-            with progress.reporting(sink, stop=stop):
-                result = fn(structure, model=spec.model, **spec.params)
-        except Exception as exc:
-            if reasons:
-                raise _stopped(spec, reasons) from exc
-            raise
-        if reasons:
-            raise _stopped(spec, reasons)
-        if publish is not None and pending[0] is not None:
-            publish(pending[0])
-        return {"result": result, "logs": ctx.records, "worker": address, "models": loaded_model_names(),
-                "run_time_s": time.perf_counter() - t0}
-    except BaseException as exc:
-        try:
-            exc.matcalc_logs = list(ctx.records)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - some exception types refuse attributes
-            pass
-        raise
-    finally:
-        if timer is not None:
-            timer.cancel()
-        _CURRENT.reset(token)
-        with _REG_LOCK:
-            if _RUNNING.get(spec.task_id, (None,))[0] is stop:
-                del _RUNNING[spec.task_id]
+            pickle.dumps(outcome.exception)
+        except Exception:  # noqa: BLE001 - an exception type that cannot travel: keep its text
+            from matcalc.cluster.tasks import WorkerTaskError
 
-
-def _stopped(spec: TaskSpec, reasons: list[str]) -> Exception:
-    if reasons and reasons[0] == "timeout":
-        return TaskTimeoutError(f"task {spec.task_id} exceeded its timeout of {spec.timeout_s} s")
-    return TaskCancelledError(f"task {spec.task_id} cancelled while running")
+            outcome.exception = WorkerTaskError(outcome.error)
+    return outcome
 
 
 # ---------------------------------------------------------------------------- worker plugin
@@ -301,13 +123,6 @@ def preload_models(names: Iterable[str], device: str | None = None) -> list[str]
         except Exception as exc:  # noqa: BLE001 - a missing optional model must not kill the worker
             log.warning("could not preload model %s: %s", name, exc)
     return done
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class MatcalcWorkerPlugin(WorkerPlugin):
@@ -350,7 +165,7 @@ class MatcalcWorkerPlugin(WorkerPlugin):
             await loop.run_in_executor(None, preload_models, self.preload, self.device)
 
     async def _cpu_share(self, worker: Any) -> int:
-        cpus = _cpu_count()
+        cpus = cpu_count()
         try:
             ident = await worker.scheduler.identity(n_workers=-1)
             hosts = [w.get("host") for w in ident.get("workers", {}).values()]

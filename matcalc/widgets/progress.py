@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, TextIO
 
+from matcalc.tasks import ACTIVE, FAILURES, ON_WORKER
 from matcalc.widgets.state import (
     ProgressState,
     Row,
@@ -33,6 +34,15 @@ STATUS_COLORS = {
 }
 COLUMNS = (("structure", "150px"), ("property", "110px"), ("model", "80px"), ("status", "95px"),
            ("step", "130px"), ("energy", "115px"), ("fmax", "105px"), ("elapsed", "75px"))
+
+
+def _show_rank(status: str) -> int:
+    """Rows shown first when not all fit: running, then failed, then waiting, then the rest."""
+    if status in ON_WORKER:
+        return 0
+    if status in FAILURES:
+        return 1
+    return 2 if status in ACTIVE else 3
 
 
 def in_kernel() -> bool:
@@ -291,8 +301,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
                 if slot.task_id in dirty:
                     slot.show(self.state.row(slot.task_id), now)
         else:
-            rank = {"RUNNING": 0, "ASSIGNED": 0, "FAILED": 1, "TIMEOUT": 1, "PENDING": 2, "QUEUED": 2}
-            order = sorted(range(len(rows)), key=lambda i: (rank.get(rows[i].status, 3), i))
+            order = sorted(range(len(rows)), key=lambda i: (_show_rank(rows[i].status), i))
             for slot, i in zip(self._slots, order, strict=False):
                 if slot.task_id != rows[i].id or rows[i].id in dirty:
                     slot.show(rows[i], now)
@@ -302,7 +311,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         done = self.state.n_done()
         self.overall.value = done
         self.overall.description = f"{done}/{len(rows)}"
-        failed = counts.get("FAILED", 0) + counts.get("TIMEOUT", 0)
+        failed = sum(counts.get(s, 0) for s in FAILURES)
         self.overall.bar_style = "danger" if failed else ("success" if self.state.all_done() else "info")
         self.summary.value = " · ".join(
             f"<span style='color:{STATUS_COLORS.get(s, '#000')}'>{n} {s.lower()}</span>" for s, n in counts.items())

@@ -8,6 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from matcalc.calculations.results import Result
+from matcalc.tasks import TERMINAL
 from matcalc.widgets.progress import ShowOnce, _ipywidgets, in_kernel, show_once
 from matcalc.widgets.state import DONE_TIMEOUT_S, Throttle, as_task, status_name
 
@@ -73,7 +74,7 @@ class _Entry:
                 self.result = value
             else:
                 self.error = f"not a matcalc result: {type(value).__name__}"
-        elif self.status() in ("FAILED", "CANCELLED", "TIMEOUT"):
+        elif self.status() in TERMINAL:
             err = getattr(self.task, "error", None)
             if err is None:
                 failure = self.task.exception(DONE_TIMEOUT_S)

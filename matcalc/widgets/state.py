@@ -30,11 +30,10 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
+from matcalc.tasks import STATUSES, TERMINAL, TaskSnapshot
+
 log = logging.getLogger(__name__)
 
-STATUSES = ("PENDING", "QUEUED", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-"""Every status, in lifecycle order (DESIGN §5)."""
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
 DONE_TIMEOUT_S = 10.0
 """Wait for ``result()``/``exception()`` of a task already finished: a dask future or a remote task
 may still have to fetch it over the network (``timeout=0`` would fail there)."""
@@ -223,18 +222,19 @@ class ProgressState:
 
     # ------------------------------------------------------------------ reading
     def _read(self, task: Any, event: dict[str, Any] | None = None) -> Row:
-        status = status_name(task.status)
-        ev = event if event is not None else (task.progress or {})
-        started = getattr(task, "started_at", None)
+        snap = TaskSnapshot.of(task)
+        status = snap.status.value
+        ev = event if event is not None else dict(snap.progress or {})
+        started = snap.started_at
         if started is None and status == "RUNNING":  # futures and clients that do not time tasks
             started = self._seen_running.setdefault(task.id, time.time())
-        finished = getattr(task, "finished_at", None)
+        finished = snap.finished_at
         if finished is None and status in TERMINAL:
             finished = time.time()
         if started is None and finished is not None:
-            started = getattr(task, "created_at", None)
-        error = getattr(task, "error", None) if status in TERMINAL else None
-        if status in ("FAILED", "TIMEOUT", "CANCELLED") and error is None:
+            started = snap.created_at
+        error = snap.error if status in TERMINAL else None
+        if status in TERMINAL and status != "COMPLETED" and error is None:
             try:
                 exc = task.exception(DONE_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - the task's own error API failed
@@ -242,9 +242,9 @@ class ProgressState:
             error = None if exc is None else f"{type(exc).__name__}: {exc}"
         return Row(
             id=task.id,
-            label=str(getattr(task, "label", "") or ""),
-            property=str(getattr(task, "property", "") or ""),
-            model=str(getattr(task, "model", "") or ""),
+            label=snap.label,
+            property=snap.property,
+            model=snap.model,
             status=status,
             stage=ev.get("stage"),
             step=ev.get("step"),
