@@ -241,6 +241,57 @@ def test_requeue_active_after_restart(url, cu_id):
     s2.close()
 
 
+def test_crashes_are_counted_and_capped(store, cu_id):
+    """record_crash: a task whose worker died goes back to the queue until its crashes reach the cap, then
+    it is FAILED with a stable 'worker crashed' error; stale attempts and finished tasks are left alone."""
+    t, done = store.create_tasks([_new(cu_id), _new(cu_id)])
+    for tid in (t.id, done.id):
+        store.mark_queued(tid)
+    assert store.record_crash(t.id, "killed by signal 6 (SIGABRT)", max_crashes=2) is None  # not on a worker
+    assert store.mark_started(t.id, worker="w0") == 1
+    assert store.record_crash(t.id, "killed by signal 6 (SIGABRT)", max_crashes=2, attempt=7) is None  # stale
+    assert store.record_crash(t.id, "killed by signal 6 (SIGABRT)", max_crashes=2, attempt=1) == TaskStatus.QUEUED
+    row = store.get_task(t.id)
+    assert (row.status, row.crashes, row.worker) == ("QUEUED", 1, None)
+    assert store.mark_started(t.id, worker="w1") == 2
+    assert store.record_crash(t.id, "killed by signal 11 (SIGSEGV)", max_crashes=2, attempt=2) == TaskStatus.FAILED
+    row = store.get_task(t.id)
+    assert row.status == "FAILED" and row.crashes == 2 and row.finished_at is not None
+    assert row.error.startswith("worker crashed") and "SIGSEGV" in row.error and "2 time(s)" in row.error
+    assert row.snapshot().crashes == 2 and row.snapshot().done
+    messages = [log.message for log in store.get_logs(t.id)]
+    assert messages[-1] == f"task failed: {row.error}"
+    assert "task requeued: its execution died (killed by signal 6 (SIGABRT))" in messages
+    store.mark_started(done.id)
+    store.finish(done.id, "COMPLETED", result={"ok": True})
+    assert store.record_crash(done.id, "killed", max_crashes=2) is None
+    assert store.get_task(done.id).status == "COMPLETED"
+
+
+def test_requeue_active_caps_tasks_that_died_with_the_server(url, cu_id):
+    """At start, a task RUNNING in the dead server counts a crash; one that reaches max_crashes is FAILED
+    instead of requeued (a task that kills its server does not loop); an ASSIGNED one counts none."""
+    s1 = Store(url)
+    poison, assigned = s1.create_tasks([_new(cu_id), _new(cu_id)])
+    for t in (poison, assigned):
+        s1.mark_queued(t.id)
+    s1.mark_assigned(assigned.id, worker="w")
+    s1.mark_started(poison.id)
+    s1.close()
+    for restart in (1, 2):
+        s = Store(url)
+        order = s.requeue_active(max_crashes=2)
+        row = s.get_task(poison.id)
+        if restart == 1:
+            assert order == [poison.id, assigned.id] and (row.status, row.crashes) == ("QUEUED", 1)
+            assert s.get_task(assigned.id).crashes == 0
+            assert s.mark_started(poison.id) == 2  # it dies with the server again
+        else:
+            assert order == [assigned.id] and (row.status, row.crashes, row.attempts) == ("FAILED", 2, 2)
+            assert row.error.startswith("worker crashed") and "the server stopped while it ran" in row.error
+        s.close()
+
+
 def test_list_filters_paging_and_queue_stats(store, cu_id):
     tasks = store.create_tasks([_new(cu_id, type="single_point", model="emt") for _ in range(3)]
                                + [_new(cu_id, type="optimization", model="lj", priority="LOW") for _ in range(2)],

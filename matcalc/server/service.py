@@ -25,7 +25,7 @@ from matcalc.execution import Job
 from matcalc.server.executor import Executor
 from matcalc.server.schemas import GAS_NAMES, TaskRequestBase
 from matcalc.store import ImmutableResultError, NewTask, Store, Task, TaskFilter
-from matcalc.store.repository import NewStructure
+from matcalc.store.repository import IdempotencyClaim, NewStructure
 from matcalc.tasks import DEFAULT_MAX_CRASHES, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,10 @@ class TaskService:
         except ValueError as exc:
             raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc)) from exc
 
-    def submit(self, requests: Sequence[TaskRequestBase], *, batch: bool = False) -> tuple[str | None, list[Task]]:
-        """Validate all, store all in one transaction, then queue them; ``(batch_id, tasks)``."""
+    def submit(self, requests: Sequence[TaskRequestBase], *, batch: bool = False,
+               idempotency: IdempotencyClaim | None = None) -> tuple[str | None, list[Task]]:
+        """Validate all, store all in one transaction (with the ``idempotency`` key), then queue them;
+        ``(batch_id, tasks)``."""
         if not self.accepting:
             raise ApiError(ErrorCode.SHUTTING_DOWN)
         if len(requests) > self.max_batch:
@@ -276,11 +278,34 @@ class TaskService:
             if parsed is not None:
                 structures.setdefault(parsed.id, parsed.new())
         batch_id = uuid.uuid4().hex if batch else None
-        rows = self.store.create_tasks(news, batch_id=batch_id, structures=list(structures.values()))
+        rows = self.store.create_tasks(news, batch_id=batch_id, structures=list(structures.values()),
+                                       idempotency=idempotency)
         for row in rows:
             self._dispatch(row)
         self._observe("task_submitted", rows)
         return batch_id, self.store.get_tasks([r.id for r in rows])
+
+    def submit_once(self, requests: Sequence[TaskRequestBase], *, batch: bool = False,
+                    idempotency: IdempotencyClaim | None = None) -> tuple[str | None, list[Task], bool]:
+        """:meth:`submit`, unless ``idempotency``'s key was stored before: then ``(batch_id, tasks, True)``
+        with the tasks that submission created (their current state) and nothing new is stored or run.
+        A key used before for another endpoint or body: 422/40017."""
+        from matcalc.store.repository import IdempotencyKeyReusedError, IdempotencyKeyTakenError
+
+        if idempotency is None:
+            return (*self.submit(requests, batch=batch), False)
+        while True:
+            try:
+                found = self.store.find_idempotent(idempotency)
+            except IdempotencyKeyReusedError as exc:
+                raise ApiError(ErrorCode.IDEMPOTENCY_KEY_REUSED, str(exc),
+                               data={"idempotency_key": idempotency.key, "endpoint": exc.endpoint}) from exc
+            if found is not None:
+                return (*found, True)
+            try:
+                return (*self.submit(requests, batch=batch, idempotency=idempotency), False)
+            except IdempotencyKeyTakenError:  # a concurrent retry stored it first: answer with its tasks
+                continue
 
     def _dispatch(self, row: Task) -> None:
         structure = self.store.get_structure(row.structure_id)

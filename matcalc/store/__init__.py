@@ -5,18 +5,7 @@ schema managed by Alembic migrations shipped in the package (``matcalc db upgrad
 """
 
 from matcalc.store.db import current_revision, default_url, downgrade, head_revision, make_engine, upgrade
-from matcalc.store.models import (
-    ACTIVE,
-    TERMINAL,
-    Alert,
-    CustomModel,
-    Priority,
-    Structure,
-    Task,
-    TaskLog,
-    TaskStatus,
-    WebhookDelivery,
-)
+from matcalc.store.models import Alert, CustomModel, Structure, Task, TaskLog, WebhookDelivery
 from matcalc.store.repository import (
     DuplicateError,
     ImmutableResultError,
@@ -28,6 +17,7 @@ from matcalc.store.repository import (
     StoreError,
     TaskFilter,
 )
+from matcalc.tasks import ACTIVE, TERMINAL, Priority, TaskStatus  # the lifecycle, for the store's users
 
 __all__ = [
     "ACTIVE",

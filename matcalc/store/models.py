@@ -7,7 +7,6 @@ NaN and ±Infinity become ``null`` (and numpy values plain numbers) the same way
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import uuid
@@ -17,6 +16,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from matcalc.tasks import ACTIVE, TERMINAL, Priority, TaskSnapshot, TaskStatus  # noqa: F401 - the lifecycle, re-exported
 
 
 def utcnow() -> datetime:
@@ -78,41 +79,6 @@ class SafeJSON(TypeDecorator[Any]):
             return json_safe(value)
 
 
-class TaskStatus(enum.StrEnum):
-    """The task lifecycle (DESIGN §5)."""
-
-    PENDING = "PENDING"
-    QUEUED = "QUEUED"
-    ASSIGNED = "ASSIGNED"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMEOUT = "TIMEOUT"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT})
-ACTIVE = frozenset({TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING})
-
-
-class Priority(enum.StrEnum):
-    """Task priorities; FIFO within a level, no preemption."""
-
-    CRITICAL = "CRITICAL"
-    HIGH = "HIGH"
-    NORMAL = "NORMAL"
-    LOW = "LOW"
-
-    @property
-    def rank(self) -> int:
-        """0 = most urgent."""
-        return list(Priority).index(self)
-
-
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: SafeJSON(), list[Any]: SafeJSON()}
 
@@ -166,6 +132,9 @@ class Task(Base):
     gpu: Mapped[str | None] = mapped_column(String(64), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """How many times a worker started the task (a restart can make it > 1)."""
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How many of those executions died (the worker process aborted, segfaulted or was killed, or the
+    server stopped under it); at the server's ``max_crashes`` the task is FAILED instead of run again."""
     progress: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
     """The latest progress event (stage, step, total_steps, fraction, energy_eV, fmax_eV_per_A)."""
     result: Mapped[dict[str, Any] | None] = mapped_column(SafeJSON, default=None)
@@ -179,6 +148,14 @@ class Task(Base):
     """The ``Idempotency-Key`` the task was submitted with (see :class:`IdempotencyKey`)."""
 
     structure: Mapped[Structure] = relationship(lazy="raise")
+
+    def snapshot(self) -> TaskSnapshot:
+        """The shared task snapshot (:class:`matcalc.tasks.TaskSnapshot`; ``property`` is the task type)."""
+        return TaskSnapshot.of({"id": self.id, "status": self.status, "type": self.type, "model": self.model,
+                                "priority": self.priority, "label": self.label, "attempts": self.attempts,
+                                "crashes": self.crashes, "worker": self.worker, "progress": self.progress,
+                                "error": self.error, "created_at": self.created_at, "started_at": self.started_at,
+                                "finished_at": self.finished_at})
 
 
 class IdempotencyKey(Base):

@@ -113,8 +113,34 @@ class TaskFilter:
     model: str | None = None
     priority: str | None = None
     batch_id: str | None = None
+    label: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """An ``Idempotency-Key`` stored with the tasks of one submission (same transaction)."""
+
+    scope: str
+    """Whose key (the API key's fingerprint; ``""`` on a server without keys)."""
+    key: str
+    endpoint: str
+    """The route, e.g. ``POST /tasks/bulk-modulus``."""
+    request_sha256: str
+    """Fingerprint of the request body."""
+
+
+class IdempotencyKeyReusedError(StoreError):
+    """The key was used before for another request (another endpoint or body)."""
+
+    def __init__(self, message: str, *, endpoint: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+class IdempotencyKeyTakenError(StoreError):
+    """A concurrent submission stored the same key first (look its tasks up with :meth:`Store.find_idempotent`)."""
 
 
 # ----------------------------------------------------------------- ORM-level guard of completed results
@@ -253,27 +279,66 @@ class Store:
 
     # ------------------------------------------------------------- tasks
     def create_tasks(self, new: Sequence[NewTask], *, batch_id: str | None = None,
-                     structures: Sequence[NewStructure] = ()) -> list[Task]:
+                     structures: Sequence[NewStructure] = (), idempotency: IdempotencyClaim | None = None) -> list[Task]:
         """Insert ``structures`` (unless stored) and all ``new`` tasks (status PENDING) in one
-        transaction: all or nothing."""
+        transaction: all or nothing. With ``idempotency`` the key is stored in the same transaction;
+        :class:`IdempotencyKeyTakenError` when a concurrent submission stored it first (nothing is stored)."""
+        from sqlalchemy.exc import IntegrityError
+
+        from matcalc.store.models import IdempotencyKey
+
         times = _creation_times(len(new))
         rows = []
-        with self.write() as s:
-            for st in structures:
-                self._upsert_structure(s, st)
-            for n, now in zip(new, times, strict=True):
-                prio = Priority(n.priority)
-                row = Task(type=n.type, model=n.model, structure_id=n.structure_id, parameters=dict(n.parameters),
-                           protocol=n.protocol, priority=prio.value, priority_rank=prio.rank,
-                           status=TaskStatus.PENDING.value, timeout_s=n.timeout_s, label=n.label,
-                           notify_url=n.notify_url, notify_events=n.notify_events, notify_secret=n.notify_secret,
-                           batch_id=batch_id, created_at=now, attempts=0)
-                s.add(row)
-                rows.append(row)
-            s.flush()
-            s.add_all(TaskLog(task_id=r.id, timestamp=r.created_at, event="status", message="task submitted",
-                              data={"status": TaskStatus.PENDING.value}) for r in rows)
+        try:
+            with self.write() as s:
+                for st in structures:
+                    self._upsert_structure(s, st)
+                for n, now in zip(new, times, strict=True):
+                    prio = Priority(n.priority)
+                    row = Task(type=n.type, model=n.model, structure_id=n.structure_id,
+                               parameters=dict(n.parameters), protocol=n.protocol, priority=prio.value,
+                               priority_rank=prio.rank, status=TaskStatus.PENDING.value, timeout_s=n.timeout_s,
+                               label=n.label, notify_url=n.notify_url, notify_events=n.notify_events,
+                               notify_secret=n.notify_secret, batch_id=batch_id, created_at=now, attempts=0,
+                               idempotency_key=idempotency.key if idempotency else None)
+                    s.add(row)
+                    rows.append(row)
+                s.flush()
+                if idempotency is not None:
+                    s.add(IdempotencyKey(scope=idempotency.scope, key=idempotency.key, endpoint=idempotency.endpoint,
+                                         request_sha256=idempotency.request_sha256, batch_id=batch_id,
+                                         task_ids=[r.id for r in rows], created_at=times[0] if times else utcnow()))
+                    s.flush()
+                s.add_all(TaskLog(task_id=r.id, timestamp=r.created_at, event="status", message="task submitted",
+                                  data={"status": TaskStatus.PENDING.value}) for r in rows)
+        except IntegrityError:
+            if idempotency is not None and self._idempotency_row(idempotency) is not None:
+                raise IdempotencyKeyTakenError(f"Idempotency-Key {idempotency.key!r} was stored by a concurrent "
+                                               "submission") from None
+            raise
         return rows
+
+    def _idempotency_row(self, claim: IdempotencyClaim) -> Any:
+        from matcalc.store.models import IdempotencyKey
+
+        with self.read() as s:
+            return s.get(IdempotencyKey, (claim.scope, claim.key))
+
+    def find_idempotent(self, claim: IdempotencyClaim) -> tuple[str | None, list[Task]] | None:
+        """``(batch_id, tasks)`` a submission with ``claim``'s key stored, or ``None`` when the key is new.
+
+        Raises:
+            IdempotencyKeyReusedError: the key was stored for another endpoint or request body.
+        """
+        row = self._idempotency_row(claim)
+        if row is None:
+            return None
+        if row.endpoint != claim.endpoint or row.request_sha256 != claim.request_sha256:
+            what = f"{row.endpoint}" if row.endpoint != claim.endpoint else "another request body"
+            raise IdempotencyKeyReusedError(
+                f"Idempotency-Key {claim.key!r} was used for {what} at {row.created_at.isoformat()}; "
+                "use a new key for a new request", endpoint=row.endpoint)
+        return row.batch_id, self.get_tasks(list(row.task_ids))
 
     def get_task(self, task_id: str) -> Task:
         return self._get(Task, task_id, f"task {task_id!r} not found")
@@ -291,7 +356,7 @@ class Store:
         if f.status:
             conds.append(Task.status.in_(list(f.status)))
         for col, value in ((Task.type, f.type), (Task.model, f.model), (Task.priority, f.priority),
-                           (Task.batch_id, f.batch_id)):
+                           (Task.batch_id, f.batch_id), (Task.label, f.label)):
             if value is not None:
                 conds.append(col == value)
         if f.created_after is not None:
@@ -506,6 +571,9 @@ class Store:
 
 __all__ = [
     "DuplicateError",
+    "IdempotencyClaim",
+    "IdempotencyKeyReusedError",
+    "IdempotencyKeyTakenError",
     "ImmutableResultError",
     "NewStructure",
     "NewTask",

@@ -4,11 +4,14 @@
 subscribes to ``app.state.bus``.)
 """
 
+import hashlib
+import json
+import re
 from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BeforeValidator
 
-from fastapi import APIRouter, Depends, Path, Query, Request, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from matcalc.server.app import ok
@@ -30,6 +33,7 @@ from matcalc.server.schemas import (
     TaskResultOut,
 )
 from matcalc.store import NotFoundError, TaskFilter
+from matcalc.store.repository import IdempotencyClaim
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], dependencies=[Depends(require_api_key)],
                    responses=COMMON_ERRORS)
@@ -65,8 +69,39 @@ def _audit(request: Request, message: str, **extra: Any) -> None:
     audit_log.info(message, extra={"client": getattr(request.state, "client_id", None), **extra})
 
 
-def _submit_one(request: Request, body: TaskRequestBase) -> dict[str, Any]:
-    _, rows = service(request).submit([body])
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_KEY_CHARS = re.compile(r"^[\x21-\x7e]{1,255}$")
+IdempotencyKeyHeader = Annotated[str | None, Header(
+    alias=IDEMPOTENCY_HEADER, description="any unique string (1-255 visible ASCII characters, e.g. a UUID): a "
+    "repeated submission with the same key and body returns the task(s) stored the first time instead of new "
+    "ones (`Idempotent-Replayed: true`); the same key with another body or endpoint is 422/40017. Keys are kept "
+    "with their tasks (across restarts), per API key.")]
+
+
+def _claim(request: Request, key: str | None, body: Any) -> IdempotencyClaim | None:
+    """The idempotency claim of this submission (``None`` without the header); 400/40016 for a bad key."""
+    if key is None:
+        return None
+    if not _KEY_CHARS.match(key):
+        raise ApiError(ErrorCode.INVALID_HEADER, f"{IDEMPOTENCY_HEADER} must be 1-255 visible ASCII characters "
+                       "(e.g. a UUID)", data={"header": IDEMPOTENCY_HEADER})
+    client = getattr(request.state, "client_id", None) or ""
+    scope = client if client.startswith("key:") else ""  # per API key; one scope on a server without keys
+    payload = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":"))
+    return IdempotencyClaim(scope=scope, key=key, endpoint=f"POST {request.url.path.removeprefix('/api/v1')}",
+                            request_sha256=hashlib.sha256(payload.encode()).hexdigest())
+
+
+def _replayed(response: Response, replayed: bool) -> None:
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+
+
+def _submit_one(request: Request, response: Response, body: TaskRequestBase, key: str | None) -> dict[str, Any]:
+    _, rows, replayed = service(request).submit_once([body], idempotency=_claim(request, key, body))
+    _replayed(response, replayed)
+    if replayed:
+        return ok(TaskOut.of(rows[0]), f"{body.type} task already submitted with this {IDEMPOTENCY_HEADER}")
     _audit(request, f"task {rows[0].id} submitted ({body.type}, model {rows[0].model})", task_id=rows[0].id,
            action="submit")
     return ok(TaskOut.of(rows[0]), f"{body.type} task queued")
@@ -82,8 +117,9 @@ TASK_LINKS = {"links": {
 
 
 def _make_submit(task_type: str, req_cls: type[TaskRequestBase]) -> None:
-    def submit(request: Request, body: req_cls) -> dict[str, Any]:  # type: ignore[valid-type]
-        return _submit_one(request, body)
+    def submit(request: Request, response: Response, body: req_cls,  # type: ignore[valid-type]
+               idempotency_key: IdempotencyKeyHeader = None) -> dict[str, Any]:
+        return _submit_one(request, response, body, idempotency_key)
 
     submit.__name__ = f"submit_{task_type.replace('-', '_')}"
     submit.__doc__ = f"Submit a {task_type} task. {req_cls.__doc__ or ''}".strip()
@@ -98,10 +134,16 @@ for _type, _cls in REQUEST_TYPES.items():
 
 @router.post("/batch", status_code=status.HTTP_201_CREATED, response_model=Envelope[BatchOut],
              summary="Submit many tasks atomically")
-def submit_batch(request: Request, body: BatchRequest) -> dict[str, Any]:
+def submit_batch(request: Request, response: Response, body: BatchRequest,
+                 idempotency_key: IdempotencyKeyHeader = None) -> dict[str, Any]:
     """Every task is validated first; if any is invalid nothing is stored and the error names its index."""
-    batch_id, rows = service(request).submit(body.tasks, batch=True)
+    batch_id, rows, replayed = service(request).submit_once(body.tasks, batch=True,
+                                                            idempotency=_claim(request, idempotency_key, body))
     assert batch_id is not None
+    _replayed(response, replayed)
+    if replayed:
+        return ok(BatchOut(batch_id=batch_id, tasks=[TaskOut.of(r) for r in rows]),
+                  f"batch already submitted with this {IDEMPOTENCY_HEADER}")
     _audit(request, f"batch {batch_id} of {len(rows)} tasks submitted", action="submit_batch", batch_id=batch_id,
            task_ids=[r.id for r in rows])
     return ok(BatchOut(batch_id=batch_id, tasks=[TaskOut.of(r) for r in rows]), f"{len(rows)} tasks queued")
@@ -115,12 +157,13 @@ def list_tasks(
     model: Annotated[str | None, Query(max_length=128)] = None,
     priority: PriorityName | None = None,
     batch_id: Annotated[str | None, Query(max_length=32)] = None,
+    label: Annotated[str | None, Query(max_length=256, description="exact label")] = None,
     created_after: Timestamp | None = None,
     created_before: Timestamp | None = None,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
-    f = TaskFilter(status=status_, type=type, model=model, priority=priority, batch_id=batch_id,
+    f = TaskFilter(status=status_, type=type, model=model, priority=priority, batch_id=batch_id, label=label,
                    created_after=created_after, created_before=created_before)
     p = store(request).list_tasks(f, page=page, page_size=page_size)
     return ok(TaskPage(items=[TaskOut.of(t) for t in p.items], total=p.total, page=p.page, page_size=p.page_size))
