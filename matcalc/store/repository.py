@@ -6,7 +6,9 @@ Invariants enforced here (and tested):
 * status changes are conditional updates, so a stale or duplicate worker cannot move a task that
   already finished, and a completed result is never overwritten (:class:`ImmutableResultError`);
 * :meth:`Store.requeue_active` puts every task that was PENDING/QUEUED/ASSIGNED/RUNNING back in
-  the queue after a crash or restart.
+  the queue after a crash or restart, counting a crash for each RUNNING one, and
+  :meth:`Store.record_crash` counts one for a task whose worker died; a task that reaches the
+  crashes cap is FAILED instead (never requeued forever).
 
 SQLite allows one writer at a time: writes from this process are serialised by a lock (readers
 never wait thanks to WAL); other processes wait up to the busy timeout.
@@ -27,17 +29,17 @@ from sqlalchemy import Engine, and_, event, func, inspect, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from matcalc.store import db
-from matcalc.store.models import (
+from matcalc.store.models import Base, CustomModel, Structure, Task, TaskLog, utcnow
+from matcalc.tasks import (
     ACTIVE,
+    DEFAULT_MAX_CRASHES,
+    FAILURES,
+    ON_WORKER,
     TERMINAL,
-    Base,
-    CustomModel,
     Priority,
-    Structure,
-    Task,
-    TaskLog,
     TaskStatus,
-    utcnow,
+    can_advance,
+    crash_error,
 )
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,11 @@ def _guard_completed(session: Session, _ctx: Any, _instances: Any) -> None:
     for obj in session.deleted:
         if isinstance(obj, Task) and obj.status == TaskStatus.COMPLETED.value:
             raise ImmutableResultError(f"task {obj.id} is COMPLETED and cannot be deleted")
+
+
+def _before(status: TaskStatus) -> list[TaskStatus]:
+    """The statuses a task may move to ``status`` from (:func:`matcalc.tasks.can_advance`)."""
+    return [s for s in TaskStatus if can_advance(s, status)]
 
 
 _CLOCK_LOCK = threading.Lock()
@@ -381,19 +388,19 @@ class Store:
 
     def mark_queued(self, task_id: str) -> bool:
         """PENDING -> QUEUED (handed to the executor)."""
-        return self._transition(task_id, [TaskStatus.PENDING],
+        return self._transition(task_id, _before(TaskStatus.QUEUED),
                                 {"status": TaskStatus.QUEUED.value, "queued_at": utcnow()})
 
     def mark_assigned(self, task_id: str, worker: str | None = None, gpu: str | None = None) -> bool:
         """PENDING/QUEUED -> ASSIGNED (a worker took it)."""
-        return self._transition(task_id, [TaskStatus.PENDING, TaskStatus.QUEUED],
+        return self._transition(task_id, _before(TaskStatus.ASSIGNED),
                                 {"status": TaskStatus.ASSIGNED.value, "worker": worker, "gpu": gpu})
 
     def mark_started(self, task_id: str, worker: str | None = None, gpu: str | None = None) -> int | None:
         """-> RUNNING; returns the attempt number, or ``None`` if the task is no longer runnable."""
         with self.write() as s:
             row = s.get(Task, task_id, with_for_update=not self.is_sqlite)
-            if row is None or row.status not in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.ASSIGNED):
+            if row is None or not can_advance(row.status, TaskStatus.RUNNING):
                 return None
             row.status = TaskStatus.RUNNING.value
             row.started_at = utcnow()
@@ -443,15 +450,15 @@ class Store:
             row.error = error
             message = f"task {status.value.lower()}" + (f": {error}" if error else "")
             s.add(TaskLog(task_id=task_id, timestamp=now, event="status",
-                          level="ERROR" if status in (TaskStatus.FAILED, TaskStatus.TIMEOUT) else "INFO",
+                          level="ERROR" if status in FAILURES else "INFO",
                           message=message, data={"status": status.value, "attempt": row.attempts}))
         return True
 
     def requeue(self, task_id: str, reason: str) -> bool:
-        """ASSIGNED/RUNNING -> QUEUED (e.g. graceful shutdown timed out)."""
+        """ASSIGNED/RUNNING -> QUEUED without counting a crash (e.g. graceful shutdown timed out, or a
+        task moved off a worker that died before it started there)."""
         with self.write() as s:
-            res = s.execute(update(Task).where(Task.id == task_id,
-                                               Task.status.in_([TaskStatus.ASSIGNED.value, TaskStatus.RUNNING.value]))
+            res = s.execute(update(Task).where(Task.id == task_id, Task.status.in_([t.value for t in ON_WORKER]))
                             .values(status=TaskStatus.QUEUED.value, worker=None, gpu=None, progress=None)
                             .execution_options(synchronize_session=False))
             if res.rowcount:
@@ -459,17 +466,60 @@ class Store:
                               data={"status": TaskStatus.QUEUED.value}))
             return bool(res.rowcount)
 
-    def requeue_active(self, reason: str = "server restarted") -> list[str]:
-        """Put every unfinished task back in the queue; ids in execution order (priority, then FIFO)."""
+    def record_crash(self, task_id: str, reason: str, *, max_crashes: int = DEFAULT_MAX_CRASHES,
+                     attempt: int | None = None) -> TaskStatus | None:
+        """The execution of a task on a worker died (``reason``: e.g. ``killed by signal 6 (SIGABRT)``):
+        count it in ``crashes``; FAILED with a ``worker crashed: ...`` error once ``crashes`` reaches
+        ``max_crashes``, else back to QUEUED. Returns the new status, or None when the task was not on a
+        worker any more (finished, cancelled) or ``attempt`` is stale."""
         with self.write() as s:
-            running = s.scalars(select(Task.id).where(
-                Task.status.in_([TaskStatus.ASSIGNED.value, TaskStatus.RUNNING.value]))).all()
-            if running:
-                s.execute(update(Task).where(Task.id.in_(running))
+            row = s.get(Task, task_id, with_for_update=not self.is_sqlite)
+            if (row is None or row.status not in {t.value for t in ON_WORKER}
+                    or (attempt is not None and row.attempts != attempt)):
+                return None
+            return self._crashed(s, row, reason, max_crashes)
+
+    @staticmethod
+    def _crashed(s: Session, row: Task, reason: str, max_crashes: int | None) -> TaskStatus:
+        now = utcnow()
+        row.crashes = (row.crashes or 0) + 1
+        row.worker, row.gpu, row.progress = None, None, None
+        if max_crashes is not None and row.crashes >= max_crashes:
+            row.status, row.finished_at = TaskStatus.FAILED.value, now
+            row.started_at = row.started_at or now
+            row.error = crash_error(reason, row.crashes, max_crashes)
+            s.add(TaskLog(task_id=row.id, timestamp=now, event="status", level="ERROR",
+                          message=f"task failed: {row.error}",
+                          data={"status": TaskStatus.FAILED.value, "attempt": row.attempts, "crashes": row.crashes}))
+            return TaskStatus.FAILED
+        row.status = TaskStatus.QUEUED.value
+        s.add(TaskLog(task_id=row.id, timestamp=now, event="status", level="WARNING",
+                      message=f"task requeued: its execution died ({reason})",
+                      data={"status": TaskStatus.QUEUED.value, "attempt": row.attempts, "crashes": row.crashes}))
+        return TaskStatus.QUEUED
+
+    def requeue_active(self, reason: str = "server restarted", *, max_crashes: int | None = None) -> list[str]:
+        """After a crash or restart: every unfinished task back in the queue; ids in execution order
+        (priority, then FIFO).
+
+        A task that was RUNNING died with the server: that counts a crash (``crashes``), and with
+        ``max_crashes`` given a task that reaches it is FAILED (``worker crashed: ...``) instead of
+        requeued, so a task that kills its server is never run again and again. ASSIGNED tasks had not
+        started: requeued without a crash.
+        """
+        with self.write() as s:
+            running = s.scalars(select(Task).where(Task.status == TaskStatus.RUNNING.value)).all()
+            for row in running:
+                self._crashed(s, row, f"the server stopped while it ran: {reason}", max_crashes)
+            assigned = s.scalars(select(Task.id).where(Task.status == TaskStatus.ASSIGNED.value)).all()
+            if assigned:
+                s.execute(update(Task).where(Task.id.in_(assigned))
                           .values(status=TaskStatus.QUEUED.value, worker=None, gpu=None, progress=None)
                           .execution_options(synchronize_session=False))
-                s.add_all(TaskLog(task_id=t, event="status", level="WARNING", message=f"task requeued: {reason}",
-                                  data={"status": TaskStatus.QUEUED.value}) for t in running)
+            s.add_all(TaskLog(task_id=t, event="status", level="WARNING", message=f"task requeued: {reason}",
+                              data={"status": TaskStatus.QUEUED.value})
+                      for t in [*(r.id for r in running if r.status == TaskStatus.QUEUED.value), *assigned])
+            s.flush()
             ids = s.scalars(select(Task.id).where(Task.status.in_([a.value for a in ACTIVE]))
                             .order_by(Task.priority_rank, Task.created_at, Task.id)).all()
         return list(ids)
