@@ -1,7 +1,9 @@
 """Engines and migrations: SQLite file by default, PostgreSQL (or anything SQLAlchemy speaks) by URL.
 
 * default URL: ``MATCALC_DB_URL`` or ``sqlite:///~/.matcalc/matcalc.db``;
-* SQLite connections get WAL journaling, a busy timeout and foreign keys on connect;
+* SQLite connections get WAL journaling, ``synchronous=FULL`` (an acknowledged task survives a power
+  loss, not only a process crash; ``MATCALC_SQLITE_SYNCHRONOUS=NORMAL`` trades that for speed), a busy
+  timeout and foreign keys on connect;
 * :func:`upgrade` runs the Alembic migrations shipped in ``matcalc/store/migrations``
   programmatically (what ``matcalc db upgrade`` and the server's start-up call).
 """
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DB_PATH = Path("~/.matcalc/matcalc.db")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+"""Accepted ``MATCALC_SQLITE_SYNCHRONOUS`` values. FULL (default): every commit is fsynced, so what the server
+acknowledged survives a power loss; NORMAL (WAL): survives a crash of the process, may lose the last commits
+on power loss."""
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
@@ -49,6 +55,15 @@ def redact_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def sqlite_synchronous() -> str:
+    """The SQLite ``synchronous`` mode: ``MATCALC_SQLITE_SYNCHRONOUS`` or FULL."""
+    mode = os.environ.get("MATCALC_SQLITE_SYNCHRONOUS", "").strip().upper() or "FULL"
+    if mode not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(f"MATCALC_SQLITE_SYNCHRONOUS must be one of {', '.join(SQLITE_SYNCHRONOUS_MODES)}, "
+                         f"got {mode!r}")
+    return mode
+
+
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
@@ -57,7 +72,7 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
         mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode and str(mode[0]).lower() not in ("wal", "memory"):
             log.warning("SQLite did not switch to WAL (journal_mode=%s)", mode[0])
-        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute(f"PRAGMA synchronous = {sqlite_synchronous()}")
     finally:
         cur.close()
 
@@ -67,6 +82,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     url = normalize_url(url)
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
+        sqlite_synchronous()  # a bad MATCALC_SQLITE_SYNCHRONOUS fails here, not on the first connection
         memory = not u.database or u.database == ":memory:"
         connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         if memory:
