@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GUEST_MOLECULES = ("CO2", "H2O", "N2", "CH4")
-"""Guest names built with ``ase.build.molecule``."""
+GUEST_MOLECULES = ("CO2", "H2O", "N2", "CH4", "Ar", "Kr", "Xe")
+"""Builtin guests: molecules built with ``ase.build.molecule``, and single noble-gas atoms."""
 EV_TO_KJ_PER_MOL = 1.0 / (units.kJ / units.mol)
 """Multiply eV (per guest) by this to get kJ/mol (≈ 96.485)."""
 CLOSE_CONTACT_A = 1.5
@@ -96,7 +96,8 @@ def guest_molecule(guest: Any) -> Atoms:
                              f"got {guest!r}")
         from ase.build import molecule
 
-        atoms = molecule(lookup[key])
+        name = lookup[key]
+        atoms = Atoms(name) if name in ("Ar", "Kr", "Xe") else molecule(name)
     else:
         atoms = load_structure(guest, require_cell=False)
     atoms = atoms.copy()
