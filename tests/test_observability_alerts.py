@@ -133,8 +133,17 @@ def test_queue_backlog_evaluated_periodically(tmp_path):
         tasks = [{"type": "single-point", "structure": CU, "model": "emt"} for _ in range(4)]
         ids = [t["id"] for t in c.post(f"{API}/tasks/batch", json={"tasks": tasks}).json()["data"]["tasks"]]
         a = wait_for(lambda: active(c).get(("queue_backlog", "queue")), 20, "backlog alert")
-        assert a["data"]["value"] == 4 and a["data"]["threshold"] == 3
-        c.post(f"{API}/tasks/{ids[0]}/cancel")
+        assert a["data"]["value"] == 4 and a["data"]["threshold"] == 3 and a["message"] == "4 tasks waiting (> 3)"
+        # the queue grows: the open alert carries the current value (same alert, the first value kept)
+        more = c.post(f"{API}/tasks/batch", json={"tasks": tasks + tasks[:2]}).json()["data"]["tasks"]
+        ids += [t["id"] for t in more]
+        grown = wait_for(lambda: (x := active(c).get(("queue_backlog", "queue"))) and x["data"]["value"] == 10 and x,
+                         20, "the alert to follow the queue")
+        assert grown["id"] == a["id"] and grown["message"] == "10 tasks waiting (> 3)"
+        assert grown["data"]["opened_value"] == 4 and grown["data"]["updated_at"]
+        assert c.get(f"{API}/system/alerts/history").json()["data"]["total"] == 1
+        for tid in ids[:7]:  # 3 left: not above the threshold
+            c.post(f"{API}/tasks/{tid}/cancel")
         wait_for(lambda: ("queue_backlog", "queue") not in active(c), 20, "backlog alert to resolve")
         assert c.get(f"{API}/system/alerts/history").json()["data"]["items"][0]["status"] == "resolved"
 

@@ -220,10 +220,12 @@ def test_sse_disconnecting_clients_cost_nothing(tmp_path):
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             clients.append((cm, lines))  # keep the line iterator: dropping it closes the response
-        assert bus.n_subscribers >= 10 and srv.state.metrics.sse_clients["task"] == 10
+        feeds = srv.state.log_feeds.feeds
+        assert len(feeds[tid].streams) == 10 and bus.n_watches == 1  # ten streams, one shared feed
+        assert srv.state.metrics.sse_clients["task"] == 10
         for cm, _ in clients:
             cm.__exit__(None, None, None)
-        wait_for(lambda: bus.n_subscribers == 0 and srv.state.metrics.sse_clients["task"] == 0, 30,
+        wait_for(lambda: not feeds and bus.n_watches == 0 and srv.state.metrics.sse_clients["task"] == 0, 30,
                  "streams of disconnected clients to end")
         # the server and the task go on
         step = wait_for(lambda: c.get(f"/tasks/{tid}").json()["data"]["progress"], 60, "progress")["step"]
@@ -384,3 +386,107 @@ def _up(url: str) -> bool:
         return httpx.get(url + API + "/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ----------------------------------------------------------------------------- shared feed, hostile headers
+class _LogReads:
+    """Counts SELECTs on task_logs by the app's engine (an independent tally of the store reads)."""
+
+    def __init__(self, engine) -> None:
+        from sqlalchemy import event
+
+        self.n = 0
+        self.engine = engine
+        self._event = event
+        event.listen(engine, "before_cursor_execute", self._count)
+
+    def _count(self, conn, cursor, statement, *args) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "task_logs" in statement:
+            self.n += 1
+
+    def close(self) -> None:
+        self._event.remove(self.engine, "before_cursor_execute", self._count)
+
+
+def _duration(t: dict) -> float:
+    return (datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00"))
+            - datetime.fromisoformat(t["started_at"].replace("Z", "+00:00"))).total_seconds()
+
+
+def test_twenty_streams_share_one_read_per_batch(tmp_path):
+    """20 SSE streams of one relaxation (every step stored) all get exactly the stored log, from one
+    shared store read per new batch of lines; the same relaxation also runs with no stream at all
+    (wall times printed, as a ratio; the timing proper is benchmarks/bench_sse.py)."""
+    n = 20
+    with LiveApp(tmp_path, progress_interval_s=0) as srv, srv.client() as c:
+        alone = submit(c, "optimization", structure=rattled_cu(1), **RELAX)
+        wait_status(c, alone, TERMINAL)
+        blocker = submit(c, "stability", structure=rattled_cu(7), **ENDLESS)  # holds the only worker
+        wait_status(c, blocker, {"RUNNING"})
+        tid = submit(c, "optimization", structure=rattled_cu(1), **RELAX)
+        got: list[list[dict]] = [[] for _ in range(n)]
+        opened = threading.Barrier(n + 1)
+
+        def follow(i: int) -> None:
+            with srv.client() as ci, ci.stream("GET", f"/tasks/{tid}/logs/stream") as r:
+                lines = r.iter_lines()
+                buf = [next(lines)]  # the first record: the stream is open
+                opened.wait(60)
+                buf.extend(lines)
+                got[i] = read_events(_Lines(buf))[0]
+
+        threads = [threading.Thread(target=follow, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        opened.wait(60)
+        feed = srv.state.log_feeds.feeds[tid]
+        assert len(feed.streams) == n and srv.state.bus.n_watches == 1
+        reads = _LogReads(srv.state.store.engine)
+        reads_before = feed.reads
+        c.post(f"/tasks/{blocker}/cancel")  # the relaxation starts now, followed by 20 streams
+        for t in threads:
+            t.join(120)
+        reads.close()
+        feed_reads, batches = feed.reads - reads_before, feed.batches
+        stored = c.get(f"/tasks/{tid}/logs", params={"limit": 10000}).json()["data"]
+        tasks = {t: c.get(f"/tasks/{t}").json()["data"] for t in (alone, tid)}
+        left = (dict(srv.state.log_feeds.feeds), srv.state.bus.n_watches)
+    assert tasks[tid]["status"] == "COMPLETED" and all(g for g in got)
+    assert all([r["id"] for r in g] == [s["id"] for s in stored] for g in got)  # every stream: the whole log
+    written = sum(1 for s in stored if s["id"] > min(r["id"] for r in stored if r["event"] == "progress") - 1)
+    print(f"\n{n} streams: {written} lines written while streaming, {feed_reads} feed reads ({batches} batches), "
+          f"{reads.n} task_logs SELECTs in all; run {_duration(tasks[tid]):.2f} s vs {_duration(tasks[alone]):.2f} s "
+          f"with no stream (ratio {_duration(tasks[tid]) / _duration(tasks[alone]):.2f}; loaded machine, see "
+          "benchmarks/bench_sse.py)")
+    assert batches <= feed_reads <= written + 3  # one read per new batch (a poll or the end at most extra)
+    assert reads.n == feed_reads  # and no stream read on its own: 20 streams cost one reader
+    assert left == ({}, 0)  # the finished task's feed is gone
+
+
+@pytest.mark.parametrize("header", ["²".encode("latin-1"), "²".encode(), "١٢".encode(), b"-1", b"1e3", b"0x10",
+                                    b"12 13", str(2**63).encode(), b"9" * 40, b"+5", b"1.0", b"1_000"])
+def test_hostile_last_event_id_is_a_400(tmp_path, header):
+    with LiveApp(tmp_path) as srv, srv.client() as c:
+        tid = submit(c, "single-point", structure=rattled_cu(2, (1, 1, 1)), model="emt")
+        wait_status(c, tid, TERMINAL)
+        r = c.get(f"/tasks/{tid}/logs/stream", headers={"Last-Event-ID": header})
+        assert r.status_code == 400 and r.json()["code"] == 40016, (header, r.text)
+        assert "Last-Event-ID" in r.json()["message"]
+        assert c.get("/health").json()["data"]["ready"] is True
+
+
+def test_last_event_id_bounds_and_after(tmp_path):
+    with LiveApp(tmp_path) as srv, srv.client() as c:
+        tid = submit(c, "single-point", structure=rattled_cu(2, (1, 1, 1)), model="emt")
+        wait_status(c, tid, TERMINAL)
+        stored = [x["id"] for x in c.get(f"/tasks/{tid}/logs").json()["data"]]
+        for header, expected in ((str(2**63 - 1), []), ("0", stored), ("", stored), (str(stored[1]), stored[2:])):
+            with c.stream("GET", f"/tasks/{tid}/logs/stream", headers={"Last-Event-ID": header}) as r:
+                records, named = read_events(r)
+            assert r.status_code == 200 and [x["id"] for x in records] == expected and named == ["end"], header
+        # the later of `after` and Last-Event-ID wins (a reconnect keeps the URL it started with)
+        with c.stream("GET", f"/tasks/{tid}/logs/stream", params={"after": stored[0]},
+                      headers={"Last-Event-ID": str(stored[2])}) as r:
+            assert [x["id"] for x in read_events(r)[0]] == stored[3:]
+        r = c.get(f"/tasks/{tid}/logs/stream", params={"after": 2**63})
+        assert r.status_code == 422 and r.json()["code"] == 40001

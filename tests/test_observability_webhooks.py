@@ -1,16 +1,20 @@
 """Webhooks: a local HTTP receiver (a tiny server in a thread) gets signed task webhooks from a live
 uvicorn server; the HMAC is recomputed here with hmac/hashlib; a receiver answering 500 gets the
 delivery again (exponential backoff) and every attempt is a row of webhook_deliveries; a receiver
-that never answers delays nothing."""
+that never answers delays nothing; pending deliveries survive kill -9 and SIGTERM of a live
+`matcalc serve` (SQLite, and PostgreSQL with MATCALC_TEST_PG_URL); nothing follows task.cancelled."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import os
+import signal
 import socket
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,7 +24,7 @@ pytest.importorskip("uvicorn")
 
 from test_observability_logs import LiveApp, cif_of, submit, wait_for, wait_status  # noqa: E402
 
-from matcalc.server.webhooks import WebhookDispatcher, signature, verify_signature  # noqa: E402
+from matcalc.server.webhooks import WebhookDispatcher, destination, signature, verify_signature  # noqa: E402
 from matcalc.store.models import WebhookDelivery  # noqa: E402
 
 SECRET = "webhook-secret-42"
@@ -46,7 +50,8 @@ class Receiver:
                 with outer.lock:
                     codes = outer.script.get(event, [])
                     code = codes.pop(0) if codes else 200
-                    outer.received.append({"t": time.monotonic(), "headers": dict(self.headers), "body": body,
+                    outer.received.append({"t": time.monotonic(), "wall": time.time(), "headers": dict(self.headers),
+                                           "body": body,
                                            "status": code, "event": event})
                 self.send_response(code)
                 self.send_header("Content-Length", "2")
@@ -179,7 +184,7 @@ def test_dispatcher_rules_and_signature_helpers(tmp_path):
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
     store = Store(f"sqlite:///{tmp_path / 'w.db'}")
-    d = WebhookDispatcher(store, max_attempts=2, backoff_s=0.01, timeout_s=0.3, workers=1)
+    d = WebhookDispatcher(store, max_attempts=2, backoff_s=0.01, timeout_s=0.3, concurrency=1)
     d.start()
     try:
         d.enqueue(f"http://127.0.0.1:{hole.getsockname()[1]}/x", "alert.opened", {"n": 1}, secret="k")
@@ -193,7 +198,7 @@ def test_dispatcher_rules_and_signature_helpers(tmp_path):
     assert [(r.attempt, r.success, r.status_code) for r in rows] == [(1, False, None), (2, False, None)]
     assert all("timed out" in r.error for r in rows) and rows[0].payload == {"n": 1} and rows[0].task_id is None
     with Receiver({"task.failed": [400], "task.timeout": [429, 503]}) as rx:
-        d = WebhookDispatcher(None, max_attempts=5, backoff_s=0.01, backoff_max_s=0.02, workers=2)
+        d = WebhookDispatcher(None, max_attempts=5, backoff_s=0.01, backoff_max_s=0.02, concurrency=2)
         d.start()
         try:
             d.enqueue(rx.url, "task.failed", {"event": "task.failed"}, task_id="a")  # 4xx: not retried
@@ -236,3 +241,200 @@ def test_progress_webhooks_throttled_per_task(tmp_path):
     assert all(p["status"] == "RUNNING" and p["summary"]["stage"] == "relax" for p in mine)
     assert len([p for p in got if p["task_id"] == once]) == 1
     assert not rx.of("task.completed")  # only the subscribed events
+
+
+# ----------------------------------------------------------------------------- durable outbox (live `matcalc serve`)
+PG_URL = os.environ.get("MATCALC_TEST_PG_URL", "").strip()
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason="MATCALC_TEST_PG_URL not set"))]
+
+
+def _outbox_row(db_url: str, task_id: str):
+    from matcalc.store import Store
+    from matcalc.store.models import WebhookOutbox
+
+    st = Store(db_url, migrate=False)
+    try:
+        with st.read() as s:
+            return s.scalars(select(WebhookOutbox).where(WebhookOutbox.task_id == task_id)).one_or_none()
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pending_deliveries_survive_kill9_and_sigterm(tmp_path, backend):
+    """A delivery in its backoff when the server is killed (-9, then SIGTERM) completes after the
+    restart, once, with the same delivery id; GET /tasks/{id}/webhooks lists every attempt; a terminal
+    event lost before it reached the outbox is queued again at start."""
+    from live_server import LiveServer, wait_tasks
+
+    if backend == "sqlite":
+        db_url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    else:
+        from test_store import _reset_pg
+
+        _reset_pg(PG_URL)
+        db_url = PG_URL
+    # settings from the command line: a 3 s backoff to kill the server in
+    srv = LiveServer(tmp_path, db_url, "--workers", "1", "--webhook-backoff-s", "3", "--webhook-timeout-s", "5",
+                     "--shutdown-timeout", "1")
+    with Receiver({"task.completed": [500]}) as rx_kill, Receiver({"task.completed": [500]}) as rx_term, \
+            Receiver() as rx_lost:
+        try:
+            srv.start()
+            with srv.client() as c:
+                a = submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=rx_kill.url,
+                           notify_events=["task.completed"], notify_secret=SECRET)
+                wait_tasks(c, [a], prefix="")
+                wait_for(lambda: (row := _outbox_row(db_url, a)) is not None and row.attempts == 1, 30,
+                         "the failed first attempt to be recorded")
+            row = _outbox_row(db_url, a)
+            assert row.status == "PENDING" and row.last_status_code == 500 and row.secret == SECRET
+            srv.kill(signal.SIGKILL)  # during the 3 s backoff
+            srv.start()
+            with srv.client() as c:
+                wait_for(lambda: any(r["status"] == 200 for r in rx_kill.of("task.completed")), 30, "the retry")
+                # SIGTERM during a backoff: the delivery stays PENDING in the outbox, nothing is dropped
+                b = submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=rx_term.url,
+                           notify_events=["task.completed"], notify_secret=SECRET)
+                lost = submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=rx_lost.url)
+                wait_tasks(c, [b, lost], prefix="")
+                wait_for(lambda: (row := _outbox_row(db_url, b)) is not None and row.attempts == 1, 30, "attempt 1")
+                wait_for(lambda: len(rx_lost.of("task.completed")) == 1, 30, "the lost task's webhook")
+            srv.kill(signal.SIGTERM)
+            assert _outbox_row(db_url, b).status == "PENDING"
+            _forget_webhooks(db_url, lost)  # as if the server died between the status change and the outbox write
+            srv.start()
+            with srv.client() as c:
+                wait_for(lambda: any(r["status"] == 200 for r in rx_term.of("task.completed")), 30, "the retry")
+                wait_for(lambda: len(rx_lost.of("task.completed")) == 2, 30, "the lost event, queued again at start")
+                listed = {t: c.get(f"/tasks/{t}/webhooks").json()["data"] for t in (a, b)}
+                admin = c.get("/system/webhooks", params={"status": "DELIVERED"}).json()["data"]
+                assert c.get("/tasks/nope/webhooks").json()["code"] == 30001
+        finally:
+            srv.stop()
+    for rx, tid in ((rx_kill, a), (rx_term, b)):
+        got = rx.of("task.completed")
+        assert [r["status"] for r in got] == [500, 200]  # completed once
+        assert len({r["headers"]["X-Matcalc-Delivery"] for r in got}) == 1  # with the same delivery id
+        assert [r["headers"]["X-Matcalc-Attempt"] for r in got] == ["1", "2"]
+        assert got[1]["t"] - got[0]["t"] >= 3  # the backoff was kept across the restart
+        assert all(hmac_ok(SECRET, r) for r in got) and got[0]["body"] == got[1]["body"]
+        page = listed[tid]
+        assert page["total"] == 1
+        d = page["items"][0]
+        assert d["id"] == got[0]["headers"]["X-Matcalc-Delivery"] and d["status"] == "DELIVERED"
+        assert [(x["attempt"], x["status_code"], x["success"]) for x in d["attempts"]] == [(1, 500, False),
+                                                                                          (2, 200, True)]
+        assert d["attempts"][0]["at"] < d["attempts"][1]["at"] and d["next_attempt_at"] is None
+        assert d["payload"]["task_id"] == tid and d["event"] == "task.completed"
+        assert _outbox_row(db_url, tid).secret is None  # forgotten once delivered
+    assert {x["task_id"] for x in admin["items"]} >= {a, b, lost}
+    lost_ids = [r["headers"]["X-Matcalc-Delivery"] for r in rx_lost.of("task.completed")]
+    assert lost_ids[0] != lost_ids[1]  # a new delivery (the first was forgotten with its row)
+
+
+def _forget_webhooks(db_url: str, task_id: str) -> None:
+    from sqlalchemy import delete
+
+    from matcalc.store import Store
+    from matcalc.store.models import WebhookDelivery, WebhookOutbox
+
+    st = Store(db_url, migrate=False)
+    try:
+        with st.write() as s:
+            s.execute(delete(WebhookDelivery).where(WebhookDelivery.task_id == task_id))
+            s.execute(delete(WebhookOutbox).where(WebhookOutbox.task_id == task_id))
+    finally:
+        st.close()
+
+
+# ----------------------------------------------------------------------------- fairness
+def test_hung_receiver_delays_only_its_own_deliveries(tmp_path):
+    """Receivers that accept connections and never answer hold 30 s attempts; a healthy receiver's
+    webhooks still arrive within 1 s of their events, and each task's events arrive in order."""
+    hole = socket.socket()  # accepts into its backlog, never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    hung_url = f"http://127.0.0.1:{hole.getsockname()[1]}/hook"
+    try:
+        with Receiver() as rx, LiveApp(tmp_path, workers=2, webhook_timeout_s=30, webhook_concurrency=2) as srv, \
+                srv.client() as c:
+            hung = [submit(c, "single-point", structure=cu_cif(), model="emt", notify_url=hung_url)
+                    for _ in range(6)]  # 12 deliveries, 2 in flight for 30 s each
+            wait_for(lambda: srv.state.observability.webhooks.in_flight == 2, 30, "the hung attempts")
+            from test_observability_logs import RELAX, rattled_cu
+
+            healthy = [submit(c, "optimization", structure=rattled_cu(i, (2, 1, 1)), notify_url=rx.url, **RELAX)
+                       for i in range(4)]
+            for t in healthy:
+                wait_status(c, t, {"COMPLETED"})
+            wait_for(lambda: len(rx.of("task.completed")) == 4, 10, "the healthy receiver's webhooks")
+            hooks = srv.state.observability.webhooks
+            wait_for(lambda: hooks.pending == 12, 10, "the healthy deliveries to be recorded")
+            dests = hooks.destinations()
+            pending = c.get("/system/webhooks", params={"status": "PENDING"}).json()["data"]
+    finally:
+        hole.close()
+    delays = []
+    for r in rx.received:
+        sent = datetime.fromisoformat(json.loads(r["body"])["timestamp"].replace("Z", "+00:00")).timestamp()
+        delays.append(r["wall"] - sent)
+    print(f"\nhealthy receiver beside a hung one: {len(delays)} webhooks, delay max {max(delays) * 1000:.0f} ms, "
+          f"median {sorted(delays)[len(delays) // 2] * 1000:.0f} ms")
+    assert max(delays) < 1.0
+    for t in healthy:  # in order per task
+        assert [json.loads(r["body"])["event"] for r in rx.received
+                if json.loads(r["body"])["task_id"] == t] == ["task.started", "task.completed"]
+    assert dests.get(destination(hung_url), 0) == 12 and not dests.get(destination(rx.url))
+    assert pending["total"] == 12 and {x["task_id"] for x in pending["items"]} == set(hung)
+
+
+# ----------------------------------------------------------------------------- nothing after the end
+def test_nothing_after_task_cancelled(tmp_path):
+    from test_observability_logs import ENDLESS, rattled_cu
+
+    with Receiver() as rx, LiveApp(tmp_path, webhook_progress_interval_s=0, progress_interval_s=0) as srv, \
+            srv.client() as c:
+        tid = submit(c, "stability", structure=rattled_cu(3), notify_url=rx.url, notify_secret=SECRET,
+                     notify_events=["task.started", "task.progress", "task.cancelled"], **ENDLESS)
+        wait_for(lambda: len(rx.of("task.progress")) >= 5, 60, "progress webhooks")
+        obs = srv.state.observability
+        assert obs.tracked_tasks == 1
+        assert c.post(f"/tasks/{tid}/cancel").status_code == 200
+        wait_for(lambda: srv.state.service.executor.info()["running"] == 0, 60, "the MD to stop")
+        assert obs.webhooks.wait_idle(30)
+        time.sleep(0.5)  # anything late would be queued by now
+        assert obs.webhooks.wait_idle(30)
+        logs = c.get(f"/tasks/{tid}/logs", params={"limit": 10000}).json()["data"]
+        listed = c.get(f"/tasks/{tid}/webhooks", params={"page_size": 500}).json()["data"]["items"]
+        tracked, throttles = obs.tracked_tasks, set(srv.state.service._last_progress)
+    events = [r["event"] for r in rx.received]
+    assert events[0] == "task.started" and events[-1] == "task.cancelled" and events.count("task.cancelled") == 1
+    assert set(events[1:-1]) == {"task.progress"}
+    stamps = [json.loads(r["body"])["timestamp"] for r in rx.received]
+    assert stamps == sorted(stamps)  # sent in the order they happened
+    assert [d["event"] for d in listed] == events and all(d["status"] == "DELIVERED" for d in listed)
+    assert logs[-1]["message"] == "task cancelled"  # no log line after the terminal status
+    assert tracked == 0 and tid not in throttles  # nothing of the finished task left in memory
+
+
+# ----------------------------------------------------------------------------- request fields
+def test_notify_fields_refused_and_delivery_routes_guarded(tmp_path):
+    user, admin = "user-key-123456", "admin-key-123456"
+    with LiveApp(tmp_path, api_keys=[user], admin_api_keys=[admin], workers=0) as srv, srv.client(user) as c:
+        base = {"structure": cu_cif(), "model": "emt", "notify_url": "http://127.0.0.1:9/hook"}
+        for extra, what in (({"notify_events": []}, "notify_events"), ({"notify_secret": ""}, "notify_secret"),
+                            ({"notify_secret": "   "}, "notify_secret"),
+                            ({"notify_events": ["task.done"]}, "notify_events")):
+            r = c.post("/tasks/single-point", json={**base, **extra})
+            assert r.status_code == 422 and r.json()["code"] == 40001 and what in r.text, (extra, r.text)
+        r = c.post("/tasks/single-point", json={"structure": cu_cif(), "model": "emt", "notify_secret": "k"})
+        assert r.status_code == 422 and "need notify_url" in r.json()["message"]
+        assert c.get("/tasks", params={"page_size": 1}).json()["data"]["total"] == 0  # nothing stored
+        tid = submit(c, "single-point", **base)
+        assert c.get(f"/tasks/{tid}/webhooks").json()["data"] == {"items": [], "total": 0, "page": 1,
+                                                                  "page_size": 100}
+        r = c.get("/system/webhooks")
+        assert r.status_code == 403 and r.json()["code"] == 20004
+        with srv.client(admin) as a:
+            assert a.get("/system/webhooks").json()["data"]["total"] == 0

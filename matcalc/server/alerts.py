@@ -1,7 +1,9 @@
 """Alerts: built-in rules evaluated periodically over a :class:`Snapshot` of the system; an alert
 opens when a rule's condition starts holding (per GPU, model, path or worker) and resolves when it
-stops. Open and resolved alerts are rows of the ``alerts`` table (``data.key`` names the subject);
-opened/resolved events go to the notifiers (log, JSON-lines file, signed webhooks).
+stops. Open and resolved alerts are rows of the ``alerts`` table (``data.key`` names the subject); while
+an alert is open each evaluation updates its ``message`` and ``data.value`` to the current reading
+(``data.opened_value`` keeps the first); opened/resolved events go to the notifiers (log,
+JSON-lines file, signed webhooks).
 
 Every input comes from a replaceable provider (:class:`Providers`), GPUs through
 :func:`matcalc.cluster.gpus` (NVML), so tests drive each rule with real readings.
@@ -178,11 +180,12 @@ def failure_streaks(store: Any, limit: int = 2000) -> dict[str, int]:
     from sqlalchemy import select
 
     from matcalc.store.models import Task
+    from matcalc.tasks import FAILURES, TaskStatus
 
     streaks: dict[str, int] = {}
     broken: set[str] = set()
     with store.read() as s:
-        rows = s.execute(select(Task.model, Task.status).where(Task.status.in_(("COMPLETED", "FAILED", "TIMEOUT")))
+        rows = s.execute(select(Task.model, Task.status).where(Task.status.in_([TaskStatus.COMPLETED, *FAILURES]))
                          .order_by(Task.finished_at.desc(), Task.id).limit(limit)).all()
     for model, status in rows:
         if model in broken:
@@ -384,11 +387,17 @@ class AlertEngine:
                         resolved.append(row)
                 new_rows = []
                 for key, (rule, c) in firing.items():
-                    if key in current:
+                    data = {"key": c.key, "value": c.value, "threshold": rule.threshold, "unit": rule.unit, **c.data}
+                    if key in current:  # still open: it carries the current reading (the first one stays too)
+                        row = current[key]
+                        old = dict(row.data or {})
+                        data["opened_value"] = old.get("opened_value", old.get("value"))
+                        if row.message != c.message or {k: v for k, v in old.items() if k != "updated_at"} != data:
+                            row.message = c.message
+                            row.data = {**data, "updated_at": now.isoformat().replace("+00:00", "Z")}
                         continue
                     row = Alert(rule=rule.name, severity=rule.severity, message=c.message, opened_at=now,
-                                data={"key": c.key, "value": c.value, "threshold": rule.threshold, "unit": rule.unit,
-                                      **c.data})
+                                data={**data, "opened_value": c.value})
                     s.add(row)
                     new_rows.append(row)
                 s.flush()

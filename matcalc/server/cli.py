@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
+import typing
+from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -41,7 +44,88 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                         "packed by month after 30)")
     p.add_argument("--log-format", choices=("text", "json"), default=None,
                    help="format of the log on stderr (default text; json: one JSON object per line)")
+    add_setting_flags(p, exclude=set(NAMED_FLAGS))
     p.set_defaults(func=run_serve_command)
+
+
+NAMED_FLAGS = ("host", "port", "cluster", "workers", "db_url", "api_keys", "device", "config_file", "max_upload_mb",
+               "max_model_upload_mb", "custom_models_dir", "max_atoms", "rate_limit_per_s", "shutdown_timeout_s",
+               "log_level", "log_dir", "log_format")
+"""Settings with a hand-named flag above; every other setting gets ``--<name-with-dashes>``."""
+
+
+def _flag_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None, bool, bool]:
+    """``(type, choices, is_list, is_bool)`` of a settings annotation (``X | None`` is ``X``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str, tuple(str(a) for a in typing.get_args(annotation)), False, False
+    if origin is list:
+        return str, None, True, False
+    if annotation is bool:
+        return bool, None, False, True
+    return (annotation if annotation in (int, float, str) else str), None, False, False
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, exclude: set[str]) -> None:
+    """One flag per setting of :class:`~matcalc.server.config.Settings` not in ``exclude``, derived from
+    the field (type, help from its docstring, the ``MATCALC_*`` variable named in the help)."""
+    from matcalc.server.config import Settings, cli_flag, env_var
+
+    group = parser.add_argument_group("other settings", "each also MATCALC_<NAME> or <name> in the config file")
+    for name, info in Settings.model_fields.items():
+        if name in exclude:
+            continue
+        typ, choices, is_list, is_bool = _flag_type(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        doc = " ".join((info.description or "").split())
+        help_ = f"{doc} " if doc else ""
+        help_ += f"(default {default!r}; {env_var(name)})" if default not in (None, [], "") else f"({env_var(name)})"
+        help_ = help_.replace("%", "%%")
+        if is_bool:
+            group.add_argument(cli_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_)
+        elif is_list:
+            group.add_argument(cli_flag(name), dest=name, action="append", default=None, metavar="VALUE",
+                               help=help_ + "; repeat or comma-separate")
+        else:
+            group.add_argument(cli_flag(name), dest=name, type=typ, choices=choices, default=None, help=help_)
+
+
+def settings_table() -> str:
+    """The markdown table of every setting: TOML key, ``matcalc serve`` flag, ``MATCALC_*`` variable,
+    default and meaning (docs/deployment.md holds it; ``python -m matcalc.server.cli`` prints it)."""
+    from matcalc.server.config import Settings, env_var
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    serve = next(iter(parser._subparsers._group_actions[0].choices.values()))  # type: ignore[union-attr]
+    flags = {a.dest: a for a in serve._actions if a.option_strings}
+    rows = ["| setting (TOML) | flag | variable | default | meaning |", "|---|---|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        action = flags.get(name)
+        flag = " / ".join(f"`{o}`" for o in action.option_strings) if action is not None else ""
+        default = info.get_default(call_default_factory=True)
+        doc = " ".join((info.description or "").split()) or (action.help if action is not None else "") or ""
+        doc = doc.replace("|", "\\|").replace("%%", "%")
+        shown = "" if default in (None, [], "") else f"`{default!r}`" if isinstance(default, str) else f"`{default}`"
+        rows.append(f"| `{name}` | {flag} | `{env_var(name)}` | {shown} | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (``None``: not given); list flags are flattened."""
+    from matcalc.server.config import Settings
+
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = [v.strip() for item in value for v in str(item).split(",") if v.strip()]
+        out[name] = value
+    return out
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
@@ -51,9 +135,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from matcalc.server.config import load_settings
     from matcalc.server.middleware import RequestIdFilter
 
-    flags = {k: getattr(args, k) for k in ("host", "port", "cluster", "workers", "db_url", "api_keys", "device",
-                                           "max_upload_mb", "max_model_upload_mb", "custom_models_dir", "max_atoms", "rate_limit_per_s", "shutdown_timeout_s",
-                                           "log_level", "log_dir", "log_format")}
+    flags = setting_flags(args)
+    flags.pop("config_file", None)
     try:
         settings = load_settings(flags, config_file=args.config_file)
     except Exception as exc:  # pydantic ValidationError included: report, do not trace
@@ -85,3 +168,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
           f"executor {settings.cluster})", file=sys.stderr, flush=True)
     server.run()
     return 0 if server.started else 1
+
+
+if __name__ == "__main__":  # python -m matcalc.server.cli: the settings table of docs/deployment.md
+    print(settings_table(), end="")

@@ -24,7 +24,7 @@ SECRET_FIELDS = ("api_keys", "admin_api_keys")
 class Settings(BaseModel):
     """Everything ``matcalc serve`` can be configured with (units in the names)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -43,6 +43,7 @@ class Settings(BaseModel):
     rate_limit_per_s: float = Field(50.0, ge=0)
     """Sustained requests per second per API key (or client address); ``0`` disables the limit."""
     rate_limit_burst: int = Field(500, ge=1)
+    """Requests a key may make at once before the sustained rate applies."""
     max_upload_mb: float = Field(100.0, gt=0)
     max_model_upload_mb: float = Field(4096.0, gt=0)
     """Largest model file accepted by ``POST /models/custom`` (MB)."""
@@ -52,13 +53,17 @@ class Settings(BaseModel):
     """A custom model's validation (in its own process) is stopped after this long."""
     max_atoms: int = Field(10_000, ge=1)
     max_batch: int = Field(1000, ge=1)
+    """Most tasks in one ``POST /tasks/batch``."""
     shutdown_timeout_s: float = Field(30.0, ge=0)
     """Graceful shutdown waits this long for running tasks, then leaves them to be requeued."""
     default_timeout_s: float | None = Field(None, gt=0)
+    """Wall-clock limit of a running task that gives no ``timeout_s`` (default: none)."""
     progress_interval_s: float = Field(0.5, ge=0)
     """Store at most one progress update per task per interval (s)."""
     log_level: str = "info"
+    """Level of the server's log (debug, info, warning, error)."""
     config_file: str | None = None
+    """The TOML config file read (``--config``, ``$MATCALC_CONFIG`` or ``~/.matcalc/config.toml``)."""
     admin_api_keys: list[str] = Field(default_factory=list)
     """Keys allowed on admin endpoints (``/system/logs/stream``); they are valid API keys too. Without
     any, every accepted key (or anyone on an open loopback server) is an admin."""
@@ -70,39 +75,57 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     """Format of the stderr log of ``matcalc serve`` (files are always JSON lines)."""
     log_compress_after_days: int = Field(7, ge=0)
+    """Daily log files older than this are gzipped."""
     log_pack_after_days: int = Field(30, ge=0)
+    """Daily log files older than this are packed into one tar per month."""
     log_stream_backlog: int = Field(200, ge=1, le=100_000)
     """System log records kept in memory for ``/system/logs/stream`` replay."""
     sse_heartbeat_s: float = Field(15.0, gt=0)
     """Keep-alive comment interval of the SSE streams (also how soon a vanished client is noticed)."""
     sse_poll_s: float = Field(2.0, gt=0)
-    """Log streams re-read the store at least this often (events normally wake them at once)."""
+    """A task's log feed re-reads the store (and the task's status) after this long without an event."""
     # ---- webhooks
     webhook_max_attempts: int = Field(5, ge=1, le=100)
+    """Attempts per delivery before it is given up (FAILED)."""
     webhook_backoff_s: float = Field(1.0, ge=0)
     """Wait after the first failed attempt; doubles after each further failure."""
     webhook_backoff_max_s: float = Field(300.0, ge=0)
+    """Longest wait between two attempts."""
     webhook_timeout_s: float = Field(10.0, gt=0)
-    webhook_workers: int = Field(4, ge=1, le=64)
+    """Limit of one attempt (connect, send, answer); a receiver that does not answer in time is retried."""
+    webhook_concurrency: int = Field(4, ge=1, le=256)
+    """Attempts in flight at once per destination (scheme, host, port); other receivers never wait for it."""
     webhook_progress_interval_s: float = Field(10.0, ge=0)
     """At most one ``task.progress`` webhook per task per interval."""
     # ---- alerts
     alert_interval_s: float = Field(30.0, gt=0)
+    """How often the alert rules are evaluated (s)."""
     alert_gpu_free_memory_gb: float = Field(2.0, ge=0)
+    """``gpu_memory_low`` fires when a GPU has less free memory than this (GB)."""
     alert_gpu_temperature_c: float = Field(85.0)
+    """``gpu_temperature_high`` fires above this temperature (°C)."""
     alert_queue_backlog: int = Field(100, ge=0)
+    """``queue_backlog`` fires when more tasks than this wait to run (PENDING, QUEUED, ASSIGNED)."""
     alert_consecutive_failures: int = Field(5, ge=1)
+    """``model_failures`` fires when this many tasks of one model in a row FAILED or timed out."""
     alert_disk_free_gb: float = Field(50.0, ge=0)
+    """``disk_free_low`` fires when a watched file system has less free space than this (GB)."""
     alert_disk_paths: list[str] = Field(default_factory=list)
     """Paths whose file systems are watched (default: the SQLite file's directory and ``log_dir``)."""
     alert_api_p99_s: float = Field(5.0, gt=0)
+    """``api_latency_p99`` fires when the p99 of API request durations over the window exceeds this (s)."""
     alert_api_window_s: float = Field(300.0, gt=0)
+    """The window of the API latency p99 (s)."""
     alert_api_min_samples: int = Field(20, ge=1)
+    """Requests the window must hold before ``api_latency_p99`` is judged."""
     alert_expected_gpus: int | None = Field(None, ge=0)
     """GPUs that must be present (default: every GPU seen since start)."""
     alert_rules_disabled: list[str] = Field(default_factory=list)
+    """Rules not evaluated (names as in ``GET /system/alerts/rules``)."""
     alert_webhook_urls: list[str] = Field(default_factory=list)
-    alert_webhook_signing_key: str | None = None
+    """Receivers of ``alert.opened`` / ``alert.resolved`` webhooks."""
+    alert_webhook_signing_key: str | None = Field(None, min_length=1)
+    """HMAC-SHA256 key signing the alert webhooks (like a task's ``notify_secret``)."""
     alert_file: str | None = None
     """Append alert events as JSON lines to this file."""
     metrics_public: bool = False
@@ -171,6 +194,16 @@ class Settings(BaseModel):
         return d
 
 
+def env_var(name: str) -> str:
+    """The environment variable of a setting: ``MATCALC_`` + upper-case name (``MATCALC_CONFIG`` for the file)."""
+    return "MATCALC_CONFIG" if name == "config_file" else f"MATCALC_{name.upper()}"
+
+
+def cli_flag(name: str) -> str:
+    """The ``matcalc serve`` flag of a setting without a hand-named one: ``--webhook-timeout-s``."""
+    return "--" + name.replace("_", "-")
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):
         return True
@@ -183,7 +216,7 @@ def is_loopback(host: str) -> bool:
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in Settings.model_fields:
-        key = f"MATCALC_{name.upper()}"
+        key = env_var(name)
         if key in env and env[key].strip() != "":
             out[name] = env[key]
     if env.get("MATCALC_API_KEY", "").strip():

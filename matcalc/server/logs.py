@@ -10,7 +10,10 @@
   month (``matcalc-YYYY-MM.tar`` holding the ``.jsonl.gz`` members). Ages come from the file names, so
   the maintenance is deterministic (and testable with an injected ``today``).
 * :class:`LogHub` keeps the last records in a ring and fans them out to ``GET /system/logs/stream``.
-* :func:`sse` formats one Server-Sent Event.
+* :class:`TaskLogFeeds`: one :class:`TaskLogFeed` per task that has open log streams; it reads the
+  stored log once per new batch of lines and hands the batch to every stream of the task, so 20
+  streams cost the store (and the task) what one does.
+* :func:`parse_last_event_id` and :func:`sse` for the Server-Sent Events.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import socket
 import tarfile
 import threading
 from collections import deque
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -262,3 +266,151 @@ def sse(data: dict[str, Any] | None = None, *, event: str | None = None,
 
 
 HEARTBEAT = b": keep-alive\n\n"
+
+
+MAX_LOG_ID = 2**63 - 1
+"""Largest log id (a signed 64-bit integer): the bound of ``after`` and ``Last-Event-ID``."""
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The log id of a ``Last-Event-ID`` header: ``None`` when absent or empty (as EventSource sends
+    after a reset); a :class:`ValueError` unless it is a plain ASCII non-negative integer <= :data:`MAX_LOG_ID`
+    (``"²"``, ``"-1"``, ``"1e3"`` and ``2**63`` are refused)."""
+    if value is None or not value.strip():
+        return None
+    v = value.strip()
+    if not (v.isascii() and v.isdigit()) or len(v) > 19 or int(v) > MAX_LOG_ID:
+        raise ValueError(f"Last-Event-ID must be a log id (an integer 0..{MAX_LOG_ID}), got {value[:40]!r}")
+    return int(v)
+
+
+# ----------------------------------------------------------------------------- shared task log feeds
+END_OF_LOG = None
+"""What a feed hands its streams when the task ended and its last lines were sent."""
+
+
+@dataclass(eq=False)
+class FeedStream:
+    """One stream's end of a feed: batches of log rows (dicts with an ``id``), then :data:`END_OF_LOG`.
+    ``lagged`` is set when the stream fell more than ``maxsize`` batches behind (its queue was
+    emptied): it must catch up from the store itself."""
+
+    queue: asyncio.Queue[list[dict[str, Any]] | None]
+    lagged: bool = False
+
+    def _put(self, item: list[dict[str, Any]] | None) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.lagged = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            if item is END_OF_LOG:
+                self.queue.put_nowait(item)
+
+
+class TaskLogFeed:
+    """Reads the new stored log lines of one task, once per wake-up, for all its streams.
+
+    ``start()`` returns ``(last log id, task ended)``; ``read(cursor, check_status)`` the rows after
+    ``cursor`` and, when ``check_status``, whether the task had ended before the rows were read (one
+    query for the rows, a second only then). The feed wakes on the bus (:meth:`EventBus.watch`:
+    lines written, status changes, the end); without a wake-up it polls every ``poll_s``."""
+
+    def __init__(self, task_id: str, bus: Any, start: Callable[[], tuple[int | None, bool]],
+                 read: Callable[[int | None, bool], tuple[list[dict[str, Any]], bool]], *, poll_s: float = 2.0,
+                 maxsize: int = 256, on_read: Callable[[], None] | None = None) -> None:
+        self.task_id = task_id
+        self.bus = bus
+        self._start = start
+        self._read = read
+        self.poll_s = poll_s
+        self.maxsize = maxsize
+        self.on_read = on_read
+        self.streams: set[FeedStream] = set()
+        self.cursor: int | None = None
+        self.reads = 0
+        """Store reads made (the start included)."""
+        self.batches = 0
+        self.ready = asyncio.Event()
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self) -> FeedStream:
+        st = FeedStream(asyncio.Queue(self.maxsize))
+        self.streams.add(st)
+        return st
+
+    def _broadcast(self, item: list[dict[str, Any]] | None) -> None:
+        for st in list(self.streams):
+            st._put(item)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read()
+        return await asyncio.to_thread(fn, *args)
+
+    async def run(self) -> None:
+        try:
+            with self.bus.watch(self.task_id) as w:  # before the first read: nothing falls in between
+                self.cursor, ended = await self._call(self._start)
+                self.ready.set()
+                while not ended:
+                    woken = w.event.is_set() or w.ended
+                    if not woken:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(w.event.wait(), self.poll_s)
+                            woken = True
+                    w.event.clear()
+                    ended = w.ended  # the store was written before the bus said so: this read gets the end
+                    # woken: lines were stored; otherwise a poll, which also checks whether the task ended
+                    rows, ended_now = await self._call(self._read, self.cursor, not woken and not ended)
+                    ended = ended or ended_now
+                    if rows:
+                        self.cursor = rows[-1]["id"]
+                        self.batches += 1
+                        self._broadcast(rows)
+                self._broadcast(END_OF_LOG)
+        finally:
+            self.done = True
+            self.ready.set()
+
+
+class TaskLogFeeds:
+    """The feeds of one app, created with a task's first stream and dropped with its last (or when
+    the task ended): a finished task leaves nothing behind."""
+
+    def __init__(self, bus: Any, start: Callable[[str], tuple[int | None, bool]],
+                 read: Callable[[str, int | None, bool], tuple[list[dict[str, Any]], bool]], *, poll_s: float = 2.0,
+                 on_read: Callable[[], None] | None = None) -> None:
+        self.bus = bus
+        self._start = start
+        self._read = read
+        self.poll_s = poll_s
+        self.on_read = on_read
+        self.feeds: dict[str, TaskLogFeed] = {}
+
+    async def join(self, task_id: str) -> tuple[TaskLogFeed, FeedStream]:
+        """The task's feed (started if needed, its cursor established) and a new stream of it."""
+        feed = self.feeds.get(task_id)
+        if feed is None or feed.done:
+            feed = TaskLogFeed(task_id, self.bus, lambda: self._start(task_id),
+                               lambda cursor, check: self._read(task_id, cursor, check), poll_s=self.poll_s, on_read=self.on_read)
+            self.feeds[task_id] = feed
+            feed.task = asyncio.get_running_loop().create_task(feed.run())
+            feed.task.add_done_callback(lambda _t, f=feed: self._drop(f))
+        stream = feed.add()
+        await feed.ready.wait()
+        return feed, stream
+
+    def leave(self, feed: TaskLogFeed, stream: FeedStream) -> None:
+        feed.streams.discard(stream)
+        if not feed.streams and feed.task is not None and not feed.task.done():
+            feed.task.cancel()
+        if not feed.streams:
+            self._drop(feed)
+
+    def _drop(self, feed: TaskLogFeed) -> None:
+        if self.feeds.get(feed.task_id) is feed:
+            del self.feeds[feed.task_id]

@@ -207,6 +207,9 @@ class _StateCollector(Collector):
             pending = GaugeMetricFamily("matcalc_webhook_pending", "Webhook deliveries queued or in flight")
             pending.add_metric([], float(hooks.pending))
             yield pending
+            in_flight = GaugeMetricFamily("matcalc_webhook_in_flight", "Webhook attempts in progress")
+            in_flight.add_metric([], float(hooks.in_flight))
+            yield in_flight
 
 
 def _default_gpus() -> list[dict[str, Any]]:
@@ -242,6 +245,10 @@ class Metrics:
                                        ["method", "route", "status"], buckets=HTTP_BUCKETS, registry=r)
         self.webhook_attempts = Counter("matcalc_webhook_attempts", "Webhook delivery attempts",
                                         ["event", "outcome"], registry=r)
+        self.webhook_deliveries = Counter("matcalc_webhook_deliveries", "Webhook deliveries finished, by outcome "
+                                          "(delivered, failed)", ["event", "outcome"], registry=r)
+        self.log_stream_reads = Counter("matcalc_log_stream_reads", "Store reads of the shared task log feeds "
+                                        "(one per new batch of log lines, whatever the number of streams)", registry=r)
         self.alerts_opened = Counter("matcalc_alerts_opened", "Alerts opened, by rule", ["rule"], registry=r)
         r.register(_StateCollector(self))
 

@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from matcalc.server.config import Settings
 from matcalc.server.logs import DailyJsonFileHandler, LogHub
 from matcalc.server.metrics import Metrics
 from matcalc.server.webhooks import DEFAULT_EVENTS, STATUS_EVENTS, WebhookDispatcher
+from matcalc.store.models import utcnow
+from matcalc.tasks import TERMINAL
+from matcalc.store.outbox import finished_without_webhook
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,7 @@ class Observability:
         self.file_handler: DailyJsonFileHandler | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.alerts: AlertEngine | None = None
-        self._tasks: dict[str, dict[str, Any]] = {}
-        self._last_progress_hook: dict[str, float] = {}
+        self._tasks: dict[str, _TaskHooks] = {}
         self._lock = threading.Lock()
         self._handlers: list[logging.Handler] = []
 
@@ -92,9 +95,14 @@ class Observability:
         self.service = service
         self.webhooks = WebhookDispatcher(store, max_attempts=s.webhook_max_attempts, backoff_s=s.webhook_backoff_s,
                                           backoff_max_s=s.webhook_backoff_max_s, timeout_s=s.webhook_timeout_s,
-                                          workers=s.webhook_workers, on_attempt=self._on_webhook_attempt)
+                                          concurrency=s.webhook_concurrency, on_attempt=self._on_webhook_attempt,
+                                          on_finished=self._on_webhook_finished)
         self.webhooks.start()
         self.metrics.webhooks = self.webhooks
+        try:
+            self.recover_terminal_webhooks()
+        except Exception:  # noqa: BLE001 - never keep the server from starting
+            log.warning("webhooks: could not look for lost terminal events", exc_info=True)
         notifiers: list[Any] = [LogNotifier()]
         if s.alert_file:
             notifiers.append(FileNotifier(s.alert_file))
@@ -115,13 +123,32 @@ class Observability:
         if self.alerts is not None:
             self.alerts.stop()
         if self.webhooks is not None:
-            self.webhooks.wait_idle(min(5.0, self.settings.webhook_timeout_s))
-            self.webhooks.stop()
+            # attempts in flight may end; everything else stays PENDING in the outbox for the next start
+            self.webhooks.stop(min(2.0, self.settings.webhook_timeout_s))
         root = logging.getLogger()
         for h in self._handlers:
             root.removeHandler(h)
             h.close()
         self._handlers = []
+
+    def recover_terminal_webhooks(self, max_age: timedelta = timedelta(days=1)) -> int:
+        """Queue the terminal webhook of every task that ended (within ``max_age``, and since the
+        outbox was first used) without one in the outbox; returns how many were queued."""
+        oldest = self.webhooks.outbox.oldest() if self.webhooks and self.webhooks.outbox else None
+        if oldest is None:
+            return 0
+        since = max(oldest, utcnow() - max_age)
+        ids = finished_without_webhook(self.store, since)
+        n = 0
+        for row in self.store.get_tasks(ids):
+            hooks = _TaskHooks.of(row)
+            event = STATUS_EVENTS.get(row.status, f"task.{row.status.lower()}")
+            if hooks.wants(event):
+                self._terminal_hook(row, hooks, row.status, row.error, None)
+                n += 1
+        if n:
+            log.info("webhooks: queued %d terminal event(s) lost before a restart", n)
+        return n
 
     def disk_paths(self) -> list[str]:
         paths = list(self.settings.alert_disk_paths)
@@ -153,66 +180,77 @@ class Observability:
         )
 
     # -------------------------------------------------------------- task hooks (called by the service)
-    def _info(self, task_id: str) -> dict[str, Any]:
+    def _hooks(self, task_id: str) -> _TaskHooks | None:
+        """The webhook state of an unfinished task (cached while it runs); ``None`` once it ended."""
         with self._lock:
-            info = self._tasks.get(task_id)
-        if info is None:
-            row = self.store.get_task(task_id)
-            info = {"type": row.type, "model": row.model, "notify_url": row.notify_url,
-                    "notify_events": row.notify_events, "notify_secret": row.notify_secret}
-            with self._lock:
-                self._tasks[task_id] = info
-        return info
+            hooks = self._tasks.get(task_id)
+        if hooks is not None:
+            return hooks
+        row = self.store.get_task(task_id)
+        if row.status in TERMINAL:
+            return None  # a late event of a finished task: nothing is sent, nothing is cached
+        with self._lock:
+            return self._tasks.setdefault(task_id, _TaskHooks.of(row))
+
+    @property
+    def tracked_tasks(self) -> int:
+        """Unfinished tasks whose webhook state is held in memory."""
+        with self._lock:
+            return len(self._tasks)
 
     def task_submitted(self, rows: Sequence[Any]) -> None:
         for row in rows:
             self.metrics.tasks_submitted.labels(row.type).inc()
 
     def task_started(self, task_id: str, attempt: int, worker: str | None) -> None:
-        info = self._info(task_id)
-        self.metrics.tasks_started.labels(info["type"]).inc()
-        self._hook(task_id, info, "task.started", "RUNNING", {"attempt": attempt, "worker": worker})
+        hooks = self._hooks(task_id)
+        if hooks is None:
+            return
+        self.metrics.tasks_started.labels(hooks.type).inc()
+        with hooks.lock:
+            if not hooks.closed:
+                self._hook(task_id, hooks, "task.started", "RUNNING", {"attempt": attempt, "worker": worker})
 
     def task_progress(self, task_id: str, event: dict[str, Any]) -> None:
-        info = self._info(task_id)
-        if not info["notify_url"] or "task.progress" not in (info["notify_events"] or DEFAULT_EVENTS):
+        hooks = self._hooks(task_id)
+        if hooks is None or not hooks.wants("task.progress"):
             return
-        now = time.monotonic()
-        with self._lock:
-            last = self._last_progress_hook.get(task_id)
-            if last is not None and now - last < self.settings.webhook_progress_interval_s:
+        with hooks.lock:
+            if hooks.closed:
                 return
-            self._last_progress_hook[task_id] = now
-        self._hook(task_id, info, "task.progress", "RUNNING", dict(event))
+            now = time.monotonic()
+            if hooks.last_progress is not None and now - hooks.last_progress < self.settings.webhook_progress_interval_s:
+                return
+            hooks.last_progress = now
+            self._hook(task_id, hooks, "task.progress", "RUNNING", dict(event))
 
     def task_finished(self, task_id: str, status: str, error: str | None, result: dict[str, Any] | None) -> None:
         row = self.store.get_task(task_id)
         with self._lock:
-            info = self._tasks.pop(task_id, None)
-            self._last_progress_hook.pop(task_id, None)
-        if info is None:
-            info = {"type": row.type, "model": row.model, "notify_url": row.notify_url,
-                    "notify_events": row.notify_events, "notify_secret": row.notify_secret}
+            hooks = self._tasks.pop(task_id, None)
         self.metrics.tasks_finished.labels(row.type, status).inc()
         if row.started_at is not None and row.finished_at is not None:
             self.metrics.task_duration.labels(row.type, status).observe(
                 max(0.0, (row.finished_at - row.started_at).total_seconds()))
+        self._terminal_hook(row, hooks or _TaskHooks.of(row), status, error, result)
+
+    def _terminal_hook(self, row: Any, hooks: _TaskHooks, status: str, error: str | None,
+                       result: dict[str, Any] | None) -> None:
         summary: dict[str, Any] = {"type": row.type, "model": row.model, "attempts": row.attempts}
         if status == "COMPLETED":
             summary.update(result_summary(result if result is not None else row.result))
         elif error:
             summary["error"] = error
-        self._hook(task_id, info, STATUS_EVENTS.get(status, f"task.{status.lower()}"), status, summary)
+        with hooks.lock:  # after this, no event of the task is sent (progress waits for the lock, then sees closed)
+            hooks.closed = True
+            self._hook(row.id, hooks, STATUS_EVENTS.get(status, f"task.{status.lower()}"), status, summary)
 
-    def _hook(self, task_id: str, info: dict[str, Any], event: str, status: str, summary: dict[str, Any]) -> None:
-        url = info.get("notify_url")
-        if not url or self.webhooks is None:
-            return
-        if event not in (info.get("notify_events") or DEFAULT_EVENTS):
+    def _hook(self, task_id: str, hooks: _TaskHooks, event: str, status: str, summary: dict[str, Any]) -> None:
+        if not hooks.url or self.webhooks is None or not hooks.wants(event):
             return
         payload = {"event": event, "task_id": task_id, "status": status, "timestamp": _now_iso(),
                    "result_url": self.result_url(task_id) if status == "COMPLETED" else None, "summary": summary}
-        self.webhooks.enqueue(url, event, payload, secret=info.get("notify_secret"), task_id=task_id)
+        self.webhooks.enqueue(hooks.url, event, payload, secret=hooks.secret, task_id=task_id)
 
     def result_url(self, task_id: str) -> str:
         base = self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}"
@@ -220,3 +258,27 @@ class Observability:
 
     def _on_webhook_attempt(self, delivery: Any, ok: bool) -> None:
         self.metrics.webhook_attempts.labels(delivery.event, "success" if ok else "failure").inc()
+
+    def _on_webhook_finished(self, delivery: Any, status: str) -> None:
+        self.metrics.webhook_deliveries.labels(delivery.event, status.lower()).inc()
+
+
+@dataclass(eq=False)
+class _TaskHooks:
+    """What the webhooks of one unfinished task need; ``lock`` orders its events, ``closed`` is set
+    with the terminal event (nothing is sent after it)."""
+
+    type: str
+    url: str | None
+    events: tuple[str, ...]
+    secret: str | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+    last_progress: float | None = None
+
+    @classmethod
+    def of(cls, row: Any) -> _TaskHooks:
+        return cls(row.type, row.notify_url, tuple(row.notify_events or DEFAULT_EVENTS), row.notify_secret)
+
+    def wants(self, event: str) -> bool:
+        return bool(self.url) and event in self.events

@@ -7,6 +7,7 @@
   ``after`` (or the ``Last-Event-ID`` header) resumes after a log id; ``level`` is a minimum.
 * ``GET /system/logs/stream`` (admin): the server's structured log records, live (after a replay of
   the last ``backlog`` records), until the client disconnects.
+* ``GET /tasks/{id}/webhooks`` and ``GET /system/webhooks`` (admin): webhook deliveries with every attempt.
 * ``GET /system/alerts/rules|active|history``.
 * ``GET /metrics`` (and ``/api/v1/metrics``): Prometheus text format.
 """
@@ -14,8 +15,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
@@ -25,11 +26,20 @@ from pydantic import BaseModel
 from matcalc.server.app import ok
 from matcalc.server.auth import api_key_scheme, require_admin, require_api_key
 from matcalc.server.errors import ApiError, ErrorCode
-from matcalc.server.logs import HEARTBEAT, LEVELS, level_at_least, sse
+from matcalc.server.logs import (
+    END_OF_LOG,
+    HEARTBEAT,
+    MAX_LOG_ID,
+    TaskLogFeeds,
+    level_at_least,
+    parse_last_event_id,
+    sse,
+)
 from matcalc.server.metrics import CONTENT_TYPE
 from matcalc.server.routes import COMMON_ERRORS, error_responses, store
 from matcalc.server.schemas import Envelope
 from matcalc.store import NotFoundError
+from matcalc.tasks import TERMINAL
 
 router = APIRouter(responses=COMMON_ERRORS)
 metrics_router = APIRouter(tags=["system"])
@@ -50,77 +60,112 @@ def _record(row: Any) -> dict[str, Any]:
             "level": row.level, "event": row.event, "message": row.message, "data": row.data}
 
 
-async def _next_event(queue: asyncio.Queue[Any], timeout_s: float) -> tuple[bool, bool]:
-    """Wait for bus traffic: ``(woken, ended)``; drains whatever else is queued."""
-    ended = False
-    try:
-        item = await asyncio.wait_for(queue.get(), timeout_s)
-    except TimeoutError:
-        return False, False
-    ended = item is None
-    while not queue.empty():  # drain everything: a short-circuited get would spin here forever
-        if queue.get_nowait() is None:
-            ended = True
-    return True, ended
+def _rows_after(st: Any, task_id: str, cursor: int | None) -> list[dict[str, Any]]:
+    """Every stored log record of the task after ``cursor`` (paged reads of ``PAGE`` rows)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        rows = st.get_logs(task_id, limit=PAGE, after=cursor)
+        out.extend(_record(r) for r in rows)
+        if rows:
+            cursor = rows[-1].id
+        if len(rows) < PAGE:
+            return out
+
+
+def _feeds(request: Request) -> TaskLogFeeds:
+    """The app's shared task log feeds (one store read per new batch of lines, for every stream)."""
+    feeds = getattr(request.app.state, "log_feeds", None)
+    if feeds is None:
+        st = store(request)
+        metrics = _obs(request).metrics
+
+        def start(task_id: str) -> tuple[int | None, bool]:
+            from sqlalchemy import func, select
+
+            from matcalc.store.models import TaskLog
+
+            ended = st.get_task(task_id).status in TERMINAL
+            with st.read() as s:
+                return s.scalar(select(func.max(TaskLog.id)).where(TaskLog.task_id == task_id)), ended
+
+        def read(task_id: str, cursor: int | None, check_status: bool) -> tuple[list[dict[str, Any]], bool]:
+            ended = check_status and st.get_task(task_id).status in TERMINAL
+            return _rows_after(st, task_id, cursor), ended
+
+        feeds = TaskLogFeeds(request.app.state.bus, start, read, poll_s=request.app.state.settings.sse_poll_s,
+                             on_read=metrics.log_stream_reads.inc)
+        request.app.state.log_feeds = feeds
+    return feeds
 
 
 @router.get("/tasks/{task_id}/logs/stream", tags=["tasks"], response_class=StreamingResponse,
-            responses={200: SSE_DOC, **error_responses(404)}, summary="Live log of a task (Server-Sent Events)",
+            responses={200: SSE_DOC, **error_responses(400, 404)}, summary="Live log of a task (Server-Sent Events)",
             dependencies=[Depends(require_api_key)])
 async def stream_task_logs(
     request: Request,
     task_id: Annotated[str, Path(min_length=1, max_length=64, description="task id")],
     level: LevelQ = None,
-    after: Annotated[int | None, Query(ge=0, le=2**62, description="continue after this log id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_LOG_ID, description="continue after this log id")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> StreamingResponse:
-    """Replays the stored log of the task, then follows it until the task ends (then ``event: end``)."""
+    """Replays the stored log of the task, then follows it until the task ends (then ``event: end``).
+
+    Resumes after the larger of ``after`` and the ``Last-Event-ID`` header (which must be a log id,
+    a plain integer 0..2^63-1, else 400 with code 40016)."""
+    try:
+        resume = parse_last_event_id(last_event_id)
+    except ValueError as exc:
+        raise ApiError(ErrorCode.INVALID_HEADER, str(exc)) from exc
     st = store(request)
     try:
         await run_in_threadpool(st.get_task, task_id)
     except NotFoundError as exc:
         raise ApiError(ErrorCode.TASK_NOT_FOUND, f"task {task_id!r} not found") from exc
-    if after is None and last_event_id and last_event_id.strip().isdigit():
-        after = int(last_event_id.strip())
-    settings = request.app.state.settings
-    bus = request.app.state.bus
+    given = [c for c in (after, resume) if c is not None]
+    start_after = max(given) if given else None
+    heartbeat_s = request.app.state.settings.sse_heartbeat_s
     metrics = _obs(request).metrics
-
-    def fetch(cursor: int | None) -> tuple[list[dict[str, Any]], bool, int | None]:
-        """New records after ``cursor`` (all of them) and whether the task had ended before reading."""
-        ended = st.get_task(task_id).status in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-        out: list[dict[str, Any]] = []
-        while True:
-            rows = st.get_logs(task_id, limit=PAGE, after=cursor)
-            for r in rows:
-                cursor = r.id
-                if level_at_least(r.level, level):
-                    out.append(_record(r))
-            if len(rows) < PAGE:
-                return out, ended, cursor
+    feeds = _feeds(request)
 
     async def events() -> AsyncIterator[bytes]:
         metrics.sse_open("task", +1)
+        joined = None
         try:
-            with bus.subscribe(task_id) as sub:  # before the backlog read: nothing falls in between
-                cursor = after
-                loop = asyncio.get_running_loop()
-                last_sent = loop.time()
-                while True:
-                    records, ended, cursor = await run_in_threadpool(fetch, cursor)
-                    for rec in records:
+            joined = feed, stream = await feeds.join(task_id)  # before the backlog read: nothing falls between
+            last = start_after
+
+            def send(records: list[dict[str, Any]]) -> Iterator[bytes]:
+                nonlocal last
+                for rec in records:
+                    if last is not None and rec["id"] <= last:
+                        continue  # already sent (the backlog and the feed overlap)
+                    last = rec["id"]
+                    if level_at_least(rec["level"], level):
                         yield sse(rec, id=rec["id"])
-                    if records:
-                        last_sent = loop.time()
-                    if ended:
-                        yield sse(event="end")
-                        return
-                    wait = min(settings.sse_poll_s, max(0.0, last_sent + settings.sse_heartbeat_s - loop.time()))
-                    woken, _ = await _next_event(sub.queue, wait)
-                    if not woken and loop.time() - last_sent >= settings.sse_heartbeat_s:
-                        yield HEARTBEAT
-                        last_sent = loop.time()
+
+            for chunk in send(await run_in_threadpool(_rows_after, st, task_id, last)):
+                yield chunk
+            while True:
+                if stream.lagged:  # fell behind the feed: catch up from the store
+                    stream.lagged = False
+                    for chunk in send(await run_in_threadpool(_rows_after, st, task_id, last)):
+                        yield chunk
+                try:
+                    batch = await asyncio.wait_for(stream.queue.get(), heartbeat_s)
+                except TimeoutError:
+                    yield HEARTBEAT
+                    continue
+                if batch is END_OF_LOG:
+                    if stream.lagged:
+                        for chunk in send(await run_in_threadpool(_rows_after, st, task_id, last)):
+                            yield chunk
+                    yield sse(event="end")
+                    return
+                for chunk in send(batch):
+                    yield chunk
         finally:
+            if joined is not None:
+                feeds.leave(*joined)
             metrics.sse_open("task", -1)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -229,6 +274,88 @@ def alerts_history(
 ) -> dict[str, Any]:
     items, total = _engine(request).history(page=page, page_size=page_size, rule=rule)
     return ok(AlertPage(items=items, total=total, page=page, page_size=page_size))
+
+
+# ----------------------------------------------------------------------------- webhook deliveries
+DeliveryStatus = Literal["PENDING", "DELIVERED", "FAILED"]
+
+
+class DeliveryAttemptOut(BaseModel):
+    attempt: int
+    at: str
+    """When the attempt started (UTC, ISO 8601)."""
+    status_code: int | None
+    """The receiver's HTTP status (``None``: no answer: refused, timed out...)."""
+    success: bool
+    error: str | None
+    duration_s: float | None
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    """The delivery id (the ``X-Matcalc-Delivery`` header of every attempt)."""
+    task_id: str | None
+    event: str
+    url: str
+    status: DeliveryStatus
+    created_at: str
+    finished_at: str | None
+    next_attempt_at: str | None
+    """When the next attempt is due (PENDING only)."""
+    last_status_code: int | None
+    last_error: str | None
+    payload: dict[str, Any]
+    attempts: list[DeliveryAttemptOut]
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryOut]
+    total: int
+    page: int
+    page_size: int
+
+
+def _outbox(request: Request) -> Any:
+    from matcalc.store.outbox import Outbox
+
+    return Outbox(store(request))
+
+
+PageQ = Annotated[int, Query(ge=1, le=1_000_000)]
+PageSizeQ = Annotated[int, Query(ge=1, le=500)]
+
+
+@router.get("/tasks/{task_id}/webhooks", tags=["tasks"], response_model=Envelope[DeliveryPage],
+            responses=error_responses(404), dependencies=[Depends(require_api_key)],
+            summary="Webhook deliveries of a task, every attempt with its status code and time")
+def task_webhooks(
+    request: Request,
+    task_id: Annotated[str, Path(min_length=1, max_length=64, description="task id")],
+    page: PageQ = 1,
+    page_size: PageSizeQ = 100,
+) -> dict[str, Any]:
+    """The task's deliveries in the order their events happened."""
+    try:
+        store(request).get_task(task_id)
+    except NotFoundError as exc:
+        raise ApiError(ErrorCode.TASK_NOT_FOUND, f"task {task_id!r} not found") from exc
+    items, total = _outbox(request).list(task_id=task_id, page=page, page_size=page_size)
+    return ok(DeliveryPage(items=items, total=total, page=page, page_size=page_size))
+
+
+@router.get("/system/webhooks", tags=["system"], response_model=Envelope[DeliveryPage],
+            responses=error_responses(403), dependencies=[Depends(require_admin)],
+            summary="All webhook deliveries, newest first (admin)")
+def system_webhooks(
+    request: Request,
+    status: DeliveryStatus | None = None,
+    event: Annotated[str | None, Query(max_length=32)] = None,
+    page: PageQ = 1,
+    page_size: PageSizeQ = 50,
+) -> dict[str, Any]:
+    """Task and alert deliveries (alerts have ``task_id`` null); filter by ``status`` and ``event``."""
+    items, total = _outbox(request).list(status=status, event=event, page=page, page_size=page_size)
+    return ok(DeliveryPage(items=items, total=total, page=page, page_size=page_size))
 
 
 # ----------------------------------------------------------------------------- metrics
