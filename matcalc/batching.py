@@ -51,6 +51,10 @@ takes its own batches from the same queue, and a call runs with ``threads // bus
 one calculation alone still uses every core (intra-op), several run side by side (one core each), which
 on a CPU beats intra-op parallelism for MOF-sized graphs. GPUs and other potentials have one lane.
 
+Energies only: :meth:`BatchingEngine.energies` queues an energy-only request (``Potential.energies``: no
+forces or stress where the model can skip them, e.g. CHGNet's forward pass without the backward one); batches
+hold requests of one kind, so energy-only requests are fused with each other, under the same budget and lanes.
+
 Disable batching (A/B comparisons) with ``MATCALC_BATCHING=0`` or :func:`set_enabled` / :func:`disabled`;
 calculations then call the potential directly.
 """
@@ -69,6 +73,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
@@ -102,6 +107,7 @@ MIN_WAIT_S = 0.0005
 MAX_WAIT_S = 0.05
 """... clamped to [MIN_WAIT_S, MAX_WAIT_S]."""
 _POLL_S = 1.0
+_NO_FORCES = np.zeros((0, 3))
 
 
 @dataclass
@@ -191,10 +197,12 @@ class _Request:
     """One ``evaluate`` call: the caller's structures, their results, and a done flag."""
 
     __slots__ = ("atoms", "sizes", "results", "failed", "error", "errors", "remaining", "cursor", "done",
-                 "t_submit", "t_start", "thread")
+                 "t_submit", "t_start", "thread", "energy_only")
 
-    def __init__(self, atoms: Sequence[Atoms], thread: int) -> None:
+    def __init__(self, atoms: Sequence[Atoms], thread: int, energy_only: bool = False) -> None:
         self.atoms = list(atoms)
+        self.energy_only = energy_only
+        """Energies only (:meth:`BatchingEngine.energies`): fused only with other energy-only requests."""
         self.sizes = [len(a) for a in self.atoms]
         self.results: list[Evaluation | None] = [None] * len(self.atoms)
         self.failed: set[int] = set()
@@ -343,12 +351,25 @@ class BatchingEngine:
         return [r if r is not None else req.errors.get(i, req.error or RuntimeError("no result"))
                 for i, r in enumerate(req.results)]
 
-    def _submit_and_wait(self, atoms_list: list[Atoms]) -> _Request | None:
+    def energies(self, atoms_list: Sequence[Atoms]) -> list[float]:
+        """Total energies (eV) of ``atoms_list`` (input order) without forces or stress where the model can skip
+        them (``Potential.energies``), in fused batches of energy-only requests; raises like :meth:`evaluate`."""
+        atoms_list = list(atoms_list)
+        if not atoms_list:
+            return []
+        req = self._submit_and_wait(atoms_list, energy_only=True)
+        if req is None:
+            return self.potential.energies(atoms_list)
+        if req.error is not None:
+            raise req.error
+        return [float(r.energy_eV) for r in req.results if r is not None]
+
+    def _submit_and_wait(self, atoms_list: list[Atoms], energy_only: bool = False) -> _Request | None:
         """Queue one request and block until it is settled; ``None`` when the caller must evaluate directly."""
         me = threading.get_ident()
         if self._closed or me in self._lane_idents:
             return None
-        req = _Request(atoms_list, me)
+        req = _Request(atoms_list, me, energy_only)
         threads = _torch_threads()
         with self._cond:
             if self._closed:
@@ -464,11 +485,15 @@ class BatchingEngine:
             self._cond.wait(remaining)
 
     def _take_batch(self) -> list[_Item]:
-        """First-come first-served within the budget; whole requests when they fit (module doc)."""
+        """First-come first-served within the budget; whole requests when they fit (module doc). A batch holds
+        requests of one kind: the oldest request's (energies only, or energies with forces and stress)."""
         budget = self._budget
         items: list[_Item] = []
         total = 0
+        kind = self._pending[0].energy_only
         for req in self._pending:
+            if req.energy_only != kind:
+                continue
             left = req.atoms_left()
             if not items:  # the oldest request always goes (split only if it exceeds the budget)
                 while req.cursor < len(req.atoms) and (not items or total + req.sizes[req.cursor] <= budget):
@@ -489,7 +514,7 @@ class BatchingEngine:
         """One model call for ``items``; on OOM split in halves, on other errors retry one by one."""
         atoms = [req.atoms[i] for req, i in items]
         try:
-            results = self._model_call(atoms)
+            results = self._model_call(atoms, energy_only=items[0][0].energy_only)
         except Exception as exc:
             n_atoms = sum(len(a) for a in atoms)
             if is_out_of_memory(exc):
@@ -511,7 +536,7 @@ class BatchingEngine:
             return
         self._deliver(items, results)
 
-    def _model_call(self, atoms: list[Atoms]) -> list[Evaluation]:
+    def _model_call(self, atoms: list[Atoms], energy_only: bool = False) -> list[Evaluation]:
         p = self.potential
         with self._cond:
             self._running_lanes += 1
@@ -522,7 +547,10 @@ class BatchingEngine:
         t0 = time.perf_counter()
         n_atoms = sum(len(a) for a in atoms)
         try:
-            if p.supports_batching:
+            if energy_only:  # energies in Evaluations without forces (only energies() reads them)
+                values = p._energies_batch(atoms) if p.supports_batching else p.energies(atoms)
+                results = [Evaluation(float(v), _NO_FORCES) for v in values]
+            elif p.supports_batching:
                 # the engine owns chunking (its budget), so call the model on the whole batch at once
                 results = p._evaluate_batch(atoms)
             else:

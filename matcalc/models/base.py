@@ -142,6 +142,33 @@ class Potential(ABC):
                 out[i] = r
         return [r for r in out if r is not None]
 
+    def energies(self, atoms_list: Sequence[Atoms]) -> list[float]:
+        """Total energies (eV) of ``atoms_list`` (input order), skipping forces and stress where the model can
+        (:meth:`_energies_batch`); same chunks and :attr:`stats` as :meth:`evaluate`. For work that needs
+        energies only (e.g. Widom insertions)."""
+        out: list[float] = [0.0] * len(atoms_list)
+        for group in self.chunks(atoms_list):
+            batch = [atoms_list[i] for i in group]
+            t0 = time.perf_counter()
+            values = self._energies_batch(batch)
+            dt = time.perf_counter() - t0
+            if len(values) != len(batch):
+                raise RuntimeError(f"{self.name}: model returned {len(values)} energies for {len(batch)} structures")
+            with self._stats_lock:
+                self.stats.calls += 1
+                self.stats.structures += len(batch)
+                self.stats.atoms += sum(len(a) for a in batch)
+                self.stats.model_time_s += dt
+                self.stats.batch_sizes.append(len(batch))
+            for i, v in zip(group, values, strict=True):
+                out[i] = float(v)
+        return out
+
+    def _energies_batch(self, atoms_list: Sequence[Atoms]) -> list[float]:
+        """Energies (eV) of ``atoms_list`` in one model call. Default: :meth:`_evaluate_batch`'s; a model that
+        can skip the backward pass (forces, stress) overrides it with the same numbers to round-off."""
+        return [float(e.energy_eV) for e in self._evaluate_batch(atoms_list)]
+
     def check_elements(self, atoms: Atoms) -> None:
         """Raise ``StructureError`` if ``atoms`` holds elements this model does not support."""
         if self.elements is None:
@@ -239,4 +266,9 @@ class SumPotential(Potential):
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         a = self.parts[0].evaluate(atoms_list)
         b = self.parts[1].evaluate(atoms_list)
+        return [x + y for x, y in zip(a, b, strict=True)]
+
+    def _energies_batch(self, atoms_list: Sequence[Atoms]) -> list[float]:
+        a = self.parts[0].energies(atoms_list)
+        b = self.parts[1].energies(atoms_list)
         return [x + y for x, y in zip(a, b, strict=True)]

@@ -75,6 +75,31 @@ class CHGNetPotential(Potential):
             out.append(Evaluation(energy, np.asarray(p["f"], dtype=float), stress))
         return out
 
+    def _energies_batch(self, atoms_list: Sequence[Atoms]) -> list[float]:
+        """Energies only: CHGNet's forward pass without gradients (no forces, no stress), the same forward as
+        :meth:`_efs_one_backward` (same numbers to float32 round-off); for Widom insertions."""
+        if not self._fast:
+            return super()._energies_batch(atoms_list)
+        import torch
+        from chgnet.model.model import BatchedGraph
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        model = self.model
+        try:
+            with torch.no_grad():
+                graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)).to(self.device) for a in atoms_list]
+                bg = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
+                                              angle_basis_expansion=model.angle_basis_expansion, compute_stress=False)
+                pred = model._compute(bg, compute_force=False, compute_stress=False)
+                comp = model.composition_model(graphs) if model.composition_model is not None else 0.0
+                total = pred["e"] + comp
+                if model.is_intensive:
+                    total = total * pred["atoms_per_graph"]
+        except (AttributeError, TypeError, KeyError) as exc:  # CHGNet internals changed: use its public API
+            log.warning("CHGNet energy-only path unavailable (%s); using energy, forces and stress", exc)
+            return super()._energies_batch(atoms_list)
+        return [float(x) for x in total.detach().cpu().double().numpy()]
+
     def _efs_one_backward(self, atoms_list: Sequence[Atoms], structures: list[Any]) -> list[Evaluation]:
         """Energy, forces and stress with ONE backward pass and no double-backward graph.
 
