@@ -135,7 +135,7 @@ def scenario(args: argparse.Namespace, progress_interval_s: float, tmp: Path) ->
                     reads0 = stream_reads(c)
                     t, lines, nbytes = one_run(c, url, body, n)
                     res[n] = (t, lines, stream_reads(c) - reads0, nbytes)
-                (t0, lines0, _, _), (tn, lines_n, reads_n, bytes_n) = res[0], res[args.streams]
+                (t0, _, _, _), (tn, lines_n, reads_n, bytes_n) = res[0], res[args.streams]
                 ratios.append(tn / t0)
                 print(f"  run {rep + 1}: no stream {t0:6.2f} s | {args.streams} streams {tn:6.2f} s | ratio "
                       f"{tn / t0:.3f} | {lines_n} lines stored, {reads_n:.0f} shared feed reads, "

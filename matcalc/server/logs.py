@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -30,7 +31,6 @@ import socket
 import tarfile
 import threading
 from collections import deque
-import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -395,8 +395,13 @@ class TaskLogFeeds:
         """The task's feed (started if needed, its cursor established) and a new stream of it."""
         feed = self.feeds.get(task_id)
         if feed is None or feed.done:
-            feed = TaskLogFeed(task_id, self.bus, lambda: self._start(task_id),
-                               lambda cursor, check: self._read(task_id, cursor, check), poll_s=self.poll_s, on_read=self.on_read)
+            def start() -> tuple[int | None, bool]:
+                return self._start(task_id)
+
+            def read(cursor: int | None, check: bool) -> tuple[list[dict[str, Any]], bool]:
+                return self._read(task_id, cursor, check)
+
+            feed = TaskLogFeed(task_id, self.bus, start, read, poll_s=self.poll_s, on_read=self.on_read)
             self.feeds[task_id] = feed
             feed.task = asyncio.get_running_loop().create_task(feed.run())
             feed.task.add_done_callback(lambda _t, f=feed: self._drop(f))

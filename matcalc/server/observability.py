@@ -35,8 +35,8 @@ from matcalc.server.logs import DailyJsonFileHandler, LogHub
 from matcalc.server.metrics import Metrics
 from matcalc.server.webhooks import DEFAULT_EVENTS, STATUS_EVENTS, WebhookDispatcher
 from matcalc.store.models import utcnow
-from matcalc.tasks import TERMINAL
 from matcalc.store.outbox import finished_without_webhook
+from matcalc.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
 

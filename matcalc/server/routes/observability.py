@@ -131,7 +131,7 @@ async def stream_task_logs(
         metrics.sse_open("task", +1)
         joined = None
         try:
-            joined = feed, stream = await feeds.join(task_id)  # before the backlog read: nothing falls between
+            joined = _feed, stream = await feeds.join(task_id)  # before the backlog read: nothing falls between
             last = start_after
 
             def send(records: list[dict[str, Any]]) -> Iterator[bytes]:
