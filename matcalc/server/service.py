@@ -219,8 +219,9 @@ class TaskService:
         params = req.calculation_parameters()
         guest = params.get("guest")
         if isinstance(guest, str):
-            if guest.strip().upper() in GAS_NAMES:
-                params["guest"] = guest.strip().upper()
+            gases = {g.upper(): g for g in GAS_NAMES}  # canonical spelling ("Ar", "CO2"), any case in
+            if guest.strip().upper() in gases:
+                params["guest"] = gases[guest.strip().upper()]
             else:
                 parse_structure(guest, None, max_atoms=self.max_atoms, what="guest")
         self._check_with_structure(req, params, parsed, structure_id)
