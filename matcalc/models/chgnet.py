@@ -56,14 +56,14 @@ class CHGNetPotential(Potential):
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        structures = [AseAtomsAdaptor.get_structure(a) for a in atoms_list]
         if self._fast:
             try:
-                return self._efs_one_backward(atoms_list, structures)
+                return self._efs_one_backward(atoms_list)
             except (AttributeError, TypeError, KeyError) as exc:  # CHGNet internals changed: use its public API
                 log.warning("CHGNet fast path unavailable (%s); using predict_structure", exc)
                 self._fast = False
                 self.concurrent_calls = False
+        structures = [AseAtomsAdaptor.get_structure(a) for a in atoms_list]
         with self._lock:  # predict_structure: one call at a time
             preds = self.model.predict_structure(structures, task="efs", batch_size=len(structures))
         if isinstance(preds, dict):
@@ -82,12 +82,11 @@ class CHGNetPotential(Potential):
             return super()._energies_batch(atoms_list)
         import torch
         from chgnet.model.model import BatchedGraph
-        from pymatgen.io.ase import AseAtomsAdaptor
 
         model = self.model
         try:
             with torch.no_grad():
-                graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)).to(self.device) for a in atoms_list]
+                graphs = self.graphs(atoms_list)
                 bg = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
                                               angle_basis_expansion=model.angle_basis_expansion, compute_stress=False)
                 pred = model._compute(bg, compute_force=False, compute_stress=False)
@@ -100,7 +99,24 @@ class CHGNetPotential(Potential):
             return super()._energies_batch(atoms_list)
         return [float(x) for x in total.detach().cpu().double().numpy()]
 
-    def _efs_one_backward(self, atoms_list: Sequence[Atoms], structures: list[Any]) -> list[Evaluation]:
+    def graphs(self, atoms_list: Sequence[Atoms]) -> list[Any]:
+        """CHGNet's crystal graphs of ``atoms_list``, built vectorised from the arrays
+        (:func:`matcalc.models.chgnet_graph.crystal_graph`: the same tensors as CHGNet's converter, ~20x
+        faster); CHGNet's own converter for a structure the fast builder declines."""
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        from matcalc.models.chgnet_graph import crystal_graph
+
+        converter = self.model.graph_converter
+        out = []
+        for atoms in atoms_list:
+            graph = crystal_graph(atoms, converter)
+            if graph is None:
+                graph = converter(AseAtomsAdaptor.get_structure(atoms))
+            out.append(graph.to(self.device))
+        return out
+
+    def _efs_one_backward(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         """Energy, forces and stress with ONE backward pass and no double-backward graph.
 
         CHGNet's ``predict_structure`` takes forces and stress in two ``autograd.grad`` calls with
@@ -113,7 +129,7 @@ class CHGNetPotential(Potential):
         from chgnet.model.model import BatchedGraph
 
         model = self.model
-        graphs = [model.graph_converter(s).to(self.device) for s in structures]
+        graphs = self.graphs(atoms_list)
         bg = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
                                       angle_basis_expansion=model.angle_basis_expansion, compute_stress=True)
         pred = model._compute(bg, compute_force=False, compute_stress=False)
