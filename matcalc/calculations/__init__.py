@@ -25,6 +25,9 @@ PROPERTIES: dict[str, tuple[str, str, str]] = {
     "heat_capacity": ("matcalc.calculations.heat_capacity", "heat_capacity", "HeatCapacityResult"),
     "stability": ("matcalc.calculations.stability", "stability", "StabilityResult"),
     "interaction_energy": ("matcalc.calculations.interaction", "interaction_energy", "InteractionEnergyResult"),
+    "elastic_tensor": ("matcalc.calculations.elastic", "elastic_tensor", "ElasticTensorResult"),
+    "phonons": ("matcalc.calculations.phonons", "phonons", "PhononResult"),
+    "thermal_expansion": ("matcalc.calculations.thermal_expansion", "thermal_expansion", "ThermalExpansionResult"),
 }
 """The registry: property name -> (module, function, result class). Modules import lazily."""
 
