@@ -282,6 +282,10 @@ def test_errors_are_mapped(client, server, routes, tmp_path):
     with pytest.raises(ValidationError) as e:
         client.optimization(CU, "emt", fmax=-1.0)
     assert e.value.code == 40001 and "fmax" in e.value.message
+    assert e.value.http_status is None  # refused here, never sent; the server refuses it the same way:
+    raw = httpx.post(f"{server}/api/v1/tasks/optimization", headers={"X-API-Key": KEY}, timeout=30,
+                     json={"builtin": "RSM0009", "model": "emt", "fmax": -1.0})
+    assert raw.status_code == 422 and raw.json()["code"] == 40001 and "fmax" in raw.text
     with pytest.raises(ValidationError):  # checked here, never sent
         client.single_point(str(tmp_path / "missing.cif"), "emt")
     with pytest.raises(NotFoundError) as e:
@@ -542,6 +546,8 @@ class Flaky:
             return httpx.Response(503, json=_envelope(10002, message="executor unavailable"))
         if request.url.path.endswith("/cancel"):
             return httpx.Response(200, json=_envelope(0, {"task_id": "t1", "status": "CANCELLED", "cancelled": True}))
+        if request.url.path.endswith("/tasks/batch"):
+            return httpx.Response(201, json=_envelope(0, {"batch_id": "b1", "tasks": [TASK]}))
         return httpx.Response(201 if request.method == "POST" else 200, json=_envelope(0, TASK))
 
 
@@ -568,15 +574,31 @@ def test_get_and_cancel_are_retried_with_backoff(how):
 
 
 @pytest.mark.parametrize("how", ["503", "connect"])
-def test_submissions_are_never_retried(how):
+def test_submissions_are_retried_under_one_key_and_uploads_never(how):
+    """A task submission always carries an Idempotency-Key and is retried with it (the server answers
+    the repetition with the task it stored); other POSTs (uploads) are never retried."""
+    keys: list[str | None] = []
+
+    def keyed(flaky: Flaky):
+        def handler(request: httpx.Request) -> httpx.Response:
+            keys.append(request.headers.get("idempotency-key"))
+            return flaky(request)
+        return handler
+
+    flaky = Flaky(2, how)
+    with mock_client(keyed(flaky)) as c:
+        assert c.single_point(CU, "emt").id == "t1"
+    assert flaky.calls["POST"] == 3 and len(set(keys)) == 1 and len(keys[0]) >= 16
+    keys.clear()
     flaky = Flaky(1, how)
-    with mock_client(flaky) as c, pytest.raises(ServerError):
-        c.single_point(CU, "emt")
-    assert flaky.calls["POST"] == 1
-    flaky = Flaky(1, how)
-    with mock_client(flaky) as c, pytest.raises(ServerError):
+    with mock_client(keyed(flaky)) as c:
         c.submit_batch([{"type": "single-point", "structure": CU, "model": "emt"}])
-    assert flaky.calls["POST"] == 1
+    assert flaky.calls["POST"] == 2 and len(set(keys)) == 1
+    keys.clear()
+    flaky = Flaky(1, how)
+    with mock_client(keyed(flaky)) as c, pytest.raises(ServerError):
+        c.upload_structure(CU)
+    assert flaky.calls["POST"] == 1 and keys == [None]
 
 
 def test_async_retries_and_backoff_policy():
@@ -585,11 +607,10 @@ def test_async_retries_and_backoff_policy():
     async def main() -> None:
         async with AsyncClient("http://mock", backoff_s=0.001, transport=httpx.MockTransport(flaky)) as c:
             assert (await c.get_task("t1")).id == "t1"
-            with pytest.raises(ServerError):
-                await c.relax(CU, "emt")
+            assert (await c.relax(CU, "emt")).id == "t1"  # retried under its Idempotency-Key
 
     asyncio.run(main())
-    assert flaky.calls == {"GET": 3, "POST": 1}
+    assert flaky.calls == {"GET": 3, "POST": 3}
     from matcalc.client import RetryPolicy
 
     p = RetryPolicy(retries=5, backoff_s=0.5, max_backoff_s=4.0)
@@ -691,6 +712,238 @@ def test_stream_closed_early_resumes_by_polling():
         got = [r.message for r in task.stream_logs(poll=0.01)]
     assert got == ["m1", "m2", "m3", "m4"]
     assert any("after=2" in s for s in seen)
+
+
+# ----------------------------------------------------------------------------- methods derived from the declarations
+def _probes(kind) -> list:
+    """Values at and just outside each bound of a declared kind, NaN/Infinity where numeric, and
+    values of the wrong type; [] for a kind this test does not know (its keyword is still checked)."""
+    import math
+
+    from matcalc.calculations.contract import Choice, Either, Flag, Indices, Molecule, Number, Vector
+    from matcalc.client._submit import Names, Text
+
+    if isinstance(kind, Number):
+        if kind.integer:
+            lo, hi = int(kind.min_value), int(kind.max_value)
+            return [lo, hi, lo - 1, hi + 1, lo + 0.5, True, "3"]
+        inside = [math.nextafter(kind.lo, kind.hi) if kind.lo_open else kind.lo,
+                  math.nextafter(kind.hi, kind.lo) if kind.hi_open else kind.hi]
+        outside = [kind.lo if kind.lo_open else math.nextafter(kind.lo, -math.inf),
+                   kind.hi if kind.hi_open else math.nextafter(kind.hi, math.inf)]
+        return [*inside, *outside, math.nan, math.inf, -math.inf, "1"]
+    if isinstance(kind, Flag):
+        return [True, False, 1, "yes"]
+    if isinstance(kind, Choice):
+        return [kind.options[0], kind.options[-1].lower(), "no-such-choice", 3]
+    if isinstance(kind, Vector):
+        good = _probes(kind.item)[0]
+        return [[good] * kind.length, [good] * (kind.length + 1), [math.nan] * kind.length, good]
+    if isinstance(kind, Either):
+        return [*_probes(kind.number), *_probes(kind.vector)]
+    if isinstance(kind, Indices):
+        return [[0, 2], [True, False], [-1], [0.5], "0"]
+    if isinstance(kind, Molecule):
+        return [kind.names[0], "", 5]
+    if isinstance(kind, Text):
+        return ["x", "x" * kind.max_length, "x" * (kind.max_length + 1), "  ", 5]
+    if isinstance(kind, Names):
+        return [["task.completed"], [], "task.completed", [""]]
+    return []
+
+
+def _local_outcome(check, value):
+    try:
+        return "ok", check(value)
+    except (ValueError, TypeError) as exc:
+        return type(exc), str(exc)
+
+
+class Recorder:
+    """A MockTransport handler: every request kept; each submission answered with a stored task."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        body = json.loads(request.content) if request.method == "POST" and request.content else {}
+        data = {**TASK, "type": body.get("type", TASK["type"])}
+        if request.url.path.endswith("/tasks/batch"):
+            return httpx.Response(201, json=_envelope(0, {"batch_id": "b1", "tasks": [data] * len(body["tasks"])}))
+        return httpx.Response(201, json=_envelope(0, data))
+
+
+def _cases():
+    """(property, keyword, value, what the local declaration makes of it) for every probe of every
+    remote parameter and every task option: the local function's validation is the reference."""
+    from matcalc.calculations import properties
+    from matcalc.client import TASK_OPTIONS
+
+    out = []
+    for spec in properties().values():
+        for p in spec.remote_params:
+            for v in _probes(p.kind):
+                out.append((spec, p.name, v, _local_outcome(lambda x, s=spec, n=p.name: s.resolve(None, {n: x})[1][n], v)))
+        for o in TASK_OPTIONS:
+            for v in _probes(o.kind):
+                out.append((spec, o.name, v, _local_outcome(o.coerce, v)))
+    return out
+
+
+def _check_submission(spec, name, value, expected, outcome, sent: list[httpx.Request]) -> None:
+    """Rejected locally -> the same error, nothing sent; accepted -> one POST whose value the server,
+    reading it with the same declaration, takes for what the local function took."""
+    from matcalc.client._submit import HEADERS, TASK_OPTIONS
+
+    what = f"{spec.name}({name}={value!r})"
+    if expected[0] != "ok":
+        assert outcome == expected, what
+        assert sent == [], what
+        return
+    assert outcome == ("ok", None), (what, outcome)
+    assert len(sent) == 1 and sent[0].url.path == f"/api/v1/tasks/{spec.task_type}", what
+    body = json.loads(sent[0].content)
+    assert body["type"] == spec.task_type and body["model"] == "emt", what
+    if name in HEADERS:
+        assert sent[0].headers[HEADERS[name]] == expected[1], what
+        return
+    decl = next((o for o in TASK_OPTIONS if o.name == name), None) or spec.param(name)
+    assert decl.coerce(body[name]) == expected[1], what
+
+
+def seen(exc: Exception) -> tuple:
+    """A client's refusal as the local one reads: a ValueError is a ValidationError with the local
+    message and the server's code for it (40001), sent nowhere (no HTTP status, no request id)."""
+    if isinstance(exc, ValueError):
+        assert isinstance(exc, ValidationError) and exc.code == 40001, exc
+        assert exc.http_status is None and exc.request_id is None
+        return ValueError, exc.message
+    return type(exc), str(exc)
+
+
+def test_every_parameter_is_checked_locally_as_the_declaration_says():
+    """For every remote parameter of every property and every task option, at and just outside its
+    bounds and at NaN/Infinity: each client method accepts exactly what the local function accepts
+    (and sends it so that the server reads the same value), and rejects the rest with the local
+    function's error, naming the parameter, before any request. Sync and async alike; generated
+    from the declarations, so a new property or parameter is covered with no new test code."""
+    cases = _cases()
+    assert len({c[0].name for c in cases}) == len(mc.calculations.properties())
+    text = cif_text(CU)
+    rec = Recorder()
+
+    def outcome(call):
+        try:
+            call()
+        except (ValueError, TypeError) as exc:
+            return seen(exc)
+        return "ok", None
+
+    with Client("http://mock", transport=httpx.MockTransport(rec)) as c:
+        for spec, name, value, expected in cases:
+            rec.requests.clear()
+            got = outcome(lambda s=spec, n=name, v=value: getattr(c, s.client_method)(text, "emt", **{n: v}))
+            _check_submission(spec, name, value, expected, got, rec.requests)
+        spec, name, value, expected = cases[0]
+        rec.requests.clear()
+        got = outcome(lambda: c.submit(spec.name, text, "emt", **{name: value}))  # the generic path: the same
+        _check_submission(spec, name, value, expected, got, rec.requests)
+
+    async def amain() -> None:
+        async with AsyncClient("http://mock", transport=httpx.MockTransport(rec)) as ac:
+            for spec, name, value, expected in cases:
+                rec.requests.clear()
+                try:
+                    await getattr(ac, spec.client_method)(text, "emt", **{name: value})
+                    got = ("ok", None)
+                except (ValueError, TypeError) as exc:
+                    got = seen(exc)
+                _check_submission(spec, name, value, expected, got, rec.requests)
+
+    asyncio.run(amain())
+    rejected = [(spec, name, exp) for spec, name, _, exp in cases if exp[0] is ValueError]
+    assert rejected and all(name in msg for _, name, (_, msg) in rejected if "must" in msg)
+
+
+@pytest.mark.parametrize("prop", sorted(mc.calculations.PROPERTIES))
+def test_every_property_has_a_method_on_both_clients(prop):
+    """Each declared property has its method (client_method, and its name as an alias) on Client and
+    AsyncClient with the declared keywords, docstring and handle type, and submits its task type."""
+    import inspect
+
+    from matcalc.calculations import get_property
+    from matcalc.client import TASK_OPTIONS
+
+    spec = get_property(prop)
+    keywords = [p.name for p in spec.remote_params] + [o.name for o in TASK_OPTIONS]
+    rec = Recorder()
+    sync = Client("http://mock", transport=httpx.MockTransport(rec))
+    asy = AsyncClient("http://mock", transport=httpx.MockTransport(rec))
+    for client, handle in ((sync, RemoteTask), (asy, AsyncRemoteTask)):
+        assert getattr(type(client), spec.client_method) is getattr(type(client), spec.name)
+        method = getattr(client, spec.client_method)
+        sig = inspect.signature(method)
+        assert list(sig.parameters)[:2] == ["structure", "model"] and sig.parameters["model"].default == "chgnet"
+        assert [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY] == keywords
+        assert all(sig.parameters[n].default is None for n in keywords)
+        assert sig.return_annotation == handle.__name__
+        assert inspect.iscoroutinefunction(method) is (handle is AsyncRemoteTask)
+        assert spec.summary in method.__doc__ and spec.result.__name__ in method.__doc__
+        assert all(f"    {p.name}: {p.doc}" in method.__doc__ for p in spec.remote_params)
+    rec.requests.clear()
+    task = getattr(sync, spec.name)(CU, "emt", label="x")
+    assert isinstance(task, RemoteTask) and task.info.type == spec.task_type
+    atask = asyncio.run(getattr(asy, spec.client_method)(CU, "emt"))
+    assert isinstance(atask, AsyncRemoteTask) and atask.info.type == spec.task_type
+    bodies = [json.loads(r.content) for r in rec.requests]
+    assert [b["type"] for b in bodies] == [spec.task_type] * 2 and bodies[0]["label"] == "x"
+    assert all(r.url.path == f"/api/v1/tasks/{spec.task_type}" for r in rec.requests)
+    sync.close()
+    asyncio.run(asy.aclose())
+
+
+def test_sync_and_async_surfaces_are_one_core():
+    """The same public methods on both clients and both task handles (one core), and the local-only
+    parameters are refused by name before any request."""
+    def public(cls) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+    assert public(Client) - {"close"} == public(AsyncClient) - {"close", "aclose"}
+    callbacks = {"add_done_callback", "add_progress_callback", "add_status_callback"}
+    assert public(RemoteTask) - callbacks == public(AsyncRemoteTask)
+    assert Client.get_task.__doc__ and AsyncClient.get_task is Client.get_task
+    rec = Recorder()
+    with Client("http://mock", transport=httpx.MockTransport(rec)) as c:
+        with pytest.raises(TypeError, match="trajectory"):
+            c.stability(CU, "emt", trajectory="md.traj")  # a local file: not offered over REST
+        with pytest.raises(TypeError, match="trajectory"):
+            c.submit("stability", CU, "emt", trajectory="md.traj")
+        with pytest.raises(ValueError, match=r"tasks\[1\].*fmax"):
+            c.submit_batch([{"type": "relax", "structure": CU, "model": "emt"},
+                            {"type": "relax", "structure": CU, "model": "emt", "fmax": -1.0}])
+        with pytest.raises(ValueError, match="task type"):
+            c.submit("no-such-property", CU, "emt")
+    assert rec.requests == []
+
+
+def test_submissions_with_an_idempotency_key_are_retried_with_it():
+    """One place for headers and retries: a submission that carries an Idempotency-Key is retried on a
+    connection error with the same key (the server answers the repetition with the stored task)."""
+    rec = Recorder()
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("idempotency-key"))
+        if len(seen) % 2:  # every first try is lost
+            raise httpx.ConnectError("reset", request=request)
+        return rec(request)
+
+    with mock_client(handler) as c:
+        assert c.single_point(CU, "emt", idempotency_key="k-1").id == "t1"
+        assert c.submit_batch([{"type": "single-point", "structure": CU, "model": "emt"}],
+                              idempotency_key="k-2")[0].id == "t1"
+    assert seen == ["k-1", "k-1", "k-2", "k-2"] and len(rec.requests) == 2
 
 
 def test_structure_fields_choose_the_reference():

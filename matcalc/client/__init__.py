@@ -1,6 +1,7 @@
 """Python SDK of a matcalc server: :class:`Client` (sync) and :class:`AsyncClient` (asyncio), both on
-httpx, with the same methods; tasks come back as :class:`RemoteTask` / :class:`AsyncRemoteTask`
-whose ``result()`` is the same result dataclass as the local function's.
+httpx, with the same methods (written once, in :mod:`matcalc.client._core`; one method per declared
+property, with that property's keywords); tasks come back as :class:`RemoteTask` /
+:class:`AsyncRemoteTask` whose ``result()`` is the same result dataclass as the local function's.
 
 >>> from matcalc.client import Client
 >>> with Client("http://127.0.0.1:8000", api_key="...") as c:          # doctest: +SKIP
@@ -14,7 +15,7 @@ Errors are :class:`MatcalcError` subclasses mapped from the server's 5-digit cod
 from __future__ import annotations
 
 from matcalc.client._async_client import AsyncClient, AsyncRemoteTask
-from matcalc.client._base import RetryPolicy, StructureLike, TaskOptions, task_type
+from matcalc.client._base import RetryPolicy, StructureLike
 from matcalc.client._client import Client, RemoteTask
 from matcalc.client._errors import (
     AuthError,
@@ -27,15 +28,17 @@ from matcalc.client._errors import (
     ValidationError,
 )
 from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
+from matcalc.client._submit import TASK_OPTIONS, TaskOptions, task_type
 
 __all__ = [
+    "TASK_OPTIONS",
     "AsyncClient",
     "AsyncRemoteTask",
     "AuthError",
     "Client",
+    "CustomModelInfo",
     "LogRecord",
     "MatcalcError",
-    "CustomModelInfo",
     "ModelInfo",
     "NotFoundError",
     "Page",

@@ -1,9 +1,7 @@
-"""What the sync and async clients share: URL and headers, request building, structure
-encoding, envelope parsing and error mapping, the retry policy and the SSE decoder.
-
-Neither twin builds a request or reads a response by itself: both describe a call as an
-:class:`ApiRequest`, send it with their own httpx client, and hand the response to
-:func:`parse_response` (the layout of ``httpx._client.BaseClient`` / ``Client`` / ``AsyncClient``).
+"""What every request and response of the client goes through: URL and headers, structure
+encoding, the :class:`ApiRequest` description of a call, envelope parsing and error mapping, the
+retry policy and the SSE decoder. The endpoints themselves are written once, in
+:mod:`matcalc.client._core`, on top of these.
 """
 
 from __future__ import annotations
@@ -13,23 +11,24 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeAlias, TypedDict
+from typing import Any, ClassVar, TypeAlias
 
 import httpx
 
 from matcalc.client._errors import MatcalcError, NotFoundError, ServerError, ValidationError, error_class
-from matcalc.client._models import TASK_PROPERTY, CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
-from matcalc.tasks import PRIORITIES
+from matcalc.client._models import StructureInfo
 
 log = logging.getLogger("matcalc.client")
 
 API_PREFIX = "/api/v1"
 API_KEY_HEADER = "X-API-Key"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "matcalc-client"
 
 StructureLike: TypeAlias = Any
@@ -37,49 +36,9 @@ StructureLike: TypeAlias = Any
 uploaded structure id (64 hex digits) or :class:`StructureInfo` — everything
 :func:`matcalc.load_structure` accepts, plus the server's own references."""
 
-Priority = Literal[PRIORITIES]  # type: ignore[valid-type]  # matcalc.tasks: the one order
-Protocol = Literal["mofsimbench", "fast"]
-Optimizer = Literal["FIRE", "BFGS", "LBFGS", "MDMin"]
-
-TASK_TYPES = tuple(TASK_PROPERTY)
-"""Task types the server accepts (``POST /tasks/{type}``)."""
-_TYPE_ALIASES = {"relax": "optimization", "optimize": "optimization", "single_point": "single-point",
-                 "bulk_modulus": "bulk-modulus", "heat_capacity": "heat-capacity",
-                 "interaction_energy": "interaction-energy"}
 _SUFFIX_FORMAT = {".cif": "cif", ".vasp": "vasp", ".poscar": "vasp", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _GASES = ("CO2", "H2O", "N2", "CH4")
-
-
-class TaskOptions(TypedDict, total=False):
-    """Options every task type takes (keyword arguments of the submit methods)."""
-
-    protocol: Protocol
-    """Parameter preset: ``mofsimbench`` (the server's default) or ``fast``."""
-    priority: Priority
-    """Queue priority (default ``NORMAL``)."""
-    timeout_s: float
-    """Wall-clock limit once running (s); the task ends TIMEOUT after it."""
-    label: str
-    """Your name for the task (shown in listings and results)."""
-    format: str
-    """Format of inline structure text (``cif``, ``vasp``/``poscar``, ``xyz``/``extxyz``; default detected)."""
-    notify_url: str
-    """Webhook receiver (http/https)."""
-    notify_events: list[str]
-    """Webhook events (``task.completed``...)."""
-    notify_secret: str
-    """HMAC-SHA256 key of the webhook signatures."""
-
-
-def task_type(name: str) -> str:
-    """The REST task type for a REST type or a local function name (``relax`` → ``optimization``)."""
-    key = str(name).strip()
-    key = _TYPE_ALIASES.get(key, key)
-    if key not in TASK_TYPES:
-        raise ValueError(f"task type must be one of {', '.join(TASK_TYPES)} (or relax, bulk_modulus, ...), "
-                         f"got {name!r}")
-    return key
 
 
 def normalize_base_url(base_url: str) -> str:
@@ -171,50 +130,15 @@ def guest_field(guest: Any) -> str:
     return text
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars as lists and numbers, tuples as lists."""
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return value.tolist()
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     return value
-
-
-def task_body(kind: str, structure: StructureLike, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON body of a task submission: type, structure fields, model, and every parameter
-    that is not ``None`` (the server resolves omitted ones from the protocol)."""
-    params = dict(params)
-    fmt = params.pop("format", None)
-    body: dict[str, Any] = {"type": task_type(kind), **structure_fields(structure, fmt), "model": model}
-    if "guest" in params and params["guest"] is not None:
-        params["guest"] = guest_field(params["guest"])
-    if isinstance(params.get("fixed_atoms"), Sequence) and params["fixed_atoms"] and isinstance(
-            params["fixed_atoms"][0], bool):  # a boolean mask, as the local relax takes it
-        params["fixed_atoms"] = [i for i, fixed in enumerate(params["fixed_atoms"]) if fixed]
-    if isinstance(params.get("priority"), str):
-        params["priority"] = params["priority"].strip().upper()
-    body.update({k: _jsonable(v) for k, v in params.items() if v is not None})
-    return body
-
-
-def spec_body(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A batch entry ``{"type": ..., "structure": ..., "model": ..., **params}`` as a request body
-    (``builtin``/``structure_id`` given directly are passed through)."""
-    spec = dict(spec)
-    if "type" not in spec:
-        raise ValueError("every batch spec needs a 'type' (optimization/relax, single-point, bulk-modulus, ...)")
-    kind = spec.pop("type")
-    model = spec.pop("model", "chgnet")
-    if "structure" in spec:
-        structure = spec.pop("structure")
-    elif "builtin" in spec:
-        structure = spec.pop("builtin")
-    elif "structure_id" in spec:
-        structure = StructureInfo(id=str(spec.pop("structure_id")), formula="", n_atoms=0, format="", periodic=True)
-    else:
-        raise ValueError("every batch spec needs a 'structure' (or 'builtin' / 'structure_id')")
-    return task_body(kind, structure, model, spec)
 
 
 def upload_body(structure: StructureLike, name: str | None, fmt: str | None) -> dict[str, Any]:
@@ -239,8 +163,9 @@ def upload_body(structure: StructureLike, name: str | None, fmt: str | None) -> 
 # ----------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class ApiRequest:
-    """One call: method and path (under ``/api/v1``), query, JSON or multipart body, and whether
-    it may be retried (idempotent: GET, and cancel)."""
+    """One call: method and path (under ``/api/v1``), query, JSON or multipart body, extra headers,
+    and whether it may be retried (idempotent: GET, cancel, and a submission that carries an
+    ``Idempotency-Key``: the server answers its repetition with the tasks it stored the first time)."""
 
     method: str
     path: str
@@ -252,18 +177,33 @@ class ApiRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     retry_status: bool = True
     """Retry on HTTP 503/429 (False for ``/health``, whose 503 is the answer: not ready)."""
+    timeout: httpx.Timeout | None = None
+    """Timeouts of this call (default: the client's)."""
 
     @classmethod
     def get(cls, path: str, params: Mapping[str, Any] | None = None, **kw: Any) -> ApiRequest:
         return cls("GET", path, params=_clean(params), idempotent=True, **kw)
 
     @classmethod
-    def post(cls, path: str, json: Any = None, *, idempotent: bool = False, **kw: Any) -> ApiRequest:
-        return cls("POST", path, json=json, idempotent=idempotent, **kw)
+    def post(cls, path: str, json: Any = None, *, idempotent: bool = False, headers: Mapping[str, str] | None = None,
+             **kw: Any) -> ApiRequest:
+        headers = dict(headers or {})
+        return cls("POST", path, json=json, idempotent=idempotent or IDEMPOTENCY_HEADER in headers, headers=headers,
+                   **kw)
+
+    @classmethod
+    def submission(cls, path: str, json: Any, idempotency_key: str | None = None) -> ApiRequest:
+        """A task submission (``POST /tasks/*``): it always carries an ``Idempotency-Key`` (the caller's,
+        or a new random one), so that it may be retried: the server answers a repetition with the
+        task(s) it stored the first time, never a second copy."""
+        return cls.post(path, json, headers={IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex})
 
     def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """The httpx request: the client's base URL and headers, then this call's."""
+        timeout = self.timeout if self.timeout is not None else httpx.USE_CLIENT_DEFAULT
         return client.build_request(self.method, self.path.lstrip("/"), params=self.params, json=self.json,
-                                    files=self.files, data=self.data, headers=dict(self.headers) or None)
+                                    files=self.files, data=self.data, headers=dict(self.headers) or None,
+                                    timeout=timeout)
 
 
 def _clean(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -347,8 +287,9 @@ class RetryPolicy:
     ``max_backoff_s``), or the server's ``Retry-After`` when it sent one (capped the same way).
 
     Retried: connection errors and timeouts, HTTP 503 (database, executor or server briefly
-    unavailable) and 429 (rate limited). Submissions (POST) are never retried: a lost answer
-    could mean the task was stored, and a retry would run it twice.
+    unavailable) and 429 (rate limited). A POST is retried only when it carries an
+    ``Idempotency-Key`` (task submissions always do: :meth:`ApiRequest.submission`): without one, a
+    lost answer could mean the server acted on it, and a retry would do it twice.
     """
 
     retries: int = 3
@@ -457,203 +398,40 @@ class SSEDecoder:
 
 
 
-# ----------------------------------------------------------------------------- the shared client half
-def _load_result(data: Any) -> Any:
-    from matcalc.calculations import load_all
-    from matcalc.calculations.results import Result
-
-    load_all()  # registers every result kind for Result.from_dict
-    if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
-        raise ServerError(f"unexpected result payload: {str(data)[:200]}")
-    return Result.from_dict(data["result"])
-
-
-class BaseClient:
-    """Configuration and every request/response translation of :class:`Client` and
-    :class:`AsyncClient` (which only send the :class:`ApiRequest` objects built here)."""
-
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0, retries: int = 3, *,
-                 backoff_s: float = 0.5, max_backoff_s: float = 8.0, poll_interval: float = 1.0,
-                 headers: Mapping[str, str] | None = None) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if not poll_interval > 0:
-            raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
-        self.base_url = normalize_base_url(base_url)
-        self.api_key = api_key
-        self.timeout = float(timeout)
-        self.retry = RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
-        self.poll_interval = float(poll_interval)
-        self._headers = default_headers(api_key, headers)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.base_url}>"
-
-    # -- tasks
-    @staticmethod
-    def _r_submit(kind: str, structure: StructureLike, model: str, params: Mapping[str, Any]) -> ApiRequest:
-        body = task_body(kind, structure, model, params)
-        return ApiRequest.post(f"/tasks/{body['type']}", body)
-
-    @staticmethod
-    def _r_batch(specs: Iterable[Mapping[str, Any]]) -> ApiRequest:
-        tasks = [spec_body(s) for s in specs]
-        if not tasks:
-            raise ValueError("submit_batch needs at least one task spec")
-        return ApiRequest.post("/tasks/batch", {"tasks": tasks})
-
-    @staticmethod
-    def _r_get_task(task_id: str) -> ApiRequest:
-        return ApiRequest.get(f"/tasks/{check_id(task_id)}")
-
-    @staticmethod
-    def _r_list_tasks(status: str | Iterable[str] | None, type: str | None, model: str | None,  # noqa: A002
-                      priority: str | None, batch_id: str | None, created_after: datetime | str | None,
-                      created_before: datetime | str | None, page: int, page_size: int) -> ApiRequest:
-        return ApiRequest.get("/tasks", {
-            "status": statuses(status), "type": task_type(type) if type else None, "model": model,
-            "priority": priority, "batch_id": batch_id, "created_after": created_after,
-            "created_before": created_before, "page": page, "page_size": page_size})
-
-    @staticmethod
-    def _r_result(task_id: str) -> ApiRequest:
-        return ApiRequest.get(f"/tasks/{check_id(task_id)}/result")
-
-    @staticmethod
-    def _r_cancel(task_id: str) -> ApiRequest:
-        return ApiRequest.post(f"/tasks/{check_id(task_id)}/cancel", idempotent=True)
-
-    @staticmethod
-    def _r_logs(task_id: str, level: str | None, limit: int, after: int | None) -> ApiRequest:
-        return ApiRequest.get(f"/tasks/{check_id(task_id)}/logs", {"level": level, "limit": limit, "after": after})
-
-    @staticmethod
-    def _r_stream(task_id: str, level: str | None, after: int | None) -> ApiRequest:
-        return ApiRequest.get(f"/tasks/{check_id(task_id)}/logs/stream", {"level": level, "after": after},
-                              headers={"Accept": "text/event-stream"})
-
-    @staticmethod
-    def _p_task(data: Any) -> TaskInfo:
-        return TaskInfo.from_json(data)
-
-    @staticmethod
-    def _p_tasks(data: Any) -> Page[TaskInfo]:
-        return Page([TaskInfo.from_json(t) for t in data["items"]], int(data["total"]), int(data["page"]),
-                    int(data["page_size"]))
-
-    @staticmethod
-    def _p_batch(data: Any) -> list[TaskInfo]:
-        return [TaskInfo.from_json(t) for t in data["tasks"]]
-
-    @staticmethod
-    def _p_logs(data: Any) -> list[LogRecord]:
-        return [LogRecord.from_json(r) for r in data or []]
-
-    _p_result = staticmethod(_load_result)
-
-    # -- structures
-    @staticmethod
-    def _r_upload_structure(structure: StructureLike, name: str | None, fmt: str | None) -> ApiRequest:
-        return ApiRequest.post("/structures", upload_body(structure, name, fmt))
-
-    @staticmethod
-    def _r_list_structures(page: int, page_size: int, source: str | None) -> ApiRequest:
-        return ApiRequest.get("/structures", {"page": page, "page_size": page_size, "source": source})
-
-    @staticmethod
-    def _r_get_structure(structure_id: str) -> ApiRequest:
-        return ApiRequest.get(f"/structures/{check_id(structure_id, 'structure id')}")
-
-    @staticmethod
-    def _p_structure(data: Any) -> StructureInfo:
-        return StructureInfo.from_json(data)
-
-    @staticmethod
-    def _p_structures(data: Any) -> Page[StructureInfo]:
-        return Page([StructureInfo.from_json(s) for s in data["items"]], int(data["total"]), int(data["page"]),
-                    int(data["page_size"]))
-
-    # -- models
-    @staticmethod
-    def _r_list_models(include_d3: bool) -> ApiRequest:
-        return ApiRequest.get("/models", {"include_d3": include_d3})
-
-    @staticmethod
-    def _r_model(name: str, action: str | None = None) -> ApiRequest:
-        path = f"/models/{check_id(name, 'model name')}"
-        return ApiRequest.get(path) if action is None else ApiRequest.post(f"{path}/{action}")
-
-    @staticmethod
-    def _r_upload_model(path: str | os.PathLike[str], name: str, family: str,
-                        metadata: Mapping[str, Any]) -> tuple[ApiRequest, Any]:
-        """``POST /models/custom``: multipart ``file`` + ``metadata`` (JSON text: name, family, format,
-        description, options). Returns the request and the open file (close it after sending)."""
-        p = Path(os.fspath(path)).expanduser()
-        if not p.is_file():
-            raise ValueError(f"path: no such model file: {p}")
-        meta = {"name": name, "family": family, **{k: _jsonable(v) for k, v in metadata.items() if v is not None}}
-        fh = p.open("rb")
-        req = ApiRequest("POST", "/models/custom", files={"file": (p.name, fh, "application/octet-stream")},
-                         data={"metadata": json.dumps(meta), "name": name, "family": family})
-        return req, fh
-
-    @staticmethod
-    def _r_custom(model_id: str | None = None, action: str | None = None, method: str = "GET") -> ApiRequest:
-        path = "/models/custom" + (f"/{check_id(model_id, 'custom model id')}" if model_id is not None else "")
-        if action is not None:
-            path += f"/{action}"
-        return ApiRequest(method, path, idempotent=method == "GET")
-
-    @staticmethod
-    def _p_custom(data: Any) -> CustomModelInfo:
-        return CustomModelInfo.from_json(data)
-
-    @staticmethod
-    def _p_customs(data: Any) -> list[CustomModelInfo]:
-        return [CustomModelInfo.from_json(m) for m in data]
-
-    @staticmethod
-    def _p_models(data: Any) -> list[ModelInfo]:
-        return [ModelInfo.from_json(m) for m in data]
-
-    @staticmethod
-    def _p_model(data: Any) -> ModelInfo:
-        return ModelInfo.from_json(data)
-
-    # -- system
-    @staticmethod
-    def _r_system(what: str) -> ApiRequest:
-        paths = {"health": "/health", "gpus": "/system/gpus", "queue": "/system/queue", "config": "/system/config"}
-        if what not in paths:
-            raise ValueError(f"unknown system resource {what!r}")
-        return ApiRequest.get(paths[what], retry_status=what != "health")
-
-    @staticmethod
-    def _r_alerts(which: str, page: int, page_size: int) -> ApiRequest:
-        if which not in ("active", "rules", "history"):
-            raise ValueError(f"which must be 'active', 'rules' or 'history', got {which!r}")
-        params = {"page": page, "page_size": page_size} if which == "history" else None
-        return ApiRequest.get(f"/system/alerts/{which}", params)
-
-    @staticmethod
-    def _p_alerts(data: Any) -> list[dict[str, Any]]:
-        items = data.get("items", []) if isinstance(data, dict) else data
-        return [dict(a) for a in items or []]
+# ----------------------------------------------------------------------------- uploads
+def model_upload(path: str | os.PathLike[str], name: str, family: str,
+                 metadata: Mapping[str, Any]) -> tuple[ApiRequest, Any]:
+    """``POST /models/custom``: multipart ``file`` + ``metadata`` (JSON text: name, family, format,
+    description, options). Returns the request and the open file (close it after sending)."""
+    p = Path(os.fspath(path)).expanduser()
+    if not p.is_file():
+        raise ValueError(f"path: no such model file: {p}")
+    meta = {"name": name, "family": family, **{k: jsonable(v) for k, v in metadata.items() if v is not None}}
+    fh = p.open("rb")
+    req = ApiRequest("POST", "/models/custom", files={"file": (p.name, fh, "application/octet-stream")},
+                     data={"metadata": json.dumps(meta), "name": name, "family": family})
+    return req, fh
 
 
 __all__ = [
     "API_KEY_HEADER",
     "API_PREFIX",
+    "IDEMPOTENCY_HEADER",
     "ApiRequest",
-    "BaseClient",
     "RetryPolicy",
     "SSEDecoder",
     "StructureLike",
-    "TaskOptions",
+    "check_id",
+    "default_headers",
+    "guest_field",
+    "jsonable",
+    "model_upload",
+    "normalize_base_url",
     "parse_response",
     "route_missing",
-    "spec_body",
+    "statuses",
     "structure_fields",
-    "task_body",
-    "task_type",
+    "structure_text",
+    "transport_error",
+    "upload_body",
 ]
