@@ -188,3 +188,35 @@ def test_retried_post_with_the_same_key_returns_the_same_task_also_after_a_resta
         assert c.get("/tasks", params={"label": "idem-1"}).json()["data"]["total"] == 1
         done = wait_tasks(c, [first.json()["data"]["id"]], prefix="", timeout_s=300)
         assert done[first.json()["data"]["id"]]["status"] == "COMPLETED"
+
+
+class _LoseFirstAnswer(httpx.BaseTransport):
+    """Forwards every request to the server but drops the answer to the first task submission, as a
+    connection reset after the server stored the task would."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.keys: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST" and request.url.path.startswith("/api/v1/tasks/"):
+            self.keys.append(request.headers.get("idempotency-key"))
+            if len(self.keys) == 1:
+                response.read()
+                response.close()
+                raise httpx.ReadError("connection reset after the server answered", request=request)
+        return response
+
+
+def test_client_retries_a_lost_submission_without_creating_a_duplicate(server):
+    from matcalc.client import Client
+
+    transport = _LoseFirstAnswer()
+    with Client(server.url, api_key=server.api_key, transport=transport, backoff_s=0.01) as c:
+        task = c.single_point(bulk("Cu", "fcc", a=3.62, cubic=True), "emt", label="lost-answer")
+        assert len(transport.keys) == 2 and transport.keys[0] == transport.keys[1] is not None  # the same key
+        page = c.list_tasks(label="lost-answer")
+        assert page.total == 1 and page.items[0].id == task.id  # stored once
+        assert task.result(timeout=300).energy_eV == pytest.approx(
+            mc.single_point(bulk("Cu", "fcc", a=3.62, cubic=True), "emt").energy_eV, abs=1e-9)
