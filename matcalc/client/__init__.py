@@ -28,7 +28,7 @@ from matcalc.client._errors import (
     ValidationError,
 )
 from matcalc.client._models import CustomModelInfo, LogRecord, ModelInfo, Page, StructureInfo, TaskInfo
-from matcalc.client._submit import TASK_OPTIONS, TaskOptions, task_type
+from matcalc.client._submit import TASK_OPTIONS, TaskOptions, options_markdown, task_type
 
 __all__ = [
     "TASK_OPTIONS",
@@ -53,5 +53,6 @@ __all__ = [
     "TaskStateError",
     "TimeoutError",
     "ValidationError",
+    "options_markdown",
     "task_type",
 ]

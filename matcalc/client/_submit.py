@@ -91,7 +91,7 @@ TASK_OPTIONS: tuple[Param, ...] = (
     Param("notify_url", Text(2048, r"^https?://", "an http(s) URL"), "webhook receiver"),
     Param("notify_events", Names(), "webhook events to send (task.completed...; default: all but task.progress)"),
     Param("notify_secret", Text(256), "HMAC-SHA256 key of the webhook signatures"),
-    Param("idempotency_key", Text(255, r"^[!-~]+$", "1-255 visible ASCII characters (e.g. a UUID)"),
+    Param("idempotency_key", Text(255, r"^[!-~]+$", "visible ASCII, e.g. a UUID"),
           "the Idempotency-Key header (default: a new random key): the server answers a repeated submission "
           "with the same key with the task it stored the first time, so submissions are retried safely"),
 )
@@ -111,6 +111,13 @@ if TYPE_CHECKING:
 else:
     TaskOptions = TypedDict("TaskOptions", {o.name: o.kind.annotation() for o in TASK_OPTIONS}, total=False)
     TaskOptions.__doc__ = "Options every task type takes (keyword arguments of the submit methods)."
+
+
+def options_markdown() -> str:
+    """The docs table of :data:`TASK_OPTIONS` (rendered by ``docs/hooks.py``)."""
+    rows = ["| keyword | unit | type / range | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{o.name}` | {o.unit or '–'} | {o.kind.describe()} | {o.doc} |" for o in TASK_OPTIONS]
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -254,6 +261,7 @@ __all__ = [
     "method_doc",
     "method_names",
     "method_signature",
+    "options_markdown",
     "property_for",
     "submission",
     "submission_parts",
