@@ -2,7 +2,8 @@
 
 ``<!-- matcalc:params NAME -->`` becomes the parameter table of property NAME and
 ``<!-- matcalc:reference NAME -->`` its API reference entry (signature, description, parameters,
-result), so the docs can never disagree with the code (:mod:`matcalc.calculations.contract`).
+result), so the docs can never disagree with the code (:mod:`matcalc.calculations.contract`);
+``<!-- matcalc:client options -->`` the task options every client method takes (``matcalc.client.TASK_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-PATTERN = re.compile(r"<!-- matcalc:(params|reference) (\w+) -->")
+PATTERN = re.compile(r"<!-- matcalc:(params|reference|client) (\w+) -->")
 
 
 def _render(what: str, name: str) -> str:
     from matcalc.calculations import get_property
+
+    if what == "client":
+        from matcalc.client import options_markdown
+
+        return options_markdown()
 
     spec = get_property(name)
     return spec.markdown() if what == "params" else spec.reference_markdown()
