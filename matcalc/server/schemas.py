@@ -15,11 +15,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from matcalc.calculations import properties
 from matcalc.calculations.contract import DEFAULT_PROTOCOL, PROTOCOL_NAMES, Param, Property
 from matcalc.calculations.interaction import GUEST_MOLECULES
+from matcalc.calculations.results import Result
+from matcalc.tasks import PRIORITIES, STATUSES
 
 T = TypeVar("T")
 
-PriorityName = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
-StatusName = Literal["PENDING", "QUEUED", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"]
+PriorityName = Literal[PRIORITIES]  # type: ignore[valid-type]  # matcalc.tasks: the one order
+StatusName = Literal[STATUSES]  # type: ignore[valid-type]
 FormatName = Literal["cif", "vasp", "poscar", "xyz", "extxyz"]
 NotifyEvent = Literal["task.started", "task.progress", "task.completed", "task.failed", "task.cancelled",
                       "task.timeout"]
@@ -171,6 +173,8 @@ class TaskOut(BaseModel):
     worker: str | None
     gpu: str | None
     attempts: int
+    crashes: int = Field(0, description="executions of the task that died (worker process crashed or killed); "
+                                        "at the server's max_crashes it is FAILED")
     progress: dict[str, Any] | None
     error: str | None
     batch_id: str | None
@@ -184,7 +188,7 @@ class TaskOut(BaseModel):
             id=row.id, type=row.type, model=row.model, protocol=row.protocol, parameters=row.parameters or {},
             structure_id=row.structure_id, label=row.label, priority=row.priority, status=row.status,
             timeout_s=row.timeout_s, created_at=row.created_at, queued_at=row.queued_at, started_at=row.started_at,
-            finished_at=row.finished_at, worker=row.worker, gpu=row.gpu, attempts=row.attempts or 0,
+            finished_at=row.finished_at, worker=row.worker, gpu=row.gpu, attempts=row.attempts or 0, crashes=row.crashes or 0,
             progress=row.progress, error=row.error, batch_id=row.batch_id, notify_url=row.notify_url,
             notify_events=row.notify_events,
             result_url=f"/api/v1/tasks/{row.id}/result" if row.status == "COMPLETED" else None,
@@ -203,11 +207,92 @@ class BatchOut(BaseModel):
     tasks: list[TaskOut]
 
 
+class StructureData(BaseModel):
+    """A structure in a result (``ase.Atoms`` as JSON): rebuild it with ``matcalc.structures.atoms_from_dict``."""
+
+    symbols: list[str]
+    positions_A: list[list[float]] = Field(description="Cartesian positions (Å), one row per atom")
+    cell_A: list[list[float]] = Field(description="cell vectors (Å), one row each")
+    pbc: list[bool]
+
+
+def _json_annotation(tp: Any) -> Any:
+    """The JSON shape of a result field's Python type (as ``Result.to_dict`` writes it)."""
+    import types as pytypes
+    import typing
+
+    import numpy as np
+    from ase import Atoms
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, pytypes.UnionType):
+        inner = [_json_annotation(a) for a in args if a is not type(None)]
+        return Union[tuple(inner)] | None if len(inner) > 1 else inner[0] | None  # noqa: UP007
+    if tp is Atoms:
+        return StructureData
+    if tp is np.ndarray:
+        return list[Any]  # nested lists of numbers (null for NaN)
+    if tp is float:
+        return float | None  # NaN and ±inf are stored as null
+    if tp in (int, str, bool):
+        return tp
+    if origin is dict:
+        return dict[str, _json_annotation(args[1]) if args else Any]  # type: ignore[misc]
+    if origin in (list, tuple):
+        return list[_json_annotation(args[0]) if args else Any]  # type: ignore[misc]
+    return Any
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass and its bases (the string literal after each field)."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # pragma: no cover - classes built at run time
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+def _result_model(cls: type[Result]) -> type[BaseModel]:
+    """``{ResultClass}Data``: every field of the result dataclass with its type and docstring."""
+    import dataclasses
+    import typing
+
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    fields: dict[str, Any] = {"kind": (Literal[cls.kind], Field(description="result kind (dispatches "  # type: ignore[valid-type]
+                                                                            "Result.from_dict)"))}
+    for f in dataclasses.fields(cls):
+        annotation = _json_annotation(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        fields[f.name] = (annotation, Field(... if required else None, description=docs.get(f.name)))
+    return create_model(f"{cls.__name__}Data", __config__=ConfigDict(extra="allow"),  # type: ignore[call-overload, no-any-return]
+                        __doc__=(cls.__doc__ or "").strip().splitlines()[0], **fields)
+
+
+RESULT_MODELS: dict[str, type[BaseModel]] = {spec.result.kind: _result_model(spec.result)
+                                             for spec in properties().values()}
+"""Result kind -> its JSON schema model (derived from the result dataclass)."""
+AnyResult = Annotated[Union[tuple(RESULT_MODELS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
+
+
 class TaskResultOut(BaseModel):
     task_id: str
     type: str
     kind: str | None = Field(description="result dataclass kind (Result.from_dict dispatches on it)")
-    result: dict[str, Any] = Field(description="Result.to_dict() of the calculation")
+    result: AnyResult = Field(description="Result.to_dict() of the calculation: one schema per result kind")
 
 
 class LogOut(BaseModel):
