@@ -242,13 +242,23 @@ class TaskService:
         from matcalc.calculations import get_property
 
         spec = get_property(req.type)
-        if spec.check_structure is None:
+        if spec.check_structure is None and not spec.requires_cell:
             return
         if parsed is not None:
             atoms = parsed.atoms
         else:
             stored = self.store.get_structure(structure_id)
             atoms = parse_structure(stored.content, stored.format, max_atoms=self.max_atoms).atoms
+        if spec.requires_cell:  # the calculation would refuse it at its start: refuse it before storing
+            from matcalc.structures import StructureError, validate_structure
+
+            try:
+                validate_structure(atoms, require_cell=True, max_atoms=None)
+            except StructureError as exc:
+                raise ApiError(ErrorCode.INVALID_STRUCTURE, f"structure: {exc} ({req.type} needs a 3D periodic "
+                               "cell)") from exc
+        if spec.check_structure is None:
+            return
         from matcalc.models.registry import model_card
 
         try:
