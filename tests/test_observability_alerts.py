@@ -76,6 +76,7 @@ def nvml(monkeypatch):
 def make_client(tmp_path, **settings) -> TestClient:
     settings.setdefault("db_url", f"sqlite:///{tmp_path / 'alerts.db'}")
     settings.setdefault("workers", 0)
+    settings.setdefault("cluster", "inprocess")
     settings.setdefault("alert_interval_s", 3600)  # evaluated by hand unless a test wants the timer
     settings.setdefault("rate_limit_per_s", 0)
     settings.setdefault("alert_disk_free_gb", 0)  # the machine's real free space must not interfere

@@ -49,8 +49,8 @@ def emt_calls() -> float:
 
 
 def test_metrics_move_when_tasks_run(tmp_path, nvml):  # noqa: F811
-    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'm.db'}", workers=1, api_keys=[KEY],
-                              rate_limit_per_s=0))
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'm.db'}", workers=1, cluster="inprocess",
+                              api_keys=[KEY], rate_limit_per_s=0))
     with TestClient(app, headers={"X-API-Key": KEY}) as c:
         before = scrape(c)
         calls_before = emt_calls()

@@ -275,8 +275,8 @@ def test_pending_deliveries_survive_kill9_and_sigterm(tmp_path, backend):
         _reset_pg(PG_URL)
         db_url = PG_URL
     # settings from the command line: a 3 s backoff to kill the server in
-    srv = LiveServer(tmp_path, db_url, "--workers", "1", "--webhook-backoff-s", "3", "--webhook-timeout-s", "5",
-                     "--shutdown-timeout", "1")
+    srv = LiveServer(tmp_path, db_url, "--cluster", "inprocess", "--workers", "1", "--webhook-backoff-s", "3",
+                     "--webhook-timeout-s", "5", "--shutdown-timeout", "1")
     with Receiver({"task.completed": [500]}) as rx_kill, Receiver({"task.completed": [500]}) as rx_term, \
             Receiver() as rx_lost:
         try:
