@@ -539,7 +539,8 @@ class TaskCore(Generic[C]):
         return self._info.property
 
     def snapshot(self) -> TaskSnapshot:
-        """The shared task snapshot (:class:`matcalc.tasks.TaskSnapshot`) of the last fetched state."""
+        """The shared task snapshot (:class:`matcalc.tasks.TaskSnapshot`), as fresh as :attr:`status`."""
+        self._freshen()
         info = self._info
         return TaskSnapshot.of({"id": info.id, "status": info.status, "property": info.property,
                                 "model": info.model, "priority": info.priority, "label": info.label,

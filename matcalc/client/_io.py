@@ -259,14 +259,14 @@ class AsyncSide:
 
 
 # ----------------------------------------------------------------------------- endpoints
-def _public_signature(op: Callable[..., Any], handle: str) -> inspect.Signature:
-    """The operation's signature without ``self``, returning what the operation returns
+def _public_signature(op: Callable[..., Any], handle: str, bound: bool = True) -> inspect.Signature:
+    """The operation's signature (without ``self`` when ``bound``), returning what the operation returns
     (``Op[Page[H]]`` -> ``Page[RemoteTask]``)."""
     sig = inspect.signature(op)
-    returns = str(sig.return_annotation)
-    returns = re.sub(r"^Op\[(.*)\]$", r"\1", returns)
-    returns = re.sub(r"\bH\b", handle, returns) if handle else returns
-    return sig.replace(parameters=list(sig.parameters.values())[1:], return_annotation=returns)
+    returns = re.sub(r"^Op\[(.*)\]$", r"\1", str(sig.return_annotation))
+    returns = re.sub(r"\bH\b", handle, returns)
+    params = list(sig.parameters.values())
+    return sig.replace(parameters=params[1:] if bound else params, return_annotation=returns)
 
 
 class _Method:
@@ -276,6 +276,7 @@ class _Method:
     def __init__(self, op: Callable[..., Any]) -> None:
         self.op = op
         functools.update_wrapper(self, op)
+        self.__signature__ = _public_signature(op, "RemoteTask | AsyncRemoteTask", bound=False)
 
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self.__name__ = name
@@ -284,7 +285,7 @@ class _Method:
         method.__name__ = self.__name__
         method.__qualname__ = f"{type(obj).__name__}.{self.__name__}"
         method.__doc__ = self.op.__doc__
-        method.__signature__ = _public_signature(self.op, getattr(obj, "handle_name", ""))  # type: ignore[attr-defined]
+        method.__signature__ = _public_signature(self.op, getattr(obj, "handle_name", "H"))  # type: ignore[attr-defined]
         return method
 
     def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
