@@ -12,14 +12,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+
+from matcalc.models.identity import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class Potential(ABC):
     concurrent_calls: bool = False
     """True when ``evaluate`` may run in several threads at once (the batching engine then runs one call
     per CPU core side by side); False serialises calls."""
+    package: str = ""
+    """Import name of the package implementing the model (its version goes into :meth:`identity`)."""
 
     def __init__(
         self,
@@ -96,6 +102,14 @@ class Potential(ABC):
         self.max_batch_atoms = max_batch_atoms
         self.stats = ModelStats()
         self._stats_lock = threading.Lock()
+        self.version: str = getattr(self, "version", "")
+        """The model's own version or checkpoint name, when it has one."""
+        self.weights_path: Path | None = None
+        """The weights file the model was loaded from (``None``: shipped in :attr:`package`, or none)."""
+        self.options: dict[str, Any] = {}
+        """Loader options that change the model (set by the registry for catalogue and user models)."""
+        self.registered: bool = False
+        """Loaded through the registry (:func:`matcalc.models.get_model`): its name identifies it."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device!r})"
@@ -169,6 +183,16 @@ class Potential(ABC):
         can skip the backward pass (forces, stress) overrides it with the same numbers to round-off."""
         return [float(e.energy_eV) for e in self._evaluate_batch(atoms_list)]
 
+    def identity(self) -> ModelIdentity:
+        """Name, family, version, weights sha256 (or package version), dtype, options and device of this model.
+
+        A potential built by hand (not loaded through the registry and without a weights file) is not
+        ``cacheable``: its name alone does not tell two of them apart.
+        """
+        return ModelIdentity.of(name=self.name, family=self.family, dtype=self.dtype, version=self.version,
+                                package=self.package, weights=self.weights_path, options=self.options,
+                                device=self.device, cacheable=self.registered or self.weights_path is not None)
+
     def check_elements(self, atoms: Atoms) -> None:
         """Raise ``StructureError`` if ``atoms`` holds elements this model does not support."""
         if self.elements is None:
@@ -220,22 +244,48 @@ class PotentialCalculator(Calculator):
 
 
 class ASECalculatorPotential(Potential):
-    """A potential backed by an ordinary ASE calculator, evaluated one structure at a time.
+    """A potential backed by an ordinary ASE calculator, evaluated one structure at a time, under a lock
+    (ASE calculators keep state).
 
-    One calculator instance is shared and guarded by a lock (ASE calculators keep state).
+    A structure object that comes back call after call (the batched stepping of :mod:`matcalc.batched` sends
+    the same ``Atoms`` every step) gets a calculator of its own from the second call on, so calculators that
+    keep neighbour lists between calls (EMT, Lennard-Jones) update them instead of rebuilding them for every
+    structure of an alternating batch; other structures share one calculator.
     """
+
+    MAX_CALCULATORS = 512
+    """Most structure-owned calculators kept at once (beyond that, structures share one)."""
 
     def __init__(self, name: str, factory: Any, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
+        self._factory = factory
         self._calc = factory()
         self._lock = threading.Lock()
+        self._owned: dict[int, tuple[Any, Calculator | None]] = {}
+        """id(atoms) -> (weak reference to it, its calculator or None when seen once)."""
+
+    def _calculator_for(self, atoms: Atoms) -> Calculator:
+        key = id(atoms)
+        entry = self._owned.get(key)
+        if entry is not None and entry[0]() is atoms:
+            if entry[1] is None:
+                entry = (entry[0], self._factory())
+                self._owned[key] = entry
+            return entry[1]
+        if len(self._owned) < self.MAX_CALCULATORS:
+            try:
+                ref = weakref.ref(atoms, lambda _r, k=key, owned=self._owned: owned.pop(k, None))
+            except TypeError:  # pragma: no cover - not weak-referenceable
+                return self._calc
+            self._owned[key] = (ref, None)
+        return self._calc
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         out = []
         with self._lock:
             for atoms in atoms_list:
                 a = atoms.copy()
-                a.calc = self._calc
+                a.calc = self._calculator_for(atoms)
                 energy = float(a.get_potential_energy())
                 forces = np.array(a.get_forces(), dtype=float)
                 stress = np.array(a.get_stress(voigt=True), dtype=float) if a.pbc.all() else None
@@ -262,6 +312,10 @@ class SumPotential(Potential):
         self.supports_batching = first.supports_batching
         self.concurrent_calls = first.concurrent_calls and second.concurrent_calls
         self.parts = (first, second)
+
+    def identity(self) -> ModelIdentity:
+        """The identities of both parts under this sum's name."""
+        return ModelIdentity.combine(self.name, *(p.identity() for p in self.parts))
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         a = self.parts[0].evaluate(atoms_list)

@@ -31,6 +31,7 @@ class CHGNetPotential(Potential):
     """
 
     family = "chgnet"
+    package = "chgnet"
     supports_batching = True
 
     def __init__(self, name: str = "chgnet", device: str = "cpu", *, model_version: str = CHGNET_VERSION,

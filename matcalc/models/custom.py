@@ -9,7 +9,6 @@ Which formats a family accepts is declared by the family (``Family.custom_format
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matcalc.models.identity import file_sha256
 from matcalc.models.registry import (
     ModelCard,
     ModelUnavailableError,
@@ -67,14 +67,6 @@ class ModelFileInfo:
     format: str
     size_bytes: int
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(path: Path) -> str:
@@ -263,7 +255,7 @@ def _register(model: CustomModel, fam: Family) -> None:
                    cutoff_A=model.options.get("cutoff_A"), requires=fam.requires, install_hint=fam.install_hint,
                    check=check, dtype=str((model.validation or {}).get("dtype") or _dtype(model.options)),
                    batching=fam.supports_batching,
-                   overwrite=True)
+                   overwrite=True, weights=lambda: path, options=model.options)
     with _LOCK:
         _CUSTOM[model.name] = model
     log.info("registered user model %s (%s, %s)", model.name, fam.name, path.name)

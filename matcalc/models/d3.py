@@ -26,6 +26,7 @@ class D3Potential(ASECalculatorPotential):
 
     family = "d3"
     supports_batching = True
+    package = "torch_dftd"
 
     def __init__(self, name: str = "d3", device: str = "cpu", *, xc: str = "pbe", damping: str = "bj",
                  **kwargs: Any) -> None:

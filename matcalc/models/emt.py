@@ -13,6 +13,7 @@ class EMTPotential(ASECalculatorPotential):
     """ASE EMT (fcc metals Al, Cu, Ag, Au, Ni, Pd, Pt; H, C, N, O only as a toy)."""
 
     family = "emt"
+    package = "ase"
 
     def __init__(self, name: str = "emt", device: str = "cpu", **kwargs: Any) -> None:
         from ase.calculators.emt import EMT

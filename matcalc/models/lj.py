@@ -16,6 +16,7 @@ class LJPotential(ASECalculatorPotential):
     """Lennard-Jones (sigma 3.405 Å, epsilon 0.0103 eV, cutoff 10.2 Å, smooth) for every element."""
 
     family = "lj"
+    package = "ase"
 
     def __init__(self, name: str = "lj", device: str = "cpu", **kwargs: Any) -> None:
         from ase.calculators.lj import LennardJones

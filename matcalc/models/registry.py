@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from matcalc.models.base import Potential, SumPotential
+from matcalc.models.identity import ModelIdentity
 from matcalc.models.plugins import ensure_plugins
 from matcalc.models.weights import Family, WeightsEntry
 
@@ -63,6 +65,22 @@ class ModelSpec:
     """Precision of the model's arithmetic."""
     batching: bool = False
     """True when one model call evaluates many structures together."""
+    package: str = ""
+    """Import name of the package implementing the model (its version is part of the identity)."""
+    version: str = ""
+    """The model's own version or checkpoint name (part of the identity)."""
+    weights: Callable[[], Path | None] | None = None
+    """Where the weights file is (``None`` or returning ``None``: weights ship in ``package``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Loader options that change the model's numbers (part of the identity)."""
+
+    def identity(self) -> ModelIdentity:
+        """The model's identity without loading it (the weights file, if any, is hashed once per change)."""
+        path = self.weights() if self.weights is not None else None
+        if path is not None and not Path(path).is_file():
+            raise ModelUnavailableError(f"model {self.name!r}: weights file not found: {path}")
+        return ModelIdentity.of(name=self.name, family=self.family, dtype=self.dtype, version=self.version,
+                                package=self.package, weights=path, options=self.options)
 
     def unavailable_reason(self) -> str | None:
         missing = [m for m in self.requires if not _importable(m)]
@@ -128,8 +146,17 @@ def register_model(
     dtype: str = "float64",
     batching: bool = False,
     overwrite: bool = False,
+    package: str = "",
+    version: str = "",
+    weights: Callable[[], Path | None] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> None:
-    """Register ``factory(name=..., device=...) -> Potential`` under ``name`` (lower-case)."""
+    """Register ``factory(name=..., device=...) -> Potential`` under ``name`` (lower-case).
+
+    ``package``, ``version``, ``weights`` (a function returning the weights file) and ``options`` make up
+    the model's identity (:func:`model_identity`) with its name, family and dtype: results are cached
+    under it, so give a new ``version`` (or weights file) when a factory's numbers change.
+    """
     key = name.lower()
     if not key or D3_SUFFIX in key or key != key.strip():
         raise ValueError(f"invalid model name {name!r}: non-empty, no spaces, must not contain '{D3_SUFFIX}'")
@@ -137,7 +164,8 @@ def register_model(
         if key in _REGISTRY and not overwrite:
             raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
         _REGISTRY[key] = ModelSpec(key, factory, family, description, elements, cutoff_A, tuple(requires),
-                                   install_hint, check, dtype, batching)
+                                   install_hint, check, dtype, batching, package or (requires[0] if requires else ""),
+                                   version, weights, dict(options or {}))
         for k in [k for k in _LOADED if k[0] in (key, key + D3_SUFFIX)]:
             del _LOADED[k]
 
@@ -210,7 +238,14 @@ def get_model(name: str | Potential, device: str | None = None) -> Potential:
     cache_key = (base + (D3_SUFFIX if with_d3 else ""), device)
     with _LOCK:
         if cache_key in _LOADED:
-            return _LOADED[cache_key]
+            changed = [k for k in ((base, device), ("d3", device))[: 2 if with_d3 else 1] if _weights_changed(k)]
+            if not changed:
+                return _LOADED[cache_key]
+            log.info("weights file of %s changed since it was loaded: loading it again", changed[0][0])
+            for part, dev in changed:
+                for k in [k for k in _LOADED if k[1] == dev and k[0] in (part, part + D3_SUFFIX)]:
+                    del _LOADED[k]
+            _LOADED.pop(cache_key, None)
         spec = _spec(base)
         potential = _load(spec, device)
         if with_d3:
@@ -235,10 +270,68 @@ def _load(spec: ModelSpec, device: str) -> Potential:
     except (ImportError, FileNotFoundError) as exc:
         raise ModelUnavailableError(f"model {spec.name!r} failed to load: {exc}") from exc
     _LOAD_TIMES_S[key] = time.perf_counter() - t0
+    _stamp(potential, spec)
+    if potential.weights_path is not None:
+        _WEIGHTS_STAT[key] = (potential.weights_path, _file_stat(potential.weights_path))
     log.info("loaded model %s on %s in %.2f s", spec.name, device, _LOAD_TIMES_S[key],
              extra={"model": spec.name, "device": device, "load_time_s": _LOAD_TIMES_S[key]})
     _LOADED[key] = potential
     return potential
+
+
+_WEIGHTS_STAT: dict[tuple[str, str], tuple[Path, tuple[int, int] | None]] = {}
+"""(name, device) -> the weights file a loaded model came from and its (size, mtime) then."""
+
+
+def _file_stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _weights_changed(key: tuple[str, str]) -> bool:
+    """True when the weights file of the loaded model ``key`` changed (size or mtime) since it loaded."""
+    known = _WEIGHTS_STAT.get(key)
+    return known is not None and _file_stat(known[0]) != known[1]
+
+
+def _stamp(potential: Potential, spec: ModelSpec) -> None:
+    """Give a loaded potential its registered identity (package, version, weights file, options), so that
+    ``potential.identity()`` and :func:`model_identity` agree; a registered dtype that the loaded model
+    contradicts is corrected (with a warning)."""
+    potential.registered = True
+    potential.package = spec.package
+    potential.version = spec.version
+    potential.options = dict(spec.options)
+    path = spec.weights() if spec.weights is not None else None
+    potential.weights_path = Path(path) if path is not None else None
+    if potential.dtype != spec.dtype:
+        log.warning("model %s computes in %s but was registered as %s; its card and cache key now say %s",
+                    spec.name, potential.dtype, spec.dtype, potential.dtype)
+        spec.dtype = potential.dtype
+
+
+def model_identity(name: str | Potential) -> ModelIdentity:
+    """The identity of a model name (``"chgnet"``, ``"mace-mpa-0-medium+d3"``) without loading it, or of a
+    loaded Potential. The device is left empty for a name (it does not change the identity's key).
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+        ModelUnavailableError: its weights file is missing.
+    """
+    if isinstance(name, Potential):
+        return name.identity()
+    ensure_plugins()
+    base, with_d3 = _split(name)
+    with _LOCK:
+        spec = _spec(base)
+        d3 = _spec("d3") if with_d3 else None
+    ident = spec.identity()
+    if d3 is not None:
+        ident = ModelIdentity.combine(base + D3_SUFFIX, ident, d3.identity())
+    return ident
 
 
 def register_family(family: Family, *, overwrite: bool = False) -> None:
@@ -259,6 +352,8 @@ def register_family(family: Family, *, overwrite: bool = False) -> None:
             dtype=entry.dtype,
             batching=family.supports_batching,
             overwrite=overwrite,
+            weights=entry.path,
+            options=entry.options,
         )
 
 
@@ -343,6 +438,8 @@ def list_models(device: str | None = None, include_d3: bool = True) -> list[Mode
 
 
 def _register_builtins() -> None:
+    from matcalc.models.chgnet import CHGNET_VERSION
+
     def emt(name: str, device: str) -> Potential:
         from matcalc.models.emt import EMTPotential
 
@@ -369,16 +466,16 @@ def _register_builtins() -> None:
         return D3Potential(name, device)
 
     register_model("emt", emt, family="emt", description="ASE Effective Medium Theory (instant; fcc metals)",
-                   elements="Al Cu Ag Au Ni Pd Pt H C N O")
+                   elements="Al Cu Ag Au Ni Pd Pt H C N O", package="ase")
     register_model("lj", lj, family="lj", description="Lennard-Jones, argon parameters (instant; toy)",
-                   cutoff_A=10.2)
+                   cutoff_A=10.2, package="ase")
     register_model("chgnet", chgnet, family="chgnet", description="CHGNet 0.3.0 (MPtrj), weights in the wheel",
                    elements="H-Pu (Z 1-94)", cutoff_A=5.0, requires=("chgnet",), install_hint="pip install chgnet",
-                   dtype="float32", batching=True)
+                   dtype="float32", batching=True, version=CHGNET_VERSION)
     register_model("sevennet", sevennet, family="sevennet", description="SevenNet-0 (MPtrj), weights in the wheel "
                    "(same as 7net-0)",
                    elements="H-Bi and more (89 elements)", cutoff_A=5.0, requires=("sevenn",),
-                   install_hint="pip install 'matcalc[sevennet]'", dtype="float32", batching=True)
+                   install_hint="pip install 'matcalc[sevennet]'", dtype="float32", batching=True, version="7net-0")
     register_model("d3", d3, family="d3", description="Grimme D3(BJ) dispersion, PBE parameters (torch-dftd)",
                    elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint="pip install 'matcalc[d3]'")
 

@@ -26,6 +26,7 @@ class TorchScriptPotential(Potential):
     """A TorchScript energy module (see the module docstring for its contract), one structure per call."""
 
     family = "torchscript"
+    package = "torch"
     supports_batching = False
 
     def __init__(self, path: str | Path, name: str = "torchscript", device: str = "cpu", *,
@@ -37,6 +38,7 @@ class TorchScriptPotential(Potential):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         super().__init__(name, device=device, elements=frozenset(elements) if elements else None,
                          cutoff_A=cutoff_A, dtype=dtype)
+        self.weights_path = Path(path)
         self.module = torch.jit.load(str(path), map_location=device)
         self.module.eval()
         self._torch_dtype = torch.float64 if dtype == "float64" else torch.float32
