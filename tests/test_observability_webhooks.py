@@ -107,6 +107,7 @@ def test_signed_webhooks_with_retries_all_recorded(tmp_path):
         wait_status(c, tid, {"COMPLETED"})
         wait_for(lambda: any(r["status"] == 200 for r in rx.of("task.completed")), 30, "the completed webhook")
         assert srv.state.observability.webhooks.wait_idle(10)
+        assert srv.state.observability.tracked_tasks == 0  # the completed task left nothing in memory
         result = c.get(f"/tasks/{tid}/result").json()["data"]["result"]
         rows = deliveries(srv, tid)
         metrics = srv.state.metrics

@@ -365,13 +365,24 @@ class TaskLogFeed:
                     w.event.clear()
                     ended = w.ended  # the store was written before the bus said so: this read gets the end
                     # woken: lines were stored; otherwise a poll, which also checks whether the task ended
-                    rows, ended_now = await self._call(self._read, self.cursor, not woken and not ended)
+                    try:
+                        rows, ended_now = await self._call(self._read, self.cursor, not woken and not ended)
+                    except Exception as exc:  # noqa: BLE001 - e.g. the database is briefly unreachable
+                        log.warning("log feed of task %s: read failed (%s); retrying in %g s", self.task_id, exc,
+                                    self.poll_s)
+                        await asyncio.sleep(self.poll_s)
+                        w.event.set()  # read again, whatever came meanwhile (the end included)
+                        ended = False
+                        continue
                     ended = ended or ended_now
                     if rows:
                         self.cursor = rows[-1]["id"]
                         self.batches += 1
                         self._broadcast(rows)
                 self._broadcast(END_OF_LOG)
+        except Exception:  # noqa: BLE001 - the first read failed: end the streams (they may reconnect)
+            log.warning("log feed of task %s failed", self.task_id, exc_info=True)
+            self._broadcast(END_OF_LOG)
         finally:
             self.done = True
             self.ready.set()
