@@ -96,6 +96,13 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     label: str = ""
     """Free-form name of the input (e.g. the file stem or builtin name)."""
+    provenance: dict[str, Any] = field(default_factory=dict, repr=False)
+    """How the result was made, to reproduce it: ``matcalc_version``; ``model`` (name, family, version,
+    package and its version, weights file and its sha256, dtype, loader options, device); ``dtype``,
+    ``device``; ``versions`` of python, numpy, torch, ase, phonopy, pymatgen and the model's package;
+    ``property``, ``protocol`` and every resolved ``parameters``; ``structure_hash``; ``started_at`` and
+    ``finished_at`` (UTC, ISO 8601); ``host``; ``cached`` (True when served from the result cache, with the
+    original timestamps) and ``cache_key`` (see :mod:`matcalc.cache`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -127,12 +134,13 @@ class Result:
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "parameters":
+            if f.name in ("parameters", "provenance"):
                 continue
             if f.name == "warnings":
                 out["warnings"] = "; ".join(value)
             elif _is_scalar(value):
                 out[f.name] = value.item() if isinstance(value, np.generic) else value
+        out.update(provenance_columns(self.provenance))
         return out
 
     def to_frame(self) -> pd.DataFrame:
@@ -163,6 +171,30 @@ class PreRelaxedResult(Result):
     relaxed_structure: Atoms | None = field(default=None, repr=False)
     """The structure the property's own step started from: after the pre-relaxation (the input when
     ``relax_first=False``)."""
+
+
+def provenance_columns(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The few provenance columns of a results table: matcalc and model versions, weights sha256, dtype,
+    device, when it finished (UTC) and whether it came from the cache."""
+    if not provenance:
+        return {}
+    model = provenance.get("model") or {}
+    parts = model.get("components") or [model]
+    return {"matcalc_version": provenance.get("matcalc_version"),
+            "model_version": " + ".join(_model_version(m) for m in parts),
+            "weights_sha256": (" + ".join(m.get("weights_sha256") or "-" for m in parts)
+                               if any(m.get("weights_sha256") for m in parts) else None),
+            "dtype": provenance.get("dtype"),
+            "device": provenance.get("device"), "finished_at": provenance.get("finished_at"),
+            "cached": bool(provenance.get("cached", False))}
+
+
+def _model_version(model: dict[str, Any]) -> str:
+    """``0.3.0 (chgnet 0.4.2)``: the model's version and its package's."""
+    version = str(model.get("version") or "")
+    if model.get("package"):
+        version = f"{version} ({model['package']} {model.get('package_version')})".strip()
+    return version or "-"
 
 
 def _figure(ax: Axes | None) -> tuple[Figure, Axes]:
