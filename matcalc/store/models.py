@@ -274,3 +274,25 @@ class WebhookDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     duration_s: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class CacheEntry(Base):
+    """One cached result (:mod:`matcalc.cache`): the key is the sha256 of every key component."""
+
+    __tablename__ = "result_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    property: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    structure_hash: Mapped[str] = mapped_column(String(64), index=True)
+    cache_version: Mapped[int] = mapped_column(Integer)
+    key_data: Mapped[dict[str, Any]] = mapped_column(SafeJSON)
+    """The key's components (structure hashes, property, protocol, parameters, model identity, version)."""
+    result: Mapped[str] = mapped_column(Text)
+    """``Result.to_dict()`` as JSON text."""
+    sha256: Mapped[str] = mapped_column(String(64))
+    """Of :attr:`result`: an entry that does not match is dropped and recomputed."""
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+    last_hit_at: Mapped[datetime | None] = mapped_column(default=None)
