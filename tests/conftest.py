@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 from ase import Atoms
 from ase.build import bulk
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for subprocesses (servers, kernels); see scripts/test
+
+# The result cache (matcalc.cache) is off for the whole session, subprocesses (servers, workers, kernels)
+# included: a test computing what another test computed would be served from the cache, and model-call
+# counts or "batched equals unbatched" comparisons would test nothing. tests/test_cache.py turns it on per
+# test with a fresh database. Nothing may write to ~/.matcalc either: the location is a session temp dir.
+_CACHE_DIR = tempfile.mkdtemp(prefix="matcalc-test-cache-")
+os.environ["MATCALC_CACHE"] = "0"
+os.environ["MATCALC_CACHE_URL"] = "sqlite:///" + os.path.join(_CACHE_DIR, "cache.db")
 
 # tests/families/test_<family>.py run in the family's own environment (.venvs/<family>, built by
 # scripts/setup-family), each started by scripts/test with MATCALC_REQUIRE_FAMILY=<family>.
@@ -26,6 +36,13 @@ def _one_blas_thread():
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_dir():
+    """Remove the session's cache directory at the end."""
+    yield
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
