@@ -464,6 +464,10 @@ def fmax_param(doc: str = "force convergence threshold") -> Param:
                  unit="eV/Å")
 
 
+RESERVED = ("model", "protocol", "device", "cache")
+"""Keywords of every property function that are not parameters of the property."""
+
+
 # ============================================================================ one run of a property
 @dataclass
 class Run:
@@ -552,7 +556,7 @@ class Property(Generic[R]):
         params = self.params + (self.prerelax.params() if self.prerelax else ())
         names = [p.name for p in params]
         dupes = {n for n in names if names.count(n) > 1}
-        if dupes or {"protocol", "device", "model", self.structure_arg} & set(names):
+        if dupes or {*RESERVED, self.structure_arg} & set(names):
             raise ValueError(f"{self.name}: duplicate or reserved parameter names {sorted(dupes) or names}")
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "client_method", self.client_method or self.name)
@@ -602,10 +606,25 @@ class Property(Generic[R]):
 
     # ---------------------------------------------------------------- the skeleton
     def run(self, structure: Any, model: str | Potential = "chgnet", *, protocol: str | None = None,
-            device: str | None = None, **given: Any) -> R:
-        """Compute the property (what the public function does; see :attr:`function`)."""
+            device: str | None = None, cache: bool | None = None, **given: Any) -> R:
+        """Compute the property (what the public function does; see :attr:`function`): served from the result
+        cache when the same call was computed before (:mod:`matcalc.cache`; ``cache=False`` skips it)."""
+        from matcalc import cache as result_cache
+
         name, params = self.resolve(protocol, given)
-        prep = prepare(structure, model, device, require_cell=self.requires_cell)
+
+        def compute(source: Any, label: str | None, plan: result_cache.Plan | None) -> R:
+            return self._compute_once(source, label, model, device, name, params, plan)
+
+        return result_cache.run(self, structure, model, name, params, cache, compute)  # type: ignore[return-value]
+
+    def _compute_once(self, structure: Any, label: str | None, model: str | Potential, device: str | None,
+                      name: str, params: dict[str, Any], plan: Any) -> R:
+        from matcalc import cache as result_cache
+        from matcalc import provenance
+
+        started = provenance.utc_now()
+        prep = prepare(structure, model, device, require_cell=self.requires_cell, label=label)
         if self.check_structure is not None:
             self.check_structure(params, prep.atoms, prep.potential)
         run = Run(prep, name, params)
@@ -626,7 +645,12 @@ class Property(Generic[R]):
         fields = self.compute(run)
         for w in run.warnings:
             log.warning("%s %s: %s", self.name, run.prep.label or run.prep.structure_hash[:8], w)
-        return self.result(**run.prep.common(run.protocol, run.params, run.warnings), **relaxed_fields, **fields)
+        result = self.result(**run.prep.common(run.protocol, run.params, run.warnings), **relaxed_fields, **fields)
+        result.provenance = provenance.record(
+            prop=self.name, potential=prep.potential, protocol=name, structure_hash=prep.structure_hash,
+            parameters=result_cache.provenance_parameters(self, params),
+            started_at=started, finished_at=provenance.utc_now(), cache_key=plan.key if plan is not None else None)
+        return result
 
     def signature(self) -> inspect.Signature:
         """``(structure, [positional...], model="chgnet", *, <params>, protocol=None, device=None)``."""
@@ -640,6 +664,7 @@ class Property(Generic[R]):
                 out.append(P(p.name, P.KEYWORD_ONLY, default=None, annotation=_optional(p.kind.annotation())))
         out.append(P("protocol", P.KEYWORD_ONLY, default=None, annotation="str | None"))
         out.append(P("device", P.KEYWORD_ONLY, default=None, annotation="str | None"))
+        out.append(P("cache", P.KEYWORD_ONLY, default=None, annotation="bool | None"))
         return inspect.Signature(out, return_annotation=self.result.__name__)
 
     def docstring(self) -> str:
@@ -657,6 +682,8 @@ class Property(Generic[R]):
         lines.append(f"    protocol: {' or '.join(f'`{n!r}`' for n in PROTOCOL_NAMES)} (default "
                      f"`{DEFAULT_PROTOCOL!r}`); an explicit keyword always wins over it.")
         lines.append('    device: `"cpu"`, `"cuda"`, `"cuda:1"`...; default: a GPU if torch sees one.')
+        lines.append("    cache: serve the result from the result cache when this exact call was computed before, "
+                     "and store it (default: on unless `MATCALC_CACHE=0`); `False` always computes.")
         lines += ["", "Returns:", f"    `{self.result.__name__}`.", "",
                   "Raises:", "    ValueError: a parameter out of its range (the message names it).",
                   "    StructureError: the structure cannot be read or is invalid for the model."]
@@ -673,7 +700,8 @@ class Property(Generic[R]):
             model = arguments.pop("model", "chgnet")
             protocol = arguments.pop("protocol", None)
             device = arguments.pop("device", None)
-            return prop.run(structure, model, protocol=protocol, device=device, **arguments)
+            cache = arguments.pop("cache", None)
+            return prop.run(structure, model, protocol=protocol, device=device, cache=cache, **arguments)
 
         function.__name__ = function.__qualname__ = self.name
         function.__module__ = self.compute.__module__  # the property's module: pickles by reference, docs find it
@@ -695,7 +723,7 @@ class Property(Generic[R]):
                   + (" (3D periodic)" if self.requires_cell else "") + "; `model`: a model name or a loaded "
                   "Potential; `protocol`: " + " or ".join(f"`{n}`" for n in PROTOCOL_NAMES)
                   + f" (default `{DEFAULT_PROTOCOL}`); `device`: `cpu`, `cuda`, `cuda:N` (default: a GPU if "
-                  "torch sees one).", ""]
+                  "torch sees one); `cache`: `False` computes even when the result cache holds this call.", ""]
         if self.params:
             parts += [self.markdown(), ""]
         parts += [f"Returns `{self.result.__name__}` (`{self.result.__module__}`); POST "
