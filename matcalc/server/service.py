@@ -137,8 +137,14 @@ class TaskService:
 
     def __init__(self, store: Store, executor: Executor, *, max_atoms: int = 10_000, max_batch: int = 1000,
                  default_timeout_s: float | None = None, progress_interval_s: float = 0.5,
-                 bus: EventBus | None = None, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
+                 bus: EventBus | None = None, max_crashes: int = DEFAULT_MAX_CRASHES,
+                 cache: bool | None = None) -> None:
+        from matcalc.cache import enabled as cache_enabled
+        from matcalc.server.result_cache import ServerCache
+
         self.store = store
+        self.cache = ServerCache(store) if cache_enabled(cache) else None
+        """The result cache in the server's database (``None``: off, ``MATCALC_CACHE=0``)."""
         self.executor = executor
         self.max_crashes = max_crashes
         """A task whose execution died this many times is FAILED (also at start: see :meth:`start`)."""
@@ -320,7 +326,9 @@ class TaskService:
 
     def _dispatch(self, row: Task) -> None:
         structure = self.store.get_structure(row.structure_id)
-        params = dict(row.parameters or {})
+        if self.cache is not None and self._served_from_cache(row, structure):
+            return
+        params = {**(row.parameters or {}), "cache": False}  # workers never cache: this service does
         job = Job(task_id=row.id, prop=TASK_TYPES.get(row.type, row.type), model=row.model,
                   structure=structure.content, fmt=structure.format, params=params, priority=row.priority,
                   timeout_s=row.timeout_s, label=row.label or structure.name, crashes=row.crashes or 0)
@@ -333,6 +341,38 @@ class TaskService:
                                   "message": f"executor refused the task: {exc}"}])
             return
         self.bus.publish(row.id, {"event": "status", "status": TaskStatus.QUEUED.value})
+
+    def _served_from_cache(self, row: Task, structure: Any) -> bool:
+        """Complete ``row`` from the result cache, or let it wait for the identical task in flight: True when
+        it is not to be run (see :mod:`matcalc.server.result_cache`)."""
+        routed = self.cache.route(row, structure) if self.cache is not None else None
+        if routed is None:
+            return False
+        if isinstance(routed, str):
+            if self.store.mark_queued(row.id):
+                self.bus.publish(row.id, {"event": "status", "status": TaskStatus.QUEUED.value})
+            log.info("task %s waits for task %s (same result cache key)", row.id, routed)
+            return True
+        log.info("task %s served from the result cache", row.id)
+        self.on_done(row.id, TaskStatus.COMPLETED.value, routed, None, None)
+        return True
+
+    def _release(self, task_id: str, status: str, result: dict[str, Any] | None) -> None:
+        """After ``task_id`` ended: cache its result and complete its followers, or (it did not complete)
+        dispatch them again."""
+        if self.cache is None:
+            return
+        completed = status == TaskStatus.COMPLETED.value and result is not None
+        key, followers = self.cache.finished(task_id, completed, result)
+        for row in self.store.get_tasks(followers):
+            if TaskStatus(row.status).terminal:
+                continue
+            if completed and key is not None:
+                label = row.label or self.store.get_structure(row.structure_id).name
+                self.on_done(row.id, TaskStatus.COMPLETED.value, self.cache.served(result or {}, key, label),
+                             None, None)
+            else:
+                self._dispatch(row)
 
     def cancel(self, task_id: str) -> tuple[bool, str]:
         changed, status = self.store.cancel(task_id)
@@ -392,6 +432,8 @@ class TaskService:
                 attempt: int | None) -> None:
         with self._lock:
             self._last_progress.pop(task_id, None)
+        if self.cache is not None:
+            result = self.cache.annotate(task_id, result)
         try:
             changed = self.store.finish(task_id, status, result=result, error=error, attempt=attempt)
         except ImmutableResultError:  # a duplicate outcome of a completed task: logged, the worker goes on
@@ -410,6 +452,7 @@ class TaskService:
             self.bus.publish(task_id, {"event": "status", "status": status, "error": error})
             self.bus.close(task_id)
             self._observe("task_finished", task_id, status, error, result)
+        self._release(task_id, str(status), result)
 
     def on_crashed(self, task_id: str, reason: str, attempt: int | None) -> bool:
         status = self.store.record_crash(task_id, reason, max_crashes=self.max_crashes, attempt=attempt)
@@ -426,6 +469,7 @@ class TaskService:
         self.bus.publish(task_id, {"event": "status", "status": status.value, "error": error})
         self.bus.close(task_id)
         self._observe("task_finished", task_id, status.value, error, None)
+        self._release(task_id, status.value, None)
         return False
 
     def on_requeued(self, task_id: str, reason: str) -> bool:
