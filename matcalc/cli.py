@@ -120,6 +120,66 @@ def _add_db(sub: argparse._SubParsersAction) -> None:
     add_db_command(sub)
 
 
+# --------------------------------------------------------------------------- cache
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="the result cache: stats, clear, export",
+                       description="Results are cached by structure, property, parameters, model identity (weights "
+                                   "sha256, dtype) and matcalc's cache version in MATCALC_CACHE_URL (default: the "
+                                   "store, ~/.matcalc/matcalc.db). MATCALC_CACHE=0 turns the cache off.")
+    p.add_argument("--url", default=None, help="database URL (default: MATCALC_CACHE_URL, MATCALC_DB_URL, "
+                                               "~/.matcalc/matcalc.db)")
+    actions = p.add_subparsers(dest="action", required=True)
+    stats = actions.add_parser("stats", help="entries, size, hits, per property and model")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    clear = actions.add_parser("clear", help="delete entries (all, or those matching every filter given)")
+    export = actions.add_parser("export", help="write entries as JSON lines (key, its components, the result)")
+    export.add_argument("out", help="output file (.jsonl), - for stdout")
+    for q in (clear, export):
+        q.add_argument("--property", default=None, help="only this property (relax, bulk_modulus, ...)")
+        q.add_argument("--model", default=None, help="only this model name")
+    clear.add_argument("--older-than-days", type=float, default=None, help="only entries older than this")
+    clear.add_argument("--stale", action="store_true", help="only entries of an older cache version")
+    p.set_defaults(func=_cmd_cache)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from matcalc.cache import ResultCache
+
+    cache = ResultCache(args.url)
+    try:
+        if args.action == "stats":
+            st = cache.stats()
+            if args.json:
+                print(json.dumps(st.to_dict(), indent=2))
+                return 0
+            print(f"result cache: {st.url}")
+            print(f"  entries: {st.entries} ({st.size_bytes / 1024**2:.2f} MiB), hits: {st.hits}, "
+                  f"stale (older cache version): {st.stale}")
+            if st.entries:
+                print(f"  oldest: {st.oldest:%Y-%m-%d %H:%M} UTC, newest: {st.newest:%Y-%m-%d %H:%M} UTC")
+            for title, counts in (("property", st.by_property), ("model", st.by_model)):
+                for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+                    print(f"  {title} {name}: {n}")
+            return 0
+        if args.action == "clear":
+            before = None
+            if args.older_than_days is not None:
+                before = datetime.now(UTC) - timedelta(days=args.older_than_days)
+            n = cache.clear(prop=args.property, model=args.model, before=before, stale=args.stale)
+            print(f"matcalc cache: {n} entr{'y' if n == 1 else 'ies'} deleted")
+            return 0
+        out = sys.stdout if args.out == "-" else args.out
+        n = cache.export(out, prop=args.property, model=args.model)
+        if args.out != "-":
+            print(f"matcalc cache: {n} entr{'y' if n == 1 else 'ies'} written to {args.out}")
+        return 0
+    finally:
+        cache.close()
+
+
 # --------------------------------------------------------------------------- run
 def _add_run(sub: argparse._SubParsersAction) -> None:
     from matcalc.runner import add_run_parser  # the command lives in matcalc/runner.py
@@ -134,7 +194,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve_command(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db, _add_run, _add_serve]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db, _add_cache, _add_run,
+                                                                _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

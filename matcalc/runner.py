@@ -192,7 +192,7 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
               cluster: Any = "inprocess", protocol: str | None = None, params: dict[str, Any] | None = None,
               workers: int | None = None, priority: str = "NORMAL", timeout_s: float | None = None,
               retries: int = 0, show_progress: bool = True, flush_s: float = 2.0,
-              on_result: Callable[[dict[str, Any]], None] | None = None) -> BatchSummary:
+              on_result: Callable[[dict[str, Any]], None] | None = None, cache: bool | None = None) -> BatchSummary:
     """Run ``prop`` on every input structure and write one row per structure to ``out``.
 
     Args:
@@ -204,6 +204,9 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
         workers: in-process: concurrent threads (default 1); ``local``: worker processes.
         flush_s: the table is rewritten at most this often (the journal at every result).
         on_result: called with each new row (after it is journaled).
+        cache: the result cache (:mod:`matcalc.cache`): ``None`` = on unless ``MATCALC_CACHE=0``; ``False``
+            computes every structure (the journal's resume still applies). Each row's ``result`` carries its
+            provenance.
     """
     from tqdm.auto import tqdm
 
@@ -271,6 +274,8 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
         else:
             runnable.append(it)
     kwargs = dict(params)
+    if cache is not None:
+        kwargs["cache"] = bool(cache)
     if protocol is not None:
         kwargs["protocol"] = protocol_name
     try:
@@ -386,6 +391,9 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="per-structure time limit (s), cluster only")
     p.add_argument("--retries", type=int, default=0, help="retries after transient errors, cluster only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compute every structure even when the result cache holds it (default: cached results "
+                        "are reused, new ones stored; MATCALC_CACHE=0 turns the cache off everywhere)")
     p.set_defaults(func=cmd_run)
 
 
@@ -407,7 +415,7 @@ def cmd_run(args: Any) -> int:
     summary = run_batch(args.property, args.inputs, model=args.model, out=args.out, cluster=args.cluster,
                         protocol=args.protocol, params=parse_params(args.param), workers=args.workers,
                         priority=args.priority, timeout_s=args.timeout_s, retries=args.retries,
-                        show_progress=not args.no_progress)
+                        show_progress=not args.no_progress, cache=False if args.no_cache else None)
     print(f"matcalc run: {summary.n_unique} structure(s): {summary.n_skipped} already done, "
           f"{summary.n_computed} computed, {summary.n_failed} failed, in {summary.wall_time_s:.1f} s -> {summary.out}")
     for e in summary.errors[:20]:
