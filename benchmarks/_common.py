@@ -14,6 +14,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+os.environ["MATCALC_CACHE"] = "0"  # benchmarks time computations: never serve them from the result cache
+
 HCMOF = ["RSM0009", "RSM0010", "RSM0011", "RSM0012", "RSM0020"]
 """The small hcmof cells shipped as builtins (22-30 atoms)."""
 

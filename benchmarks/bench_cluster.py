@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+os.environ["MATCALC_CACHE"] = "0"  # benchmarks time computations: never serve them from the result cache
+
 
 def structures(n: int, seed: int = 0) -> list:
     from ase.build import bulk

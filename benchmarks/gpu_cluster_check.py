@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+os.environ["MATCALC_CACHE"] = "0"  # benchmarks time computations: never serve them from the result cache
+
 FAILED: list[str] = []
 
 
