@@ -85,6 +85,7 @@ def _step(x: float, integer: bool) -> float:
 
 def number_probes(kind: contract.Number) -> Iterator[Any]:
     """Each bound from inside and from outside (an open bound is itself outside), then NaN/±inf."""
+    yield str(kind.max_value)  # a number as text is refused everywhere
     if kind.integer:
         yield from (kind.min_value, kind.max_value, kind.min_value - 1, kind.max_value + 1, kind.min_value + 0.5)
         return
@@ -94,6 +95,14 @@ def number_probes(kind: contract.Number) -> Iterator[Any]:
     yield kind.lo if kind.lo_open else kind.lo - d_lo
     yield kind.hi if kind.hi_open else kind.hi + d_hi
     yield from (math.nan, math.inf, -math.inf)
+
+
+KIND_PROBES: dict[str, tuple[Any, ...]] = {
+    "BandPath": ("auto", "GXG", "GX,XG", "", "G", 5, "G-X"),  # phonons' band path
+    "Points": ([[5.0, 5.0, 5.0]], [[7.0, 7.0, 7.0], [3.0, 7.0, 7.0]], [], [[1e5, 0.0, 0.0]], [[0.0, 0.0]],
+               [[math.nan, 0.0, 0.0]], "x"),  # binding sites' start positions (Å)
+}
+"""Probes of kinds declared by single properties (valid and invalid values)."""
 
 
 def probes(kind: Any) -> Iterator[Any]:
@@ -121,14 +130,17 @@ def probes(kind: Any) -> Iterator[Any]:
         import tempfile
 
         yield from ("/no/such/dir/x.traj", str(Path(tempfile.gettempdir()) / "matcalc-probe.traj"))
+    elif type(kind).__name__ in KIND_PROBES:
+        yield from KIND_PROBES[type(kind).__name__]
     else:  # pragma: no cover - a new kind must get probes here
-        raise AssertionError(f"no probes for {kind!r}")
+        raise AssertionError(f"no probes for {kind!r}: add them to KIND_PROBES")
 
 
 def cases() -> Iterator[tuple[str, str, Any]]:
     for name, spec in properties().items():
         for p in spec.params:
-            for value in probes(p.kind):
+            default = [] if p.default is None else [p.default]  # the protocol's own value, alone, must pass
+            for value in [*probes(p.kind), *default]:
                 yield name, p.name, value
 
 
@@ -223,7 +235,7 @@ def test_signature_docstring_and_presets_come_from_the_declaration() -> None:
         sig = inspect.signature(fn)
         declared = {p.name for p in spec.params}
         assert declared <= set(sig.parameters), name
-        assert set(sig.parameters) - declared == {spec.structure_arg, "model", "protocol", "device"}, name
+        assert set(sig.parameters) - declared == {spec.structure_arg, *contract.RESERVED}, name
         for p in spec.params:
             assert f"    {p.name}: " in fn.__doc__, (name, p.name)
         for proto in contract.PROTOCOL_NAMES:
@@ -250,3 +262,19 @@ def test_structure_dependent_limits_refused_before_any_model_call_and_over_rest(
                                                       "supercell": [20, 20, 20]})
     assert r.status_code == 422 and "supercell" in r.json()["message"]
     assert store.count(Task) == before
+
+
+def test_openapi_documents_every_request_and_result_field(rest) -> None:
+    """OpenAPI types every task request and every result kind field by field (a non-Python client sees them)."""
+    import dataclasses
+
+    spec_json = rest.get("/openapi.json").json()
+    comps = spec_json["components"]["schemas"]
+    for spec in properties().values():
+        request = comps["".join(w.capitalize() for w in spec.task_type.split("-")) + "Request"]
+        assert {p.name for p in spec.remote_params} <= set(request["properties"]), spec.name
+        result = comps[f"{spec.result.__name__}Data"]
+        assert {f.name for f in dataclasses.fields(spec.result)} <= set(result["properties"]), spec.name
+        assert result["properties"]["kind"]["const"] == spec.result.kind
+    result_ref = comps["TaskResultOut"]["properties"]["result"]
+    assert len(result_ref["oneOf"]) == len(properties()) and result_ref["discriminator"]["propertyName"] == "kind"

@@ -54,7 +54,7 @@ def choice(name: str, value: Any, options: Iterable[str]) -> str:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)):  # "1" is text, not a number (float() would take it)
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
