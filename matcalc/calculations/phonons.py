@@ -198,6 +198,8 @@ class PhononResult(HeatCapacityResult):
         ax.set_xlabel("DOS (states/THz)")
         ax.set_xlim(left=0)
         ax.tick_params(labelleft=False)
+        ax.yaxis.set_label_position("right")
+        ax.set_ylabel("frequency (THz)")
 
 
 def band_path_points(atoms: Atoms, path: str) -> tuple[str, list[list[str]], dict[str, np.ndarray]]:

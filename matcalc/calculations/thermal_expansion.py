@@ -114,6 +114,7 @@ class ThermalExpansionResult(PreRelaxedResult):
         twin = ax.twinx()
         twin.plot(self.temperatures_K, self.volumetric_expansion_per_K * 1e6, "-", color="C3", label="β(T)")
         twin.set_ylabel("volumetric expansion β (10⁻⁶/K)", color="C3")
+        twin.set_xlabel(ax.get_xlabel())  # the twin shares the temperature axis
         ax.set_title(f"{self.formula} ({self.model}), QHA at {self.pressure_GPa:g} GPa")
 
 
