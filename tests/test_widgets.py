@@ -301,6 +301,12 @@ def test_every_result_plot_is_a_figure_with_units():
                                   fmax=0.05),
         "interaction_energy": mc.interaction_energy(fcc111("Cu", (2, 2, 3), vacuum=6.0, periodic=True), "CO2",
                                                     "emt"),
+        "elastic_tensor": mc.elastic_tensor(bulk("Cu", "fcc", a=3.6), "emt", n_strains=2, fmax=0.01),
+        "phonons": mc.phonons(bulk("Cu", "fcc", a=3.6), "emt", supercell=(2, 2, 2), mesh=8, band_points=5,
+                              fmax=0.01, t_max=500.0, t_step=50.0),
+        "thermal_expansion": mc.thermal_expansion(bulk("Cu", "fcc", a=3.6), "emt", supercell=(2, 2, 2), mesh=8,
+                                                  n_volumes=5, volume_range=(0.97, 1.05), fmax=0.01, t_max=300.0,
+                                                  t_step=50.0),
     }
     assert set(made) == set(mc.calculations.PROPERTIES)
     dimensionless_x = {"optimizer step", "atom index"}
