@@ -302,7 +302,7 @@ def run_job(job: Job, publish: Publish | None = None, *, worker: str | None = No
 
 def _stopped(job: Job, reasons: list[str]) -> Exception:
     if reasons and reasons[0] == "timeout":
-        return TaskTimeoutError(f"task {job.task_id} exceeded its timeout of {job.timeout_s:g} s")
+        return TaskTimeoutError(f"task {job.task_id} timed out after {job.timeout_s:g} s")
     return TaskCancelledError(f"task {job.task_id} cancelled while running")
 
 
@@ -428,6 +428,159 @@ def visible_gpus() -> list[int]:
         return []
 
 
+# ----------------------------------------------------------------------------- a worker process
+def _load_model(name: str, device: str | None) -> bool:
+    from matcalc.models import get_model
+
+    get_model(name, device)
+    return True
+
+
+def _unload_model(name: str, device: str | None) -> bool:
+    from matcalc.models.registry import unload_model
+
+    return unload_model(name, device)
+
+
+def _loaded_models(device: str | None) -> list[tuple[str, str]]:
+    from matcalc.models.registry import loaded_models
+
+    return loaded_models()
+
+
+def _register_custom_model(model: Any, device: str | None) -> bool:
+    from matcalc.models.custom import register_validated
+
+    register_validated(model)
+    return True
+
+
+def _unregister_custom_model(name: str, device: str | None) -> bool:
+    from matcalc.models.custom import unregister_model_file
+
+    unregister_model_file(name)
+    return True
+
+
+WORKER_CALLS: dict[str, Callable[..., Any]] = {
+    "load_model": _load_model,
+    "unload_model": _unload_model,
+    "loaded_models": _loaded_models,
+    "register_custom_model": _register_custom_model,
+    "unregister_custom_model": _unregister_custom_model,
+}
+"""What an executor may ask a worker process to do (``fn(*args, device)``)."""
+
+
+class _Forward(logging.Handler):
+    """A worker process' log records, to the executor's process (``syslog`` messages), tagged with the task
+    that emitted them."""
+
+    def __init__(self, send: Publish) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            rec = {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                   "msg": record.getMessage(), "created": record.created, "process": record.process,
+                   "threadName": record.threadName, "task_id": current_task_id(),
+                   "exc_text": self.formatter.formatException(record.exc_info)
+                   if record.exc_info and self.formatter else None}
+            self.send({"type": "syslog", "record": rec})
+        except Exception:  # noqa: BLE001 - the executor is gone or the record is odd: drop it
+            pass
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the thread that started it ends (the executor's process died)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent_pid:  # it died before prctl
+        os._exit(0)
+
+
+def worker_main(fd: int) -> None:
+    """Entry point of a worker process (``python -c "from matcalc.execution import worker_main; worker_main(fd)"``):
+    run the jobs an executor sends over the connection ``fd``, one thread per job, and answer its
+    :data:`WORKER_CALLS`. Exits when the executor's end of the connection closes."""
+    from multiprocessing.connection import Connection
+
+    t0 = time.monotonic()
+    conn = Connection(fd)
+    init = conn.recv()
+    _die_with_parent(int(init["parent_pid"]))
+    name, device = init["name"], init.get("device")
+    send_lock = threading.Lock()
+
+    def send(msg: dict[str, Any]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    level = str(init.get("log_level", "INFO")).upper()
+    handler = _Forward(send)
+    handler.setFormatter(logging.Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level, logging.INFO))
+    install_log_capture(level)
+    if init.get("blas_threads"):
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=int(init["blas_threads"]), user_api="blas")
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack
+            pass
+    # torch is imported by the first model that needs it and takes its threads from OMP_NUM_THREADS
+    # (set by the executor): importing it here would cost seconds per worker start for EMT/LJ tasks
+    import matcalc.calculations  # noqa: F401 - the property modules, once before the first task
+    from matcalc.models.registry import model_names
+
+    model_names()  # imports the model plugins (MATCALC_PLUGINS, entry points)
+    for model in init.get("custom_models", ()):
+        try:
+            _register_custom_model(model, device)
+        except Exception as exc:  # noqa: BLE001 - one broken model must not stop the worker
+            log.error("could not register custom model %s: %s", getattr(model, "name", model), exc)
+    interval = float(init.get("progress_interval_s", 0.1))
+
+    def run(job: Job) -> None:
+        outcome = run_job(job, send, worker=name, progress_interval_s=interval)
+        try:
+            send(outcome.to_message())
+        except Exception as exc:  # noqa: BLE001 - a result that does not pickle
+            send({"type": "done", "task_id": job.task_id, "attempt": job.attempt, "status": TaskStatus.FAILED.value,
+                  "result": None, "error": f"{type(exc).__name__}: the outcome could not be sent: {exc}"})
+
+    def call(rid: int, method: str, args: tuple[Any, ...]) -> None:
+        try:
+            send({"type": "reply", "id": rid, "ok": True, "value": WORKER_CALLS[method](*args, device)})
+        except Exception as exc:  # noqa: BLE001 - reported to the executor
+            send({"type": "reply", "id": rid, "ok": False, "value": f"{type(exc).__name__}: {exc}"})
+
+    send({"type": "ready", "pid": os.getpid(), "setup_s": time.monotonic() - t0})
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the executor is gone
+        op = msg.get("op")
+        if op == "run":
+            threading.Thread(target=run, args=(msg["job"],), daemon=True, name="matcalc-task").start()
+        elif op == "stop":
+            request_stop(msg["task_id"], msg.get("reason", "cancel"))
+        elif op == "call":
+            threading.Thread(target=call, args=(msg["id"], msg["method"], tuple(msg.get("args", ()))),
+                             daemon=True, name="matcalc-call").start()
+        elif op == "exit":
+            os._exit(0)
+
+
 __all__ = [
     "CPU_SLOTS",
     "GPU_SLOTS",
@@ -435,6 +588,7 @@ __all__ = [
     "Job",
     "Outcome",
     "Publish",
+    "WORKER_CALLS",
     "TaskContext",
     "TaskLogHandler",
     "cpu_count",
@@ -449,4 +603,5 @@ __all__ = [
     "run_job",
     "running_tasks",
     "visible_gpus",
+    "worker_main",
 ]

@@ -137,7 +137,7 @@ def test_live_auth_and_request_ids(server, api):
 
 
 # ----------------------------------------------------------------------------- every task type
-def test_live_single_point_matches_ase(api):
+def test_live_single_point_matches_ase(server, api):
     atoms = CU.copy()
     atoms.rattle(0.03, seed=7)
     text = text_of(atoms, "extxyz")
@@ -149,7 +149,8 @@ def test_live_single_point_matches_ase(api):
     assert res.energy_eV == pytest.approx(ref.get_potential_energy(), abs=1e-8)
     np.testing.assert_allclose(res.forces_eV_per_A, ref.get_forces(), atol=1e-8)
     task = api.get(f"/tasks/{tid}").json()["data"]
-    assert task["attempts"] == 1 and task["worker"].startswith("inprocess:")
+    assert task["attempts"] == 1 and task["worker"].startswith("process-")  # a worker process ran it ...
+    assert int(task["worker"].rsplit(":", 1)[1]) != server.proc.pid  # ... not the API process
     assert task["created_at"] <= task["started_at"] <= task["finished_at"]
     assert task["result_url"] == f"/api/v1/tasks/{tid}/result"
 

@@ -72,6 +72,8 @@ DEFAULT_THREADS_CPU = 1
 per worker made one-at-a-time tasks wait for the batching engine's idle "active caller" (~40 ms);
 :data:`matcalc.execution.CPU_SLOTS`."""
 WORKER_REFRESH_S = 2.0
+LOST_WORKER_TIMEOUT_S = 600.0
+"""How long a local cluster waits for a crashed worker's restart before giving up on it (s)."""
 SCHEDULER_TOPIC = "all"
 """The scheduler's own event topic (workers added and removed, with the tasks they were processing)."""
 
@@ -128,6 +130,8 @@ class _Submission:
     timer: threading.Timer | None = None
     running_on: str | None = None
     """Worker that reported running the current attempt (None until it did)."""
+    hint: tuple[str, ...] = ()
+    """The workers the current attempt was hinted to (model affinity)."""
     settled_key: str | None = None
     waiters: int = 0
 
@@ -168,6 +172,8 @@ class Cluster:
         self._by_key: dict[str, _Submission] = {}
         self._worker_models: dict[str, set[str]] = {}
         self._workers_seen: tuple[float, list[str]] = (0.0, [])
+        self._gone: set[str] = set()
+        """Workers that left the scheduler."""
         self._closed = False
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="matcalc-cluster")
         """Work that must not run on the client's event loop thread (blocking dask calls), in order."""
@@ -357,7 +363,7 @@ class Cluster:
         return addrs
 
     def _preferred_workers(self, model: str) -> list[str] | None:
-        addrs = self._worker_addresses()
+        addrs = [a for a in self._worker_addresses() if a not in self._gone]
         if not addrs:
             return None
         key = model.strip().lower()
@@ -382,7 +388,7 @@ class Cluster:
         if self.gpu and self._gpu_share:  # a task that crashed a worker runs alone on the next one
             kwargs["resources"] = {"GPU": 1.0 if task.crashes else self._gpu_share}
         with self._lock:
-            sub.key, sub.running_on = key, None
+            sub.key, sub.running_on, sub.hint = key, None, tuple(hint or ())
             self._by_key[key] = sub
         try:
             future = self.client.submit(run_task, job, self.topic, self.progress_interval_s, key=key, pure=False,
@@ -526,12 +532,22 @@ class Cluster:
         """A worker left the scheduler unexpectedly: its tasks go again (on the client's event loop
         thread: the work is handed to the helper thread)."""
         _, msg = event
-        if not isinstance(msg, dict) or msg.get("action") != "remove-worker" or msg.get("expected"):
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
             return
         worker = msg.get("worker")
         with self._lock:
+            self._workers_seen = (0.0, [])  # hints name live workers only
+            self._worker_models.pop(worker, None)
+            self._gone.add(worker)
             lost = [(self._by_key[k], k) for k in msg.get("processing-tasks", ()) if k in self._by_key]
-        for sub, key in lost:
+            # dask never schedules a waiting task whose hinted workers are all gone (even with
+            # allow_other_workers): send those again too
+            lost_keys = {k for _, k in lost}
+            stranded = [(s, s.key) for s in self._by_key.values() if s.key not in lost_keys and s.hint
+                        and s.running_on is None and set(s.hint) <= self._gone]
+        if msg.get("expected"):
+            lost = []  # retired on purpose: dask moves its tasks itself
+        for sub, key in [*lost, *stranded]:
             self._helper.submit(self._lost, sub, key, worker)
 
     def _lost(self, sub: _Submission, key: str, worker: str | None) -> None:
@@ -644,7 +660,7 @@ class Cluster:
             return
         sub = self._sub(task)
         future = sub.future if sub is not None else None
-        err = TaskTimeoutError(f"task {task.id} exceeded its timeout of {task.timeout_s} s")
+        err = TaskTimeoutError(f"task {task.id} timed out after {task.timeout_s:g} s")
         if task.state.finish(TaskStatus.TIMEOUT, error=err):
             if sub is not None:
                 self._release(sub)
@@ -745,6 +761,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         **cluster_kwargs: passed on to ``LocalCluster`` / ``LocalCUDACluster``.
     """
     from distributed import Client
+    from dask.utils import parse_timedelta
 
     import dask
 
@@ -771,6 +788,11 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
     # the cluster handles worker deaths itself (Cluster._lost): dask must not retry a task on other
     # workers behind its back (with stale worker hints it even left such tasks waiting forever)
     config = {"distributed.scheduler.allowed-failures": 0}
+    # a LocalCluster shuts a nanny down for good when its crashed worker is not back within this timeout
+    # (read when the worker dies, so set for the process): dask's 15 s were too short for a worker
+    # that imports torch on a busy machine (measured 14-16 s here), and the cluster shrank
+    if parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout")) < LOST_WORKER_TIMEOUT_S:
+        dask.config.set({"distributed.deploy.lost-worker-timeout": f"{LOST_WORKER_TIMEOUT_S:g}s"})
     if use_gpu:
         from dask_cuda import LocalCUDACluster
 

@@ -22,10 +22,11 @@ from matcalc.server.config import Settings
 from matcalc.server.custom_models import CustomModelService
 from matcalc.server.errors import ApiError, ErrorCode, error_table
 from matcalc.server.events import EventBus
-from matcalc.server.executor import Executor, make_executor
+from matcalc.server.executor import Executor
 from matcalc.server.metrics import MetricsMiddleware
 from matcalc.server.middleware import RequestContextMiddleware, install_log_filter, request_id_var
 from matcalc.server.observability import Observability
+from matcalc.server.pool import make_executor
 from matcalc.server.service import TaskService
 from matcalc.store import Store
 
@@ -159,10 +160,11 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
             if not plugin.loaded:
                 log.error("model plugin %s failed to import: %s", plugin.name, plugin.error)
         store = Store(settings.db_url)
-        ex = executor or make_executor(settings.cluster, settings.workers, settings.device, settings.blas_threads)
+        ex = executor or make_executor(settings)
         service = TaskService(store, ex, max_atoms=settings.max_atoms, max_batch=settings.max_batch,
                               default_timeout_s=settings.default_timeout_s,
-                              progress_interval_s=settings.progress_interval_s, bus=app.state.bus)
+                              progress_interval_s=settings.progress_interval_s, bus=app.state.bus,
+                              max_crashes=settings.max_crashes)
         app.state.store = store
         app.state.service = service
         app.state.custom_models = CustomModelService(

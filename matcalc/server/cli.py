@@ -19,9 +19,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; others need an API key)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--cluster", default=None,
-                   help="inprocess (default: threads in the server), local (start a dask cluster) "
-                        "or a scheduler address")
-    p.add_argument("--workers", type=int, default=None, help="in-process worker threads (default 2)")
+                   help="process (default: supervised worker processes), inprocess (threads in the server: "
+                        "tests, debugging), local (start a dask cluster) or a scheduler address")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (threads with inprocess); default one per CPU (memory permitting) "
+                        "or per GPU; 0 queues tasks without running them")
     p.add_argument("--db", dest="db_url", default=None,
                    help="database URL (default $MATCALC_DB_URL or ~/.matcalc/matcalc.db)")
     p.add_argument("--api-key", dest="api_keys", action="append", default=None,

@@ -1,9 +1,10 @@
 """The dask executor (``matcalc serve --cluster local|ADDRESS``): tasks go to :mod:`matcalc.cluster`.
 
-``local`` starts a cluster on this machine (one worker per GPU, or CPU workers); any other value
-is a scheduler address to :func:`matcalc.cluster.connect` to. Status changes, progress, logs and
-outcomes of the cluster's :class:`~matcalc.cluster.Task` objects are forwarded to the task
-service (and so to the store).
+``local`` starts a cluster on this machine (one worker per GPU, or CPU worker processes); any other
+value is a scheduler address to :func:`matcalc.cluster.connect` to. Status changes, progress, logs and
+outcomes of the cluster's :class:`~matcalc.cluster.Task` objects are forwarded to the task service (and
+so to the store). Worker deaths are the cluster's (it runs the task again on another worker, then
+FAILs it at ``max_crashes``); each one is recorded in the store as it happens.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 import threading
 from typing import Any
 
-from matcalc.server.executor import ExecutorCallbacks, Job
+from matcalc.execution import Job, prepare
+from matcalc.server.executor import ExecutorCallbacks
+from matcalc.tasks import DEFAULT_MAX_CRASHES, ON_WORKER, TaskStatus, WorkerCrashedError
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +23,17 @@ log = logging.getLogger(__name__)
 class ClusterExecutor:
     name = "dask"
 
-    def __init__(self, address: str, *, workers: int | None = None, device: str | None = None) -> None:
+    def __init__(self, address: str, *, workers: int | None = None, slots: int | None = None,
+                 device: str | None = None, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
         self.address = address
-        self.threads_per_worker = workers or None
+        self.n_workers = workers or None
+        self.slots = slots
         self.device = device
+        self.max_crashes = max_crashes
         self.cluster: Any = None
         self._callbacks: ExecutorCallbacks | None = None
         self._attempts: dict[str, int | None] = {}
+        self._crashes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._closing = False
 
@@ -36,21 +43,22 @@ class ClusterExecutor:
 
         self._callbacks = callbacks
         if self.address == "local":
-            self.cluster = cluster.start(threads_per_worker=self.threads_per_worker, preload=(), dashboard=True)
+            self.cluster = cluster.start(n_workers=self.n_workers, threads_per_worker=self.slots, preload=(),
+                                         dashboard=True, max_crashes=self.max_crashes)
         else:
-            self.cluster = cluster.connect(self.address)
+            self.cluster = cluster.connect(self.address, max_crashes=self.max_crashes)
         log.info("executor: dask cluster %s (dashboard %s)", self.cluster.address, self.cluster.dashboard_link)
 
     def submit(self, job: Job) -> None:
-        from matcalc.server.executor import build_call
-
         if self._closing or self.cluster is None:
             raise RuntimeError("executor is shutting down")
-        _, atoms, kwargs = build_call(job)
-        if self.device:
-            kwargs["device"] = self.device
+        _, atoms, kwargs = prepare(Job(job.task_id, job.model, prop=job.prop, params=job.params,
+                                       structure=job.structure, fmt=job.fmt, label=job.label,
+                                       device=job.device or self.device))
+        with self._lock:
+            self._crashes[job.task_id] = job.crashes
         task = self.cluster.submit(job.prop, atoms, model=job.model, priority=job.priority, timeout_s=job.timeout_s,
-                                   task_id=job.task_id, **kwargs)
+                                   task_id=job.task_id, crashes=job.crashes, **kwargs)
         task.add_status_callback(self._on_status)
         task.add_progress_callback(lambda t, event: self._forward("on_progress", t.id, event))
         task.add_done_callback(self._on_done)
@@ -62,11 +70,9 @@ class ClusterExecutor:
             return False
 
     def shutdown(self, timeout_s: float) -> list[str]:
-        from matcalc.cluster import TaskStatus
-
         if self.cluster is None:
             return []
-        running = [t for t in self.cluster.tasks() if t.status in (TaskStatus.ASSIGNED, TaskStatus.RUNNING)]
+        running = [t for t in self.cluster.tasks() if t.status in ON_WORKER]
         self.cluster.wait(running, timeout=timeout_s)
         self._closing = True  # from here on, outcomes are not reported: unfinished tasks stay requeueable
         left = [t.id for t in running if not t.done()]
@@ -86,8 +92,6 @@ class ClusterExecutor:
         return (n > 0), f"{n} dask worker(s) at {self.cluster.address}"
 
     def info(self) -> dict[str, Any]:
-        from matcalc.cluster import TaskStatus
-
         tasks = self.cluster.tasks() if self.cluster is not None else []
         count = {s: sum(t.status == s for t in tasks) for s in TaskStatus}
         return {"kind": self.name, "address": self.cluster.address if self.cluster else None,
@@ -95,7 +99,8 @@ class ClusterExecutor:
                 "gpu": bool(self.cluster and self.cluster.gpu),
                 "running": count[TaskStatus.RUNNING] + count[TaskStatus.ASSIGNED],
                 "queued": count[TaskStatus.QUEUED] + count[TaskStatus.PENDING],
-                "completed": count[TaskStatus.COMPLETED], "failed": count[TaskStatus.FAILED]}
+                "completed": count[TaskStatus.COMPLETED], "failed": count[TaskStatus.FAILED],
+                "crashed": sum(t.crashes for t in tasks), "max_crashes": self.max_crashes}
 
     # -------------------------------------------------------------- models
     def load_model(self, name: str) -> list[str]:
@@ -135,9 +140,14 @@ class ClusterExecutor:
             return None
         return getattr(self._callbacks, method)(*args)
 
-    def _on_status(self, task: Any, status: Any) -> None:
-        from matcalc.cluster import TaskStatus
+    def _new_crash(self, task: Any) -> bool:
+        """True (once) when ``task`` counted a crash since the last look."""
+        with self._lock:
+            seen = self._crashes.get(task.id, 0)
+            self._crashes[task.id] = task.crashes
+        return task.crashes > seen
 
+    def _on_status(self, task: Any, status: TaskStatus) -> None:
         gpu = "GPU" if self.cluster is not None and self.cluster.gpu else None
         if status == TaskStatus.ASSIGNED:
             self._forward("on_assigned", task.id, task.worker, gpu)
@@ -147,16 +157,27 @@ class ClusterExecutor:
                 self._attempts[task.id] = attempt
             if attempt is None and not self._closing:
                 task.cancel()  # cancelled (or finished) in the store meanwhile
+        elif status == TaskStatus.PENDING:  # the cluster sends it again: its worker died
+            with self._lock:
+                attempt = self._attempts.pop(task.id, None)
+            if self._new_crash(task):
+                again = self._forward("on_crashed", task.id, f"dask worker {task.worker} died while running it",
+                                      attempt)
+                if again is False and not self._closing:
+                    task.cancel()  # FAILED in the store (its crashes cap) or no longer active there
+            else:
+                self._forward("on_requeued", task.id, f"dask worker {task.worker} left before it started the task")
 
     def _on_done(self, task: Any) -> None:
-        from matcalc.cluster import TaskStatus
-
         with self._lock:
             attempt = self._attempts.pop(task.id, None)
+            self._crashes.pop(task.id, None)
         for record in task.logs:
             self._forward("on_log", task.id, record)
         status = task.status
         if status == TaskStatus.COMPLETED:
             self._forward("on_done", task.id, "COMPLETED", task.result().to_dict(), None, attempt)
+        elif isinstance(task.exception(0), WorkerCrashedError):
+            self._forward("on_crashed", task.id, f"dask worker {task.worker} died while running it", attempt)
         else:
             self._forward("on_done", task.id, status.value, None, task.error, attempt)

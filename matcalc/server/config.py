@@ -30,14 +30,25 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     db_url: str | None = None
     """Database URL (default ``$MATCALC_DB_URL`` or ``sqlite:///~/.matcalc/matcalc.db``)."""
-    cluster: str = "inprocess"
-    """``inprocess`` (threads in the server), ``local`` (a dask cluster started here) or a scheduler address."""
-    workers: int = Field(2, ge=0, le=256)
-    """In-process worker threads (``0``: accept and queue tasks without running them)."""
+    cluster: str = "process"
+    """Where tasks run: ``process`` (supervised worker processes, the default: a task that crashes its
+    process fails alone), ``inprocess`` (threads of the server itself: tests, debugging), ``local`` (a dask
+    cluster started here) or a dask scheduler address."""
+    workers: int | None = Field(None, ge=0, le=1024)
+    """Worker processes (``process``, ``local``) or threads (``inprocess``); default: one per CPU (at most
+    one per 2 GiB of memory), or one per GPU; ``0``: accept and queue tasks without running them."""
+    slots_per_worker: int | None = Field(None, ge=1, le=256)
+    """Tasks one worker process runs at once (default 1 on a CPU, 4 on a GPU, whose batching engine fuses
+    their force calls)."""
+    max_crashes: int = Field(2, ge=1, le=100)
+    """A task whose execution died this many times (its worker process aborted, segfaulted or was killed, or
+    the server stopped under it) is FAILED ("worker crashed: ...") instead of being run again."""
+    stop_grace_s: float = Field(10.0, gt=0)
+    """A cancelled or timed-out task that has not stopped after this long has its worker process killed."""
     device: str | None = None
     blas_threads: int | None = Field(1, ge=1, le=1024)
-    """BLAS threads in the server process with the in-process executor (many small concurrent tasks run
-    far faster single-threaded; ``None`` leaves the library default)."""
+    """BLAS threads in each worker (many small concurrent tasks run far faster single-threaded; ``None``
+    leaves the library default)."""
     api_keys: list[str] = Field(default_factory=list)
     """Accepted ``X-API-Key`` values; required when ``host`` is not a loopback address."""
     rate_limit_per_s: float = Field(50.0, ge=0)

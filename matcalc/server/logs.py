@@ -68,11 +68,11 @@ def _json_safe(value: Any) -> Any:
 
 def record_dict(record: logging.LogRecord) -> dict[str, Any]:
     """The structured form of a log record (JSON-safe)."""
-    from matcalc.server.executor import _current_task
+    from matcalc.execution import current_task_id
     from matcalc.server.middleware import request_id_var
 
     rid = getattr(record, "request_id", None) or request_id_var.get()
-    task_id = getattr(record, "task_id", None) or _current_task.get()
+    task_id = getattr(record, "task_id", None) or current_task_id()
     if task_id is None and isinstance(rid, str) and rid.startswith("task:"):
         task_id = rid[5:]
     if record.name == ACCESS_LOGGER:
