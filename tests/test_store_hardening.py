@@ -167,3 +167,18 @@ def test_sqlite_synchronous_full_by_default(tmp_path, monkeypatch):
     monkeypatch.setenv("MATCALC_SQLITE_SYNCHRONOUS", "OFF")
     with pytest.raises(ValueError, match="MATCALC_SQLITE_SYNCHRONOUS must be one of FULL, NORMAL, EXTRA"):
         db.make_engine(f"sqlite:///{tmp_path / 'd.db'}")
+
+
+def test_an_outcome_that_cannot_be_stored_fails_the_task_with_the_reason(store, cu_id):
+    """Not left RUNNING: a result JSON cannot hold (here a datetime, as a careless adapter might return)."""
+    from datetime import UTC, datetime
+
+    from matcalc.server.service import TaskService
+
+    service = TaskService(store, executor=None, cache=False)  # type: ignore[arg-type] - on_done needs none
+    [task] = store.create_tasks([_new(cu_id)])
+    attempt = store.mark_started(task.id)
+    service.on_done(task.id, "COMPLETED", {"kind": "single_point", "at": datetime.now(UTC)}, None, attempt)
+    row = store.get_task(task.id)
+    assert row.status == "FAILED" and row.result is None
+    assert "could not be stored" in row.error and "datetime cannot be stored as JSON" in row.error
