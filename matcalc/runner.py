@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matcalc.calculations.contract import Choice, Either, Flag, Molecule, Number
+
 log = logging.getLogger(__name__)
 
 STRUCTURE_SUFFIXES = {".cif", ".vasp", ".poscar", ".xyz", ".extxyz"}
@@ -210,14 +212,15 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
     """
     from tqdm.auto import tqdm
 
-    from matcalc.calculations import property_function, protocols
+    from matcalc.calculations import get_property
+    from matcalc.models.registry import model_card
 
     t0 = time.perf_counter()
-    fn = property_function(prop)
-    prop = fn.__name__
-    protocol_name = (protocol or protocols.DEFAULT_PROTOCOL).lower()
-    if protocol_name not in protocols.PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(protocols.protocol_names())}, got {protocol!r}")
+    spec = get_property(prop)
+    fn = spec.function
+    prop = spec.name
+    protocol_name, _ = spec.resolve(protocol, params)  # every parameter checked before anything is written
+    model_card(model)  # an unknown model fails here, once, before any file exists
     params = dict(params or {})
     out = Path(out)
     if out.suffix.lower() not in (".parquet", ".csv"):
@@ -368,52 +371,68 @@ def _run_cluster(cluster: Any, items: list[Item], model: str, kwargs: dict[str, 
 
 # ---------------------------------------------------------------------------- CLI: matcalc run
 def add_run_parser(sub: Any) -> None:
-    """Register ``matcalc run`` on an argparse sub-parsers object."""
+    """Register ``matcalc run PROPERTY ...``: one sub-command per property, its options derived from the
+    property's declaration (``--n-points 7``, ``--supercell 2 2 2``; help, units and ranges from the table)."""
+    import argparse
+
+    from matcalc.calculations import properties
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("inputs", nargs="+", metavar="FILES_OR_DIR", help="structure files, folders or builtin names")
+    common.add_argument("--model", default="chgnet", help="model name (default chgnet)")
+    common.add_argument("--out", default="results.parquet",
+                        help="output table, .parquet or .csv (default results.parquet)")
+    common.add_argument("--cluster", default="inprocess",
+                        help="inprocess (default), local, or a dask scheduler address such as tcp://host:8786")
+    common.add_argument("--protocol", default=None, help="mofsimbench (default) or fast")
+    common.add_argument("--workers", type=int, default=None,
+                        help="in-process: concurrent threads (default 1); local: worker processes (default auto)")
+    common.add_argument("--priority", default="NORMAL", help="cluster task priority: CRITICAL, HIGH, NORMAL, LOW")
+    common.add_argument("--timeout", type=float, default=None, dest="timeout_s",
+                        help="per-structure time limit (s), cluster only")
+    common.add_argument("--retries", type=int, default=0, help="retries after transient errors, cluster only")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--no-cache", action="store_true",
+                        help="compute every structure even when the result cache holds it (default: cached results "
+                             "are reused, new ones stored; MATCALC_CACHE=0 turns the cache off everywhere)")
     p = sub.add_parser(
         "run", help="run one property on many structures; results written as they finish, resumable",
         description="Run PROPERTY on every structure of FILES_OR_DIR (folders are searched recursively). "
                     "Each finished structure is appended to OUT.journal.jsonl and OUT is rewritten atomically; "
                     "rerunning the same command skips structures already finished. Default execution is "
                     "in-process; --cluster local starts a dask cluster (one worker per GPU, else CPU workers), "
-                    "--cluster tcp://host:8786 uses a running one.")
-    p.add_argument("property", help="relax, single_point, bulk_modulus, heat_capacity, stability, interaction_energy")
-    p.add_argument("inputs", nargs="+", metavar="FILES_OR_DIR", help="structure files, folders or builtin names")
-    p.add_argument("--model", default="chgnet", help="model name (default chgnet)")
-    p.add_argument("--out", default="results.parquet", help="output table, .parquet or .csv (default results.parquet)")
-    p.add_argument("--cluster", default="inprocess",
-                   help="inprocess (default), local, or a dask scheduler address such as tcp://host:8786")
-    p.add_argument("--protocol", default=None, help="mofsimbench (default) or fast")
-    p.add_argument("--workers", type=int, default=None,
-                   help="in-process: concurrent threads (default 1); local: worker processes (default auto)")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra keyword of the calculation, e.g. -p fmax=0.01 (value parsed as JSON when possible)")
-    p.add_argument("--priority", default="NORMAL", help="cluster task priority: CRITICAL, HIGH, NORMAL, LOW")
-    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="per-structure time limit (s), cluster only")
-    p.add_argument("--retries", type=int, default=0, help="retries after transient errors, cluster only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-cache", action="store_true",
-                   help="compute every structure even when the result cache holds it (default: cached results "
-                        "are reused, new ones stored; MATCALC_CACHE=0 turns the cache off everywhere)")
-    p.set_defaults(func=cmd_run)
+                    "--cluster tcp://host:8786 uses a running one. `matcalc run PROPERTY -h` lists the "
+                    "property's options.")
+    props = p.add_subparsers(dest="property", required=True, metavar="PROPERTY")
+    for name, spec in properties().items():
+        aliases = [spec.task_type] if spec.task_type != name else []
+        q = props.add_parser(name, aliases=aliases, parents=[common], help=spec.summary.replace("%", "%%"),
+                             description=spec.summary.replace("%", "%%"))
+        group = q.add_argument_group(f"{name} parameters (default: the protocol's value)")
+        for param in spec.remote_params:
+            many = not isinstance(param.kind, (Number, Flag, Choice, Molecule)) or isinstance(param.kind, Either)
+            group.add_argument(f"--{param.name.replace('_', '-')}", dest=f"param_{param.name}", default=None,
+                               nargs="+" if many else None, metavar=param.name.upper(),
+                               help=param.doc_line().replace("%", "%%"))
+        q.set_defaults(func=cmd_run, spec=spec)
 
 
-def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["fmax=0.01", "relax_cell=false"]`` -> ``{"fmax": 0.01, "relax_cell": False}``."""
+def params_from_args(args: Any) -> dict[str, Any]:
+    """The declared parameters given on the command line (each word parsed by its kind; checked later by
+    the declaration, like every other call)."""
+    spec = args.spec
     out: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--param must look like NAME=VALUE, got {pair!r}")
-        try:
-            out[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[name.strip()] = value
+    for param in spec.remote_params:
+        raw = getattr(args, f"param_{param.name}", None)
+        if raw is not None:
+            text = " ".join(raw) if isinstance(raw, list) else raw
+            out[param.name] = param.kind.from_text(param.name, text)
     return out
 
 
 def cmd_run(args: Any) -> int:
-    summary = run_batch(args.property, args.inputs, model=args.model, out=args.out, cluster=args.cluster,
-                        protocol=args.protocol, params=parse_params(args.param), workers=args.workers,
+    summary = run_batch(args.spec.name, args.inputs, model=args.model, out=args.out, cluster=args.cluster,
+                        protocol=args.protocol, params=params_from_args(args), workers=args.workers,
                         priority=args.priority, timeout_s=args.timeout_s, retries=args.retries,
                         show_progress=not args.no_progress, cache=False if args.no_cache else None)
     print(f"matcalc run: {summary.n_unique} structure(s): {summary.n_skipped} already done, "

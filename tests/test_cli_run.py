@@ -18,9 +18,9 @@ from ase.io import write
 
 import matcalc as mc
 from matcalc.cli import main
-from matcalc.runner import Journal, parse_params, run_batch, task_key
+from matcalc.runner import Journal, run_batch, task_key
 
-RELAX = ["-p", "fmax=0.01", "-p", "optimizer=FIRE", "-p", "relax_cell=false"]
+RELAX = ["--fmax", "0.01", "--optimizer", "FIRE", "--relax-cell", "false"]
 
 
 def make_inputs(folder: Path, n_small: int = 3, n_large: int = 2) -> list[Path]:
@@ -136,10 +136,12 @@ def test_bad_arguments(tmp_path: Path, capsys):
         run_batch("relax", inputs, model="emt", out=tmp_path / "r.parquet", workers=0, show_progress=False)
     with pytest.raises(FileNotFoundError):
         run_batch("relax", [tmp_path / "missing.cif"], model="emt", out=tmp_path / "r.parquet", show_progress=False)
-    with pytest.raises(ValueError, match="NAME=VALUE"):
-        parse_params(["fmax"])
-    assert parse_params(["fmax=0.01", "optimizer=FIRE", "relax_cell=false"]) == {
-        "fmax": 0.01, "optimizer": "FIRE", "relax_cell": False}
+    # bad parameters and unknown models fail before any file is written
+    for argv, message in [(["--fmax", "-1"], "fmax must be in"), (["--optimizer", "SGD"], "optimizer must be one of"),
+                          (["--model", "nosuchnet"], "unknown model"), (["--relax-cell", "maybe"], "relax_cell")]:
+        out = tmp_path / "never.parquet"
+        assert main(["run", "relax", str(inputs[0]), "--model", "emt", *argv, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not list(tmp_path.glob("never.parquet*"))
     assert main(["run", "relax", str(inputs[0]), "--model", "emt", "--out", str(tmp_path / "r.txt")]) == 2
     assert "out must end in" in capsys.readouterr().err
 
@@ -158,3 +160,31 @@ def test_run_on_local_cluster_matches_in_process(tmp_path: Path):
     np.testing.assert_allclose(a["energy_eV"], b["energy_eV"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(a["max_force_eV_per_A"], b["max_force_eV_per_A"], rtol=0, atol=1e-12)
     assert not os.path.exists(str(out_cluster) + ".tmp")
+
+
+def test_options_are_derived_from_the_declarations(tmp_path: Path):
+    """Every declared parameter of every property is a `matcalc run PROPERTY --option`, parsed by its kind."""
+    from matcalc.calculations import properties
+    from matcalc.cli import build_parser
+    from matcalc.runner import params_from_args
+
+    parser = build_parser()
+    for name, spec in properties().items():
+        args = vars(parser.parse_args(["run", name, "x.cif"]))
+        assert {f"param_{p.name}" for p in spec.remote_params} <= set(args), name
+        assert params_from_args(parser.parse_args(["run", name, "x.cif"])) == {}
+    args = parser.parse_args(["run", "heat_capacity", "x.cif", "--supercell", "2", "2", "1", "--mesh", "30",
+                              "--relax-first", "false", "--t-max", "500"])
+    assert params_from_args(args) == {"supercell": [2, 2, 1], "mesh": 30.0, "relax_first": False, "t_max": 500.0}
+    args = parser.parse_args(["run", "bulk-modulus", "x.cif", "--n-points", "7", "--eos", "vinet"])
+    assert args.spec.name == "bulk_modulus" and params_from_args(args) == {"n_points": 7, "eos": "vinet"}
+
+
+def test_declared_options_run_end_to_end(tmp_path: Path):
+    inputs = make_inputs(tmp_path / "in", n_small=1, n_large=0)
+    out = tmp_path / "r.csv"
+    assert main(["run", "relax", str(inputs[0]), "--model", "emt", "--fmax", "0.02", "--optimizer", "FIRE",
+                 "--relax-cell", "false", "--out", str(out), "--no-progress", "--no-cache"]) == 0
+    row = Journal(out.with_name(out.name + ".journal.jsonl")).read().popitem()[1]
+    assert row["status"] == "COMPLETED"
+    assert row["result"]["parameters"] == {"fmax": 0.02, "max_steps": 5000, "optimizer": "FIRE", "relax_cell": False}
