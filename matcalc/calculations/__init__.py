@@ -25,6 +25,8 @@ PROPERTIES: dict[str, tuple[str, str, str]] = {
     "heat_capacity": ("matcalc.calculations.heat_capacity", "heat_capacity", "HeatCapacityResult"),
     "stability": ("matcalc.calculations.stability", "stability", "StabilityResult"),
     "interaction_energy": ("matcalc.calculations.interaction", "interaction_energy", "InteractionEnergyResult"),
+    "henry_coefficient": ("matcalc.calculations.henry", "henry_coefficient", "HenryResult"),
+    "binding_sites": ("matcalc.calculations.binding_sites", "binding_sites", "BindingSitesResult"),
     "elastic_tensor": ("matcalc.calculations.elastic", "elastic_tensor", "ElasticTensorResult"),
     "phonons": ("matcalc.calculations.phonons", "phonons", "PhononResult"),
     "thermal_expansion": ("matcalc.calculations.thermal_expansion", "thermal_expansion", "ThermalExpansionResult"),
