@@ -121,7 +121,11 @@ class TqdmProgress:
         if done > self._shown:
             self.bar.update(done - self._shown)
             self._shown = done
-        self.bar.set_postfix_str(counts_text(self.state.counts()), refresh=True)
+        text = counts_text(self.state.counts())
+        rows = self.state.rows()
+        if len(rows) == 1 and rows[0].note:  # one task: its own status line too (e.g. the running K_H)
+            text += f" | {rows[0].note}"
+        self.bar.set_postfix_str(text, refresh=True)
         if self.state.all_done():
             self.close()
 
@@ -208,8 +212,9 @@ class _RowView:
                                layout=w.Layout(width="34px"))
         self.cancel.on_click(lambda _b: on_cancel(self.task_id))
         self.error = w.HTML(layout=w.Layout(display="none", margin="0 0 4px 12px"))
+        self.note = w.HTML(layout=w.Layout(display="none", margin="0 0 2px 12px"))
         self.line = w.HBox([*self.cells.values(), self.bar, self.cancel], layout=w.Layout(align_items="center"))
-        self.box = w.VBox([self.line, self.error])
+        self.box = w.VBox([self.line, self.note, self.error])
 
     def show(self, row: Row, now: float) -> None:
         self.task_id = row.id
@@ -227,6 +232,11 @@ class _RowView:
         self.bar.bar_style = {"COMPLETED": "success", "FAILED": "danger", "TIMEOUT": "danger",
                               "CANCELLED": "warning"}.get(row.status, "info")
         self.cancel.disabled = row.done
+        if row.note:
+            self.note.value = f"<span style='color:#555;font-size:90%'>{html.escape(row.note)}</span>"
+            self.note.layout.display = "block"
+        else:
+            self.note.layout.display = "none"
         if row.error and row.status != "CANCELLED":
             self.error.value = f"<pre style='color:#c62828;margin:0;white-space:pre-wrap'>{html.escape(row.error)}</pre>"
             self.error.layout.display = "block"

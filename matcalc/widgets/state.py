@@ -178,6 +178,9 @@ class Row:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    note: str | None = None
+    """The calculation's own one-line status (a progress event's ``extra["note"]``, e.g. Widom insertions
+    done and the running K_H with its error)."""
 
     @builtins.property  # the field ``property`` shadows the builtin in this class body
     def done(self) -> bool:
@@ -196,6 +199,12 @@ class Row:
         stage = f"{self.stage} " if self.stage else ""
         total = f"/{self.total_steps}" if self.total_steps else ""
         return f"{stage}{self.step}{total}"
+
+
+def _note(event: dict[str, Any]) -> str | None:
+    extra = event.get("extra")
+    note = extra.get("note") if isinstance(extra, dict) else None
+    return str(note) if note else None
 
 
 class ProgressState:
@@ -255,6 +264,7 @@ class ProgressState:
             started_at=started,
             finished_at=finished,
             error=str(error) if error else None,
+            note=_note(ev),
         )
 
     def _update(self, task: Any, event: dict[str, Any] | None = None) -> None:
@@ -267,7 +277,7 @@ class ProgressState:
                 if event is None and new.step is None and old.step is not None:
                     new = replace(new, stage=old.stage, step=old.step, total_steps=old.total_steps,
                                   fraction=new.fraction if new.fraction is not None else old.fraction,
-                                  energy_eV=old.energy_eV, fmax_eV_per_A=old.fmax_eV_per_A)
+                                  energy_eV=old.energy_eV, fmax_eV_per_A=old.fmax_eV_per_A, note=old.note)
                 if old.done and old.finished_at is not None:
                     new = replace(new, finished_at=old.finished_at)
             self._rows[task.id] = new
