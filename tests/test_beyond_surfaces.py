@@ -42,10 +42,11 @@ QHA = {"supercell": [2, 2, 2], "mesh": 8, "n_volumes": 5, "volume_range": [0.97,
        "t_step": 50.0}
 
 
-@pytest.fixture
-def client(tmp_path):
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
     """Queue-only server (workers=0): tasks are stored and queued, nothing runs."""
-    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'api.db'}", workers=0))
+    db = tmp_path_factory.mktemp("api") / "api.db"
+    app = create_app(Settings(db_url=f"sqlite:///{db}", workers=0))
     with TestClient(app) as c:
         yield c
 
