@@ -243,7 +243,7 @@ def cif_atom_count(block: Any, spacegroup: Any, n_sites: int) -> int:
     are one atom, as in ASE), from the sites and symmetry operations alone, without building them."""
     rot, trans = _symmetry_operations(spacegroup)
     frac = block.get_unsymmetrized_structure().get_scaled_positions(wrap=False)[:n_sites]
-    grid = int(round(1.0 / _CIF_SYMPREC))
+    grid = round(1.0 / _CIF_SYMPREC)
     total = 0
     for start in range(0, len(frac), 256):  # (sites, ops, 3) in chunks: memory stays small
         images = np.einsum("oij,sj->soi", rot, frac[start:start + 256]) + trans[None, :, :]
@@ -420,6 +420,7 @@ def _read_text(text: str, fmt: str | None, max_atoms: int | None = None) -> Atom
         if len(images) > 1:
             log.info("structure text holds %d frames; using the last one", len(images))
         atoms = images[-1]
+        assert isinstance(atoms, Atoms)
     if len(atoms) == 0:
         raise StructureError(f"the {fmt.upper()} text holds no atoms")
     if max_atoms is not None and len(atoms) > max_atoms:
