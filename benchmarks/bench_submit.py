@@ -49,7 +49,7 @@ def one_side(mode: str, n: int, clients: int, workdir: Path) -> float:
     port = free_port()
     db = workdir / f"bench-{mode}-{time.monotonic_ns()}.db"
     env = {**os.environ, "MATCALC_SQLITE_SYNCHRONOUS": mode, "MATCALC_CACHE": "0"}
-    log = open(workdir / f"server-{mode}.log", "w")
+    log = open(workdir / f"server-{mode}.log", "w")  # noqa: SIM115 - the server's output, closed in finally
     proc = subprocess.Popen([sys.executable, "-m", "matcalc.cli", "serve", "--port", str(port), "--db",
                              f"sqlite:///{db}"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     try:
