@@ -368,7 +368,7 @@ PROPERTY = Property(
         Param("symmetrize_fc", Flag(), "symmetrise the force constants (phonopy: translational and permutation "
               "symmetry)", default=False),
     ),
-    prerelax=PreRelax(max_steps=5000, fast_max_steps=500, optimizer="BFGS"),
+    prerelax=PreRelax(max_steps=1000, fast_max_steps=300, optimizer="BFGS"),  # as heat_capacity (MOFSimBench)
     compute=_compute,
     check=check_temperatures,
     check_structure=check_phonons,

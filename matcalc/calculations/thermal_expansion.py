@@ -125,7 +125,7 @@ def volume_factors(volume_range: tuple[float, float], n_volumes: int) -> np.ndar
 
 def qha_temperatures(t_min: float, t_max: float, t_step: float) -> np.ndarray:
     """t_min..t_max step t_step (K), plus the one extra point the QHA's finite differences consume."""
-    n = int(round((t_max - t_min) / t_step))
+    n = round((t_max - t_min) / t_step)
     return t_min + t_step * np.arange(n + 2)
 
 
@@ -276,7 +276,7 @@ PROPERTY = Property(
         Param("fixed_cell_optimizer", Choice(tuple(OPTIMIZERS)), "optimizer of the fixed-volume relaxations",
               default="FIRE"),
     ),
-    prerelax=PreRelax(max_steps=5000, fast_max_steps=500, optimizer="BFGS",
+    prerelax=PreRelax(max_steps=1000, fast_max_steps=300, optimizer="BFGS",  # as heat_capacity (MOFSimBench)
                       fmax_doc="force threshold of the pre-relaxation and of every fixed-volume relaxation"),
     compute=_compute,
     check=_check,
