@@ -38,7 +38,6 @@ uploaded structure id (64 hex digits) or :class:`StructureInfo` — everything
 
 _SUFFIX_FORMAT = {".cif": "cif", ".vasp": "vasp", ".poscar": "vasp", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_GASES = ("CO2", "H2O", "N2", "CH4")
 
 
 def normalize_base_url(base_url: str) -> str:
@@ -123,9 +122,13 @@ def structure_fields(structure: StructureLike, fmt: str | None = None) -> dict[s
 
 
 def guest_field(guest: Any) -> str:
-    """A gas name (CO2, H2O, N2, CH4) as is; any other guest as structure text."""
-    if isinstance(guest, str) and guest.strip().upper() in _GASES:
-        return guest.strip().upper()
+    """A builtin guest name (``GUEST_MOLECULES``: CO2, H2O, N2, CH4, Ar, Kr, Xe; any case) in its canonical
+    spelling; any other guest as structure text."""
+    from matcalc.calculations.interaction import GUEST_MOLECULES
+
+    gases = {g.upper(): g for g in GUEST_MOLECULES}
+    if isinstance(guest, str) and guest.strip().upper() in gases:
+        return gases[guest.strip().upper()]
     text, _ = structure_text(guest, what="guest")
     return text
 
