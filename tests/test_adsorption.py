@@ -437,8 +437,7 @@ def live(tmp_path_factory):
     srv = LiveServer(work, f"sqlite:///{work / 'api.db'}", "--workers", "1")
     srv.start()
     try:
-        with srv.client() as c:
-            yield c
+        yield srv
     finally:
         srv.stop()
 
@@ -449,31 +448,53 @@ def cif(atoms: Atoms) -> str:
     return buf.getvalue().decode()
 
 
-def test_rest_henry_and_binding_sites_equal_local_runs(live):
-    from live_server import wait_tasks
+HENRY = {"guest": "Ar", "n_insertions": 20, "seed": 3, "temperature_K": 200.0, "insertions_per_request": 5}
+SITES = {"guest": "ar", "n_insertions": 12, "n_candidates": 2, "n_sites": 2, "fmax": 0.01, "seed": 3}
+
+
+@pytest.mark.slow
+def test_live_server_both_clients_and_widget_equal_local_runs(live):
+    """Both properties through `matcalc serve` (model "lj") with the sync client, the widget following them
+    (the Henry row shows the running K_H), Henry again with the async client; results equal local calls."""
+    import asyncio
+
+    import httpx
+    from live_server import KEY
+
+    from matcalc.client import AsyncClient, Client
+    from matcalc.widgets import progress as progress_view
 
     text = cif(framework())
+    with Client(live.url, api_key=KEY, poll_interval=0.2) as c:
+        tasks = [c.henry_coefficient(text, "lj", **HENRY), c.binding_sites(text, "lj", **SITES)]
+        w = progress_view(tasks, mode="widget", display=False, max_rate_hz=50)
+        assert w.wait(300)
+        assert w.counts() == {"COMPLETED": 2}
+        rh, rb = (t.result(timeout=60) for t in tasks)
+        note = w.state.row(tasks[0].id).note
+        assert note and "insertions · K_H" in note and "mol/(kg·Pa)" in note, note
+        w.close()
+
+    async def henry_async():
+        async with AsyncClient(live.url, api_key=KEY, poll_interval=0.2) as ac:
+            task = await ac.henry_coefficient(text, "lj", **HENRY)
+            return await task.result(timeout=180)
+
+    ra = asyncio.run(henry_async())
+    with httpx.Client(base_url=live.url + "/api/v1", headers={"X-API-Key": KEY}, timeout=30) as h:
+        entries = h.get(f"/tasks/{tasks[0].id}/logs").json()["data"]
+        assert any(e["event"] == "progress" for e in entries)
+
     fw = mc.load_structure(text)
-    h = live.post("/tasks/henry-coefficient", json={"structure": text, "model": "lj", "guest": "Ar",
-                                                    "n_insertions": 20, "seed": 3, "temperature_K": 200})
-    b = live.post("/tasks/binding-sites", json={"structure": text, "model": "lj", "guest": "ar", "n_insertions": 12,
-                                                "n_candidates": 2, "n_sites": 2, "fmax": 0.01, "seed": 3})
-    assert h.status_code == 201 and b.status_code == 201, (h.json(), b.json())
-    ids = [h.json()["data"]["id"], b.json()["data"]["id"]]
-    tasks = wait_tasks(live, ids, prefix="", timeout_s=300)
-    assert all(t["status"] == "COMPLETED" for t in tasks.values()), tasks
-    mc.calculations.load_all()  # every result kind known to Result.from_dict
-    rh = mc.Result.from_dict(live.get(f"/tasks/{ids[0]}/result").json()["data"]["result"])
-    rb = mc.Result.from_dict(live.get(f"/tasks/{ids[1]}/result").json()["data"]["result"])
-    lh = mc.henry_coefficient(fw, "Ar", "lj", n_insertions=20, seed=3, temperature_K=200, cache=False)
-    lb = mc.binding_sites(fw, "Ar", "lj", n_insertions=12, n_candidates=2, n_sites=2, fmax=0.01, seed=3, cache=False)
-    assert type(rh).__name__ == "HenryResult" and type(rb).__name__ == "BindingSitesResult"
-    np.testing.assert_allclose(rh.insertion_energies_eV, lh.insertion_energies_eV, atol=1e-10)
-    assert rh.henry_mol_per_kg_Pa == pytest.approx(lh.henry_mol_per_kg_Pa, rel=1e-9)
+    lh = mc.henry_coefficient(fw, model="lj", cache=False, **HENRY)
+    lb = mc.binding_sites(fw, model="lj", cache=False, **SITES)
+    for remote in (rh, ra):
+        assert type(remote).__name__ == "HenryResult"
+        np.testing.assert_allclose(remote.insertion_energies_eV, lh.insertion_energies_eV, atol=1e-10)
+        assert remote.henry_mol_per_kg_Pa == pytest.approx(lh.henry_mol_per_kg_Pa, rel=1e-9)
+    assert type(rb).__name__ == "BindingSitesResult" and rb.sites
     assert [s.interaction_energy_eV for s in rb.sites] == pytest.approx([s.interaction_energy_eV for s in lb.sites],
                                                                           abs=1e-9)
-    logs = live.get(f"/tasks/{ids[0]}/logs").json()["data"]
-    assert any(entry["event"] == "progress" for entry in logs)
 
 
 @pytest.fixture
