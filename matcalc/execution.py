@@ -470,6 +470,9 @@ WORKER_CALLS: dict[str, Callable[..., Any]] = {
     "unregister_custom_model": _unregister_custom_model,
 }
 """What an executor may ask a worker process to do (``fn(*args, device)``)."""
+_INLINE_CALLS = frozenset({"register_custom_model", "unregister_custom_model"})
+"""Quick calls a worker answers in its message loop, so they take effect before the tasks sent after them
+(the others, such as loading a model, run on a thread of their own)."""
 
 
 class _Forward(logging.Handler):
@@ -574,6 +577,8 @@ def worker_main(fd: int) -> None:
             threading.Thread(target=run, args=(msg["job"],), daemon=True, name="matcalc-task").start()
         elif op == "stop":
             request_stop(msg["task_id"], msg.get("reason", "cancel"))
+        elif op == "call" and msg["method"] in _INLINE_CALLS:  # in order: before any task sent after it
+            call(msg["id"], msg["method"], tuple(msg.get("args", ())))
         elif op == "call":
             threading.Thread(target=call, args=(msg["id"], msg["method"], tuple(msg.get("args", ()))),
                              daemon=True, name="matcalc-call").start()

@@ -325,13 +325,15 @@ class PoolExecutor:
         """Register a validated user model here (the API checks names against it) and on every worker,
         present and future."""
         WORKER_CALLS["register_custom_model"](model, self.device)
-        self._custom[model.name] = model
+        with self._cond:
+            self._custom[model.name] = model
         if self.isolated:
             self._call_all("register_custom_model", model)
 
     def unregister_custom_model(self, name: str) -> None:
         WORKER_CALLS["unregister_custom_model"](name, self.device)
-        self._custom.pop(name, None)
+        with self._cond:
+            self._custom.pop(name, None)
         if self.isolated:
             self._call_all("unregister_custom_model", name)
 
@@ -580,10 +582,15 @@ class PoolExecutor:
             proc.kill()
 
     def _on_ready(self, w: _Worker, msg: dict[str, Any]) -> None:
-        with self._cond:
-            w.ready, w.failed_starts = True, 0
-            w.startup_s = time.monotonic() - w.started_at  # from spawn to ready: interpreter, imports, plugins
-            self._cond.notify_all()
+        with w.send_lock:  # user models registered since the worker's init reach it before any task
+            with self._cond:
+                w.ready, w.failed_starts = True, 0
+                w.startup_s = time.monotonic() - w.started_at  # from spawn to ready: interpreter, imports, plugins
+                models = list(self._custom.values())
+                self._cond.notify_all()
+            assert w.conn is not None
+            for model in models:
+                w.conn.send({"op": "call", "id": -1, "method": "register_custom_model", "args": (model,)})
         log.info("worker %s ready (pid %s, started in %.1f s)", w.name, w.pid, w.startup_s)
 
     def _reader(self, w: _Worker, conn: Connection, proc: subprocess.Popen[bytes]) -> None:
