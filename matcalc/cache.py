@@ -434,9 +434,15 @@ def _insert_ignore(dialect: str, table: Any, values: dict[str, Any]) -> Any:
     return insert(table).values(**values).on_conflict_do_nothing(index_elements=["key"])
 
 
+MIGRATION_LOCK_ID = 0x6D6174_63616C63
+"""PostgreSQL advisory lock taken around the schema upgrade (``matcalc`` in ASCII)."""
+
+
 def _migrate(engine: Engine) -> None:
-    """Upgrade the schema; on SQLite under an exclusive file lock, so processes opening a new database at
-    once do not race to create it."""
+    """Upgrade the schema under an exclusive lock (SQLite: a file lock next to the database; PostgreSQL: an
+    advisory lock), so processes opening a new database at once do not race to create it."""
+    from sqlalchemy import text
+
     from matcalc.store import db
 
     path = engine.url.database if engine.dialect.name == "sqlite" else None
@@ -445,6 +451,10 @@ def _migrate(engine: Engine) -> None:
             fh = stack.enter_context(open(f"{path}.lock", "a"))  # noqa: SIM115
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             stack.callback(fcntl.flock, fh.fileno(), fcntl.LOCK_UN)
+        elif engine.dialect.name == "postgresql":
+            conn = stack.enter_context(engine.connect())
+            conn.execute(text(f"SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))
+            stack.callback(conn.execute, text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"))
         if db.current_revision(engine) != db.head_revision():
             db.upgrade(engine)
 
