@@ -3,7 +3,10 @@
 One :class:`BatchingEngine` exists per loaded potential (and so per device), created lazily and shared
 by the whole process (:func:`engine_for`). It has the same ``evaluate(list[Atoms]) -> list[Evaluation]``
 interface as :class:`~matcalc.models.Potential`, so ``potential.calculator(engine)`` is an ordinary ASE
-calculator and ASE's optimizers, filters and integrators run unchanged on top of it.
+calculator and ASE's optimizers, filters and integrators run unchanged on top of it. The batched stepping of
+:mod:`matcalc.batched` sends one request per step for all the structures it advances, through
+:meth:`BatchingEngine.evaluate_partial` (a structure whose evaluation fails gets its exception, the others
+their results).
 
 How it works
 ------------

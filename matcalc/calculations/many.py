@@ -46,28 +46,33 @@ ASSUMED_ATOMS = 100
 
 
 def default_workers(potential: Potential, structures: list[Any]) -> int:
-    """Threads for ``len(structures)`` concurrent calculations with ``potential``.
-
-    With batched stepping (:func:`matcalc.batched.enabled`, the default): enough concurrent structures to
-    fill one model call of the batching engine (``budget_atoms // median atoms``), at least
-    :data:`BATCHED_MIN_WORKERS` and at most :data:`BATCHED_MAX_WORKERS`. Without it: with batching
-    (enabled and a batching model) ``budget_atoms // median atoms`` clamped to ``[2, MAX_WORKERS]`` (more
-    threads only add GIL contention), else one worker (the model serialises calls anyway).
-    """
+    """Threads for ``len(structures)`` concurrent calculations with ``potential``: never more than the
+    structures, otherwise :func:`recommended_concurrency` for their median size."""
     n = len(structures)
     if n == 0:
         return 1
+    median = max(1, int(statistics.median(_size(s) for s in structures)))
+    return max(1, min(n, recommended_concurrency(potential, median)))
+
+
+def recommended_concurrency(potential: Potential, atoms_per_structure: int = ASSUMED_ATOMS) -> int:
+    """How many calculations one process should run at once with ``potential`` (the number the engine wants).
+
+    With batched stepping (:func:`matcalc.batched.enabled`, the default): enough concurrent structures to
+    fill one model call of the batching engine (``budget_atoms // atoms_per_structure``), at least
+    :data:`BATCHED_MIN_WORKERS` and at most :data:`BATCHED_MAX_WORKERS` (the threads wait while one of them
+    steps all their structures, so more of them cost little). Without it: with batching (enabled and a
+    batching model) ``budget_atoms // atoms_per_structure`` clamped to ``[2, MAX_WORKERS]`` (more threads only
+    add GIL contention), else 1 (the model serialises calls anyway). Used by :func:`map_property`; the server's
+    in-process executor and ``matcalc.cluster`` workers size their task concurrency with it too.
+    """
     fused = batching.enabled() and potential.supports_batching
-    per_call = 0
-    if fused:
-        budget = batching.engine_for(potential).budget_atoms
-        median = max(1, int(statistics.median(_size(s) for s in structures)))
-        per_call = budget // median
+    per_call = batching.engine_for(potential).budget_atoms // max(1, atoms_per_structure) if fused else 0
     if batched.enabled():
-        return max(1, min(n, BATCHED_MAX_WORKERS, max(BATCHED_MIN_WORKERS, per_call)))
+        return min(BATCHED_MAX_WORKERS, max(BATCHED_MIN_WORKERS, per_call))
     if not fused:
         return 1
-    return max(1, min(n, max(2, min(MAX_WORKERS, per_call))))
+    return max(2, min(MAX_WORKERS, per_call))
 
 
 def _size(structure: Any) -> int:
@@ -228,4 +233,4 @@ def _check_kwargs(fn: Callable[..., Any], name: str, kwargs: dict[str, Any]) -> 
 
 
 __all__ = ["BATCHED_MAX_WORKERS", "BATCHED_MIN_WORKERS", "default_workers", "many_frame", "map_property",
-           "relax_many"]
+           "recommended_concurrency", "relax_many"]
