@@ -91,7 +91,7 @@ def test_troubleshooting_quotes_the_real_messages():
         lambda: mc.bulk_modulus(cu, "emt", strain=0.7),
         lambda: mc.heat_capacity(cu, "emt", supercell=(0, 1, 1)),
         lambda: mc.stability(cu, "emt", ensemble="nve"),
-        lambda: mc.interaction_energy(cu, "Xe", "emt"),
+        lambda: mc.interaction_energy(cu, "XeF6", "emt"),
         lambda: mc.interaction_energy(cu, model="emt"),
         lambda: mc.cluster.check_priority("URGENT"),
         lambda: mc.calculations.property_function("band_gap"),
