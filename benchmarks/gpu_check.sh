@@ -49,5 +49,7 @@ run() {
   run heat_capacity "$PY" bench_heat_capacity.py --device cuda --repeat 1
   # 4. overhead
   run overhead "$PY" bench_overhead.py --device cuda --n 4 --repeat 1
+  # 5. Widom insertions (adsorption): 2000 CO2 into CALF-20, henry_coefficient vs the plain ASE loop
+  run henry "$PY" bench_henry.py --device cuda --n 2000 --repeat 1
   echo "== done $(date -u +%Y-%m-%dT%H:%MZ)"
 } 2>&1 | grep -v -E "UserWarning|tensor.detach|volumes = torch.tensor" | tee "$LOG"
