@@ -35,8 +35,13 @@ DEFAULT_MAX_ATOMS = 10_000
 MIN_DISTANCE_A = 0.5
 """Two atoms closer than this (Å) mean a broken or disordered structure."""
 
-_FORMATS = ("cif", "vasp", "extxyz", "xyz")
-_SUFFIX_FORMAT = {
+FORMATS = ("cif", "vasp", "extxyz")
+"""Structure text formats read (canonical names)."""
+FORMAT_ALIASES = {"poscar": "vasp", "xyz": "extxyz"}
+"""Other names of :data:`FORMATS` that are accepted too."""
+INPUT_FORMATS = (*FORMATS, *FORMAT_ALIASES)
+"""Every accepted format name."""
+SUFFIX_FORMATS: dict[str, str] = {
     ".cif": "cif",
     ".vasp": "vasp",
     ".poscar": "vasp",
@@ -405,8 +410,9 @@ def _read_text(text: str, fmt: str | None, max_atoms: int | None = None) -> Atom
     from ase.io import read
 
     fmt = fmt or detect_format(text)
-    if fmt not in _FORMATS:
-        raise StructureError(f"unsupported format {fmt!r}; use one of {', '.join(_FORMATS)}")
+    if fmt not in INPUT_FORMATS:
+        raise StructureError(f"unsupported format {fmt!r}; use one of {', '.join(INPUT_FORMATS)}")
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt == "cif":
         atoms = _read_cif(text, max_atoms)
     else:
@@ -439,7 +445,7 @@ def _read_path(path: Path, fmt: str | None, max_atoms: int | None = None) -> Ato
     except (UnicodeDecodeError, OSError) as exc:
         raise StructureError(f"unreadable file {path}: {exc}") from exc
     if fmt is None:
-        fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+        fmt = SUFFIX_FORMATS.get(path.suffix.lower())
         if fmt is None and path.name.upper().startswith(_VASP_NAMES):
             fmt = "vasp"
     try:

@@ -721,7 +721,7 @@ def _probes(kind) -> list:
     import math
 
     from matcalc.calculations.contract import Choice, Either, Flag, Indices, Molecule, Number, Vector
-    from matcalc.client._submit import Names, Text
+    from matcalc.calculations.contract import Names, Text
 
     if isinstance(kind, Number):
         if kind.integer:
@@ -748,7 +748,7 @@ def _probes(kind) -> list:
     if isinstance(kind, Text):
         return ["x", "x" * kind.max_length, "x" * (kind.max_length + 1), "  ", 5]
     if isinstance(kind, Names):
-        return [["task.completed"], [], "task.completed", [""]]
+        return [["task.completed"], [], "task.completed", [""], ["task.nonsense"]]
     return []
 
 

@@ -278,3 +278,40 @@ def test_openapi_documents_every_request_and_result_field(rest) -> None:
         assert result["properties"]["kind"]["const"] == spec.result.kind
     result_ref = comps["TaskResultOut"]["properties"]["result"]
     assert len(result_ref["oneOf"]) == len(properties()) and result_ref["discriminator"]["propertyName"] == "kind"
+
+
+def option_cases() -> Iterator[tuple[str, Any]]:
+    from matcalc.submission import BODY_OPTIONS
+
+    for o in BODY_OPTIONS:
+        for value in probes(o.kind):
+            yield o.name, value
+
+
+KIND_PROBES.update({
+    "Text": ("x", "https://example.org/hook", "", "   ", 5),
+    "Names": (["task.completed"], ["task.nonsense"], [], "task.completed"),
+})
+OPTION_CASES = list(option_cases())
+
+
+@pytest.mark.parametrize(("name", "value"), OPTION_CASES, ids=[f"{n}-{v!r}" for n, v in OPTION_CASES])
+def test_task_options_are_checked_by_their_declaration_over_rest(rest, name: str, value: Any) -> None:
+    """The shared task options (matcalc.submission) are the request fields: REST refuses what their kind refuses."""
+    from matcalc.submission import option
+
+    try:
+        option(name).coerce(value)
+        accepted = True
+    except ValueError:
+        accepted = False
+    body: dict[str, Any] = {"model": "emt", name: value}
+    body.update({"structure": text(host())} if name == "format" else {"builtin": "RSM0009"})
+    if name in ("notify_events", "notify_secret"):
+        body["notify_url"] = "http://127.0.0.1:9/hook"
+    if name == "format" and accepted and value not in ("extxyz", "xyz"):
+        return  # a valid format name for text in another format is the structure's error, not the option's
+    r = rest.post(f"{API}/tasks/single-point", content=_dumps(body), headers={"content-type": "application/json"})
+    assert (r.status_code == 201) == accepted, (r.json(), accepted)
+    if not accepted:
+        assert r.json()["code"] == int(ErrorCode.VALIDATION_ERROR) and name in r.json()["message"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -351,6 +352,62 @@ class FilePath:
 
     def from_text(self, name: str, text: str) -> Any:
         return text
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-blank string of at most ``max_length`` characters (matching ``pattern`` when given)."""
+
+    max_length: int
+    pattern: str = ""
+    what: str = "text"
+
+    def coerce(self, name: str, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip() or len(value) > self.max_length or (
+                self.pattern and not re.match(self.pattern, value)):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        return value
+
+    def annotation(self) -> Any:
+        return str
+
+    def json_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": self.max_length}
+        return {**schema, "pattern": self.pattern} if self.pattern else schema
+
+    def describe(self) -> str:
+        return f"{self.what} (at most {self.max_length} characters)"
+
+    def from_text(self, name: str, text: str) -> Any:
+        return text
+
+
+@dataclass(frozen=True)
+class Names:
+    """A non-empty list of names, each one of ``choices`` (when given)."""
+
+    choices: tuple[str, ...] = ()
+    max_items: int = 32
+
+    def coerce(self, name: str, value: Any) -> Any:
+        if (isinstance(value, str) or not _is_sequence(value) or not 1 <= len(value) <= self.max_items
+                or not all(isinstance(v, str) and v.strip() for v in value)
+                or (self.choices and not set(value) <= set(self.choices))):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        return list(value)
+
+    def annotation(self) -> Any:
+        return Sequence[str]
+
+    def json_schema(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "string", "enum": list(self.choices)} if self.choices else {"type": "string"}
+        return {"type": "array", "items": item, "minItems": 1, "maxItems": self.max_items}
+
+    def describe(self) -> str:
+        return f"1–{self.max_items} of " + (", ".join(f"`{c}`" for c in self.choices) if self.choices else "names")
+
+    def from_text(self, name: str, text: str) -> Any:
+        return text.replace(",", " ").split()
 
 
 # ============================================================================ parameters
@@ -751,6 +808,7 @@ __all__ = [
     "DEFAULT_PROTOCOL",
     "PROTOCOL_NAMES",
     "STEPS",
+    "Text",
     "Choice",
     "Either",
     "FilePath",
@@ -759,6 +817,7 @@ __all__ = [
     "Kind",
     "ModelInfo",
     "Molecule",
+    "Names",
     "Number",
     "Param",
     "PreRelax",

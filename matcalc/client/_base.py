@@ -21,14 +21,21 @@ from typing import Any, ClassVar, TypeAlias
 
 import httpx
 
-from matcalc.client._errors import MatcalcError, NotFoundError, ServerError, ValidationError, error_class
+from matcalc.client._errors import (
+    MatcalcError,
+    NotFoundError,
+    ServerError,
+    ValidationError,
+    error_class,
+)
 from matcalc.client._models import StructureInfo
+from matcalc.structures import SUFFIX_FORMATS
+from matcalc.submission import IDEMPOTENCY_HEADER
 
 log = logging.getLogger("matcalc.client")
 
 API_PREFIX = "/api/v1"
 API_KEY_HEADER = "X-API-Key"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "matcalc-client"
 
 StructureLike: TypeAlias = Any
@@ -36,7 +43,6 @@ StructureLike: TypeAlias = Any
 uploaded structure id (64 hex digits) or :class:`StructureInfo` — everything
 :func:`matcalc.load_structure` accepts, plus the server's own references."""
 
-_SUFFIX_FORMAT = {".cif": "cif", ".vasp": "vasp", ".poscar": "vasp", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -92,7 +98,7 @@ def structure_text(structure: Any, *, what: str = "structure") -> tuple[str, str
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise _local_error(exc, f"{what} {path.name}") from exc
-        fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+        fmt = SUFFIX_FORMATS.get(path.suffix.lower())
         if fmt is None and path.name.upper().startswith(("POSCAR", "CONTCAR")):
             fmt = "vasp"
         return text, fmt
@@ -128,7 +134,7 @@ def guest_field(guest: Any) -> str:
 
     gases = {g.upper(): g for g in GUEST_MOLECULES}
     if isinstance(guest, str) and guest.strip().upper() in gases:
-        return gases[guest.strip().upper()]
+        return str(gases[guest.strip().upper()])
     text, _ = structure_text(guest, what="guest")
     return text
 

@@ -1,7 +1,8 @@
 """Task submissions, derived from the property declarations (:mod:`matcalc.calculations.contract`).
 
 Each property's client method takes the property's remote parameters (``Property.remote_params``)
-plus the task options every task type shares (:data:`TASK_OPTIONS`, declared here once). Before
+plus the task options every task type shares (``matcalc.submission.TASK_OPTIONS``, declared once for the
+server and the client). Before
 anything is sent, the values are checked with ``Property.resolve``, the same validation the local
 function and the REST route run, so a bad value raises ``ValueError`` naming the parameter without
 a request. The method signatures and docstrings are built here from the same declarations.
@@ -10,97 +11,25 @@ a request. The method signatures and docstrings are built here from the same dec
 from __future__ import annotations
 
 import inspect
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from matcalc.calculations import get_property, properties
-from matcalc.calculations.contract import PROTOCOL_NAMES, Choice, Molecule, Number, Param, Property
-from matcalc.client._base import IDEMPOTENCY_HEADER, ApiRequest, StructureLike, guest_field, jsonable, structure_fields
-from matcalc.client._errors import MatcalcError, ValidationError
-from matcalc.tasks import PRIORITIES
-
-FORMATS: tuple[str, ...] = ("cif", "vasp", "poscar", "xyz", "extxyz")
-"""Formats of inline structure text the server reads."""
-
-
-# ----------------------------------------------------------------------------- the options' kinds
-@dataclass(frozen=True)
-class Text:
-    """A non-blank string of at most ``max_length`` characters (matching ``pattern`` when given)."""
-
-    max_length: int
-    pattern: str = ""
-    what: str = "text"
-
-    def coerce(self, name: str, value: Any) -> Any:
-        if not isinstance(value, str) or not value.strip() or len(value) > self.max_length or (
-                self.pattern and not re.match(self.pattern, value)):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
-        return value
-
-    def annotation(self) -> Any:
-        return str
-
-    def json_schema(self) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": self.max_length}
-        return {**schema, "pattern": self.pattern} if self.pattern else schema
-
-    def describe(self) -> str:
-        return f"{self.what} (at most {self.max_length} characters)"
-
-    def from_text(self, name: str, text: str) -> Any:
-        return text
-
-
-@dataclass(frozen=True)
-class Names:
-    """A non-empty list of names (the server checks which)."""
-
-    max_items: int = 32
-
-    def coerce(self, name: str, value: Any) -> Any:
-        if (isinstance(value, str) or not isinstance(value, Sequence) or not 1 <= len(value) <= self.max_items
-                or not all(isinstance(v, str) and v.strip() for v in value)):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
-        return list(value)
-
-    def annotation(self) -> Any:
-        return Sequence[str]
-
-    def json_schema(self) -> dict[str, Any]:
-        return {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": self.max_items}
-
-    def describe(self) -> str:
-        return f"1–{self.max_items} names"
-
-    def from_text(self, name: str, text: str) -> Any:
-        return text.replace(",", " ").split()
-
-
-# ----------------------------------------------------------------------------- the task options, once
-TASK_OPTIONS: tuple[Param, ...] = (
-    Param("protocol", Choice(PROTOCOL_NAMES), "parameter preset (the server's default: the first); "
-          "an explicit keyword always wins over it"),
-    Param("priority", Choice(PRIORITIES), "queue priority (default NORMAL; FIFO within a level)"),
-    Param("timeout_s", Number(0.0, 30 * 86400.0, lo_open=True), "wall-clock limit once running; the task "
-          "ends TIMEOUT after it", unit="s"),
-    Param("label", Text(256), "your name for the task (listings, results)"),
-    Param("format", Choice(FORMATS), "format of inline structure text (default: detected)"),
-    Param("notify_url", Text(2048, r"^https?://", "an http(s) URL"), "webhook receiver"),
-    Param("notify_events", Names(), "webhook events to send (task.completed...; default: all but task.progress)"),
-    Param("notify_secret", Text(256), "HMAC-SHA256 key of the webhook signatures"),
-    Param("idempotency_key", Text(255, r"^[!-~]+$", "visible ASCII, e.g. a UUID"),
-          "the Idempotency-Key header (default: a new random key): the server answers a repeated submission "
-          "with the same key with the task it stored the first time, so submissions are retried safely"),
+from matcalc.calculations.contract import Molecule, Param, Property
+from matcalc.client._base import (
+    ApiRequest,
+    StructureLike,
+    guest_field,
+    jsonable,
+    structure_fields,
 )
-"""Keywords every task type takes, after the property's own parameters."""
+from matcalc.client._errors import MatcalcError, ValidationError
+from matcalc.submission import HEADER_OPTIONS, IDEMPOTENCY_HEADER, TASK_OPTIONS
+
 OPTION_NAMES = frozenset(o.name for o in TASK_OPTIONS)
 INVALID_PARAMETER = 40001
 """The server's code for a parameter out of range (422): the code of the same error raised here."""
-HEADERS: Mapping[str, str] = {"idempotency_key": IDEMPOTENCY_HEADER}
-"""Options sent as request headers, not in the body."""
+HEADERS: Mapping[str, str] = HEADER_OPTIONS
 
 STRUCTURE_DOC = ("a path, structure text (CIF, POSCAR, XYZ/extXYZ), `ase.Atoms`, pymatgen `Structure`, builtin "
                  "name, uploaded structure id or `StructureInfo`")
@@ -248,15 +177,12 @@ def batch_entry(entry: Mapping[str, Any], index: int) -> dict[str, Any]:
 
 
 __all__ = [
-    "FORMATS",
     "HEADERS",
     "MODEL_DOC",
     "OPTION_NAMES",
     "STRUCTURE_DOC",
     "TASK_OPTIONS",
-    "Names",
     "TaskOptions",
-    "Text",
     "batch_entry",
     "method_doc",
     "method_names",

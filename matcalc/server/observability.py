@@ -33,9 +33,10 @@ from matcalc.server.alerts import (
 from matcalc.server.config import Settings
 from matcalc.server.logs import DailyJsonFileHandler, LogHub
 from matcalc.server.metrics import Metrics
-from matcalc.server.webhooks import DEFAULT_EVENTS, STATUS_EVENTS, WebhookDispatcher
+from matcalc.server.webhooks import STATUS_EVENTS, WebhookDispatcher
 from matcalc.store.models import utcnow
 from matcalc.store.outbox import finished_without_webhook
+from matcalc.submission import DEFAULT_EVENTS
 from matcalc.tasks import TERMINAL
 
 log = logging.getLogger(__name__)

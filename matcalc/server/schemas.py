@@ -13,18 +13,18 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from matcalc.calculations import properties
-from matcalc.calculations.contract import DEFAULT_PROTOCOL, PROTOCOL_NAMES, Param, Property
+from matcalc.calculations.contract import PROTOCOL_NAMES, Param, Property
 from matcalc.calculations.interaction import GUEST_MOLECULES
 from matcalc.calculations.results import Result
+from matcalc.structures import INPUT_FORMATS
+from matcalc.submission import BODY_OPTIONS
 from matcalc.tasks import PRIORITIES, STATUSES
 
 T = TypeVar("T")
 
 PriorityName = Literal[PRIORITIES]  # type: ignore[valid-type]  # matcalc.tasks: the one order
 StatusName = Literal[STATUSES]  # type: ignore[valid-type]
-FormatName = Literal["cif", "vasp", "poscar", "xyz", "extxyz"]
-NotifyEvent = Literal["task.started", "task.progress", "task.completed", "task.failed", "task.cancelled",
-                      "task.timeout"]
+FormatName = Literal[INPUT_FORMATS]  # type: ignore[valid-type]
 GAS_NAMES = GUEST_MOLECULES
 
 
@@ -53,8 +53,31 @@ class ErrorEnvelope(Envelope[dict[str, Any]]):
 
 
 # ----------------------------------------------------------------------------- task requests
-class TaskRequestBase(BaseModel):
-    """Fields every task type shares. Give the structure in exactly one way."""
+def _param_field(p: Param, default: Any = None) -> tuple[Any, Any]:
+    """The request field of one declared parameter or task option: its kind's JSON schema in OpenAPI, and the
+    kind's own check as the validator (so REST accepts exactly what the Python function and the client accept)."""
+
+    def check(value: Any) -> Any:
+        return p.coerce(value)
+
+    schema = p.kind.json_schema()
+    description = f"{p.doc}" + (f" ({p.unit})" if p.unit else "") + f"; {p.kind.describe()}"
+    if default is None and p.default is not None:
+        presets = {n: p.default_for(n) for n in PROTOCOL_NAMES}
+        description += "; protocol default " + ", ".join(f"{n}: {v!r}" for n, v in presets.items())
+    annotation = Annotated[Any, AfterValidator(check),
+                           WithJsonSchema({"anyOf": [schema, {"type": "null"}], "description": description})]
+    return annotation, Field(default, description=description)
+
+
+_TaskOptions = create_model(  # type: ignore[call-overload]
+    "TaskOptions", __config__=ConfigDict(extra="forbid", strict=True),
+    **{o.name: _param_field(o, o.default) for o in BODY_OPTIONS})
+
+
+class TaskRequestBase(_TaskOptions):  # type: ignore[misc, valid-type]
+    """Fields every task type shares (the task options of :mod:`matcalc.submission`, and the structure and
+    model). Give the structure in exactly one way."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "oneOf": [{"required": ["structure"]}, {"required": ["structure_id"]}, {"required": ["builtin"]}],
@@ -63,21 +86,10 @@ class TaskRequestBase(BaseModel):
 
     structure: str | None = Field(None, min_length=1,
                                   description="inline structure file contents (CIF, XYZ/extXYZ or POSCAR)")
-    format: FormatName | None = Field(None, description="format of `structure` (default: detected)")
     structure_id: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="id of an uploaded structure")
     builtin: BuiltinName | None = Field(None, description="name of a structure shipped with matcalc "
                                                           "(GET /structures/builtin)")
     model: str = Field("chgnet", min_length=1, max_length=128, description="model name (GET /models)")
-    protocol: Literal[PROTOCOL_NAMES] | None = Field(  # type: ignore[valid-type]
-        None, description=f"parameter preset (default {DEFAULT_PROTOCOL})")
-    priority: PriorityName = "NORMAL"
-    timeout_s: float | None = Field(None, gt=0, le=30 * 86400, description="wall-clock limit once running (s)")
-    label: str | None = Field(None, max_length=256)
-    notify_url: str | None = Field(None, max_length=2048, pattern=r"^https?://", description="webhook receiver")
-    notify_events: list[NotifyEvent] | None = Field(
-        None, min_length=1, description="webhook events to send (default: all but task.progress); `[]` is refused")
-    notify_secret: str | None = Field(None, min_length=1, max_length=256,
-                                      description="HMAC-SHA256 key for webhook signatures (not empty)")
 
     @model_validator(mode="after")
     def _notify(self) -> TaskRequestBase:
@@ -103,24 +115,6 @@ class TaskRequestBase(BaseModel):
 
 
 _COMMON = frozenset(TaskRequestBase.model_fields)
-
-
-def _param_field(p: Param) -> tuple[Any, Any]:
-    """The request field of one declared parameter: its kind's JSON schema in OpenAPI, and the kind's own
-    check as the validator (so REST accepts exactly what the Python function accepts)."""
-
-    def check(value: Any) -> Any:
-        return p.coerce(value)
-
-    schema = p.kind.json_schema()
-    default = p.default_for(DEFAULT_PROTOCOL)
-    description = f"{p.doc}" + (f" ({p.unit})" if p.unit else "") + f"; {p.kind.describe()}"
-    if default is not None:
-        presets = {n: p.default_for(n) for n in PROTOCOL_NAMES}
-        description += "; protocol default " + ", ".join(f"{n}: {v!r}" for n, v in presets.items())
-    annotation = Annotated[Any, AfterValidator(check),
-                           WithJsonSchema({"anyOf": [schema, {"type": "null"}], "description": description})]
-    return annotation, Field(None, description=description)
 
 
 def _request_model(spec: Property[Any]) -> type[TaskRequestBase]:

@@ -30,7 +30,6 @@ from matcalc.tasks import DEFAULT_MAX_CRASHES, TaskStatus
 
 log = logging.getLogger(__name__)
 
-FORMAT_ALIASES = {"poscar": "vasp", "xyz": "extxyz"}
 
 
 @dataclass
@@ -58,6 +57,8 @@ def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, na
     Only file *contents* are accepted: a one-line string is never taken as a server path.
     """
     from matcalc.structures import (
+        FORMAT_ALIASES,
+        FORMATS,
         StructureError,
         TooManyAtomsError,
         detect_format,
@@ -81,9 +82,9 @@ def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, na
                        "use `builtin` for shipped structures or `structure_id` for uploaded ones")
     if fmt is not None:
         fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
-        if fmt not in ("cif", "vasp", "extxyz"):
-            raise ApiError(ErrorCode.UNSUPPORTED_FORMAT,
-                           f"{what}: unsupported format {fmt!r}; use cif, vasp/poscar or xyz/extxyz")
+        if fmt not in FORMATS:
+            names = ", ".join(FORMATS + tuple(FORMAT_ALIASES))
+            raise ApiError(ErrorCode.UNSUPPORTED_FORMAT, f"{what}: unsupported format {fmt!r}; use one of {names}")
     try:
         detected = fmt or detect_format(content)
         atoms = read_structure(content, fmt=detected, max_atoms=max_atoms)  # bounded before any expansion

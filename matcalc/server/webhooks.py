@@ -54,8 +54,6 @@ from matcalc.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
 
-TASK_EVENTS = ("task.started", "task.progress", "task.completed", "task.failed", "task.cancelled", "task.timeout")
-DEFAULT_EVENTS = tuple(e for e in TASK_EVENTS if e != "task.progress")
 """Events sent when a task gives ``notify_url`` without ``notify_events``."""
 ALERT_EVENTS = ("alert.opened", "alert.resolved")
 STATUS_EVENTS = {"RUNNING": "task.started", "COMPLETED": "task.completed", "FAILED": "task.failed",

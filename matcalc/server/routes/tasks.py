@@ -6,13 +6,11 @@ subscribes to ``app.state.bus``.)
 
 import hashlib
 import json
-import re
 from typing import Annotated, Any
-
-from pydantic import AwareDatetime, BeforeValidator
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from pydantic import AwareDatetime, BeforeValidator
 
 from matcalc.server.app import ok
 from matcalc.server.auth import require_api_key
@@ -34,6 +32,7 @@ from matcalc.server.schemas import (
 )
 from matcalc.store import NotFoundError, TaskFilter
 from matcalc.store.repository import IdempotencyClaim
+from matcalc.submission import IDEMPOTENCY_HEADER, option
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], dependencies=[Depends(require_api_key)],
                    responses=COMMON_ERRORS)
@@ -69,8 +68,6 @@ def _audit(request: Request, message: str, **extra: Any) -> None:
     audit_log.info(message, extra={"client": getattr(request.state, "client_id", None), **extra})
 
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-_KEY_CHARS = re.compile(r"^[\x21-\x7e]{1,255}$")
 IdempotencyKeyHeader = Annotated[str | None, Header(
     alias=IDEMPOTENCY_HEADER, description="any unique string (1-255 visible ASCII characters, e.g. a UUID): a "
     "repeated submission with the same key and body returns the task(s) stored the first time instead of new "
@@ -82,9 +79,11 @@ def _claim(request: Request, key: str | None, body: Any) -> IdempotencyClaim | N
     """The idempotency claim of this submission (``None`` without the header); 400/40016 for a bad key."""
     if key is None:
         return None
-    if not _KEY_CHARS.match(key):
+    try:
+        option("idempotency_key").coerce(key)
+    except ValueError:
         raise ApiError(ErrorCode.INVALID_HEADER, f"{IDEMPOTENCY_HEADER} must be 1-255 visible ASCII characters "
-                       "(e.g. a UUID)", data={"header": IDEMPOTENCY_HEADER})
+                       "(e.g. a UUID)", data={"header": IDEMPOTENCY_HEADER}) from None
     client = getattr(request.state, "client_id", None) or ""
     scope = client if client.startswith("key:") else ""  # per API key; one scope on a server without keys
     payload = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":"))
