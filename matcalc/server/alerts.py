@@ -213,17 +213,9 @@ def disk_free(paths: list[str]) -> dict[str, float]:
 
 
 def executor_workers(executor: Any) -> dict[str, bool]:
-    """Worker name -> online, for the in-process executor (threads) or the dask executor (workers)."""
-    threads = getattr(executor, "_threads", None)
-    if threads is not None and getattr(executor, "name", "") == "inprocess":
-        if getattr(executor, "_stopping", None) is not None and executor._stopping.is_set():
-            return {}
-        return {t.name: t.is_alive() for t in threads}
-    cluster = getattr(executor, "cluster", None)
-    if cluster is not None:
-        info = cluster.client.scheduler_info(n_workers=-1)
-        return {addr: True for addr in info.get("workers", {})}
-    return {}
+    """Worker name -> online (:meth:`matcalc.server.executor.Executor.workers_online`)."""
+    online = getattr(executor, "workers_online", None)
+    return dict(online()) if callable(online) else {}
 
 
 @dataclass

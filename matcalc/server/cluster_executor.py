@@ -24,7 +24,9 @@ class ClusterExecutor:
     name = "dask"
 
     def __init__(self, address: str, *, workers: int | None = None, slots: int | None = None,
-                 device: str | None = None, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
+                 device: str | None = None, max_crashes: int = DEFAULT_MAX_CRASHES,
+                 progress_interval_s: float = 0.1) -> None:
+        self.progress_interval_s = progress_interval_s
         self.address = address
         self.n_workers = workers or None
         self.slots = slots
@@ -47,6 +49,7 @@ class ClusterExecutor:
                                          dashboard=True, max_crashes=self.max_crashes)
         else:
             self.cluster = cluster.connect(self.address, max_crashes=self.max_crashes)
+        self.cluster.progress_interval_s = self.progress_interval_s
         log.info("executor: dask cluster %s (dashboard %s)", self.cluster.address, self.cluster.dashboard_link)
 
     def submit(self, job: Job) -> None:
@@ -90,6 +93,12 @@ class ClusterExecutor:
         except Exception as exc:  # noqa: BLE001
             return False, f"scheduler unreachable: {exc}"
         return (n > 0), f"{n} dask worker(s) at {self.cluster.address}"
+
+    def workers_online(self) -> dict[str, bool]:
+        if self.cluster is None or self._closing:
+            return {}
+        info = self.cluster.client.scheduler_info(n_workers=-1)
+        return {addr: True for addr in info.get("workers", {})}
 
     def info(self) -> dict[str, Any]:
         tasks = self.cluster.tasks() if self.cluster is not None else []

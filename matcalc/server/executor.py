@@ -58,6 +58,9 @@ class Executor(Protocol):
 
     def health(self) -> tuple[bool, str]: ...
 
+    def workers_online(self) -> dict[str, bool]:
+        """Worker name -> online (the ``worker_offline`` alert watches it)."""
+
     def info(self) -> dict[str, Any]: ...
 
     def load_model(self, name: str) -> list[str]: ...

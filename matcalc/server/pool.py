@@ -60,6 +60,8 @@ START_TIMEOUT_S = 300.0
 CALL_TIMEOUT_S = 600.0
 """Longest wait for a worker to answer a call (loading a model can take a while)."""
 RESTART_BACKOFF_S = (0.0, 1.0, 5.0, 30.0)
+PROGRESS_INTERVAL_S = 0.1
+"""Most progress events per task and second the workers send (the live log streams show them all)."""
 """Wait before restarting a worker that died before it was ready, after 1, 2, 3+ such deaths in a row."""
 
 
@@ -133,7 +135,7 @@ class PoolExecutor:
     def __init__(self, workers: int | None = None, *, isolated: bool = True, slots: int | None = None,
                  device: str | None = None, blas_threads: int | None = 1, torch_threads: int | None = None,
                  max_crashes: int = DEFAULT_MAX_CRASHES, stop_grace_s: float = 10.0, log_level: str = "INFO",
-                 progress_interval_s: float = 0.1) -> None:
+                 progress_interval_s: float = PROGRESS_INTERVAL_S) -> None:
         self.name = "process" if isolated else "inprocess"
         self.isolated = isolated
         self.requested = (workers, slots, torch_threads)
@@ -263,6 +265,15 @@ class PoolExecutor:
                            "see the server log")
         return True, f"{ready} of {len(self.workers)} worker process(es) ready, {self.plan.slots if self.plan else 1} " \
                      f"task(s) each"
+
+    def workers_online(self) -> dict[str, bool]:
+        """Worker name -> online: a worker process that is restarting is offline; in-process, each task slot
+        (``matcalc-worker-N``) is online while the executor runs."""
+        with self._cond:
+            if not self.isolated:
+                n = self.workers[0].slots if self.workers else 0
+                return {} if self._stopping else {f"matcalc-worker-{i}": True for i in range(n)}
+            return {} if self._stopping else {w.name: w.ready for w in self.workers}
 
     def info(self) -> dict[str, Any]:
         with self._cond:
@@ -706,7 +717,10 @@ def make_executor(settings: Settings) -> Executor:
     """The executor ``settings.cluster`` names: ``process`` (default), ``inprocess``, ``local`` or a dask
     scheduler address."""
     kind = settings.cluster.strip()
-    common = {"device": settings.device, "max_crashes": settings.max_crashes}
+    # the runner forwards at most one progress event per interval: as often as the most eager consumer
+    # (stored progress, progress webhooks) wants them, at most every 0.1 s for the live streams
+    interval = min(PROGRESS_INTERVAL_S, settings.progress_interval_s, settings.webhook_progress_interval_s)
+    common = {"device": settings.device, "max_crashes": settings.max_crashes, "progress_interval_s": interval}
     if kind.lower() in ("process", "processes", ""):
         return PoolExecutor(settings.workers, slots=settings.slots_per_worker, blas_threads=settings.blas_threads,
                             stop_grace_s=settings.stop_grace_s, log_level=settings.log_level, **common)
