@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import threading
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ import numpy as np
 from ase import Atoms
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from sqlalchemy import Engine, Table
 
     from matcalc.calculations.contract import Property
     from matcalc.calculations.results import Result
@@ -282,7 +283,6 @@ class ResultCache:
     # ---------------------------------------------------------------- write
     def put(self, key: str, key_data: dict[str, Any], result: Result | dict[str, Any]) -> bool:
         """Store ``result`` under ``key`` unless an entry exists (insert-or-ignore); True when inserted."""
-        from matcalc.store.models import CacheEntry
 
         data = result if isinstance(result, dict) else result.to_dict()
         prov = dict(data.get("provenance") or {})
@@ -296,7 +296,7 @@ class ResultCache:
                   "cache_version": int(key_data.get("cache_version", CACHE_VERSION)), "key_data": key_data,
                   "result": text, "sha256": hashlib.sha256(text.encode()).hexdigest(),
                   "size_bytes": len(text.encode()), "created_at": datetime.now(UTC), "hits": 0}
-        stmt = _insert_ignore(self.engine.dialect.name, CacheEntry.__table__, values)
+        stmt = _insert_ignore(self.engine.dialect.name, _table(), values)
         with self.engine.begin() as conn:
             if stmt is not None:
                 return bool(conn.execute(stmt).rowcount)
@@ -305,7 +305,7 @@ class ResultCache:
 
             try:
                 with conn.begin_nested():
-                    conn.execute(insert(CacheEntry.__table__).values(**values))
+                    conn.execute(insert(_table()).values(**values))
                 return True
             except IntegrityError:
                 return False
@@ -314,22 +314,20 @@ class ResultCache:
         """Delete the entry of ``key`` (warning ``reason`` first, when given)."""
         from sqlalchemy import delete
 
-        from matcalc.store.models import CacheEntry
 
         if reason:
             self.warn(reason)
         try:
             with self.engine.begin() as conn:
-                conn.execute(delete(CacheEntry.__table__).where(CacheEntry.__table__.c.key == key))
+                conn.execute(delete(_table()).where(_table().c.key == key))
         except Exception as exc:  # noqa: BLE001 - a read-only database: the entry stays ignored
             log.debug("could not delete cache entry %s: %s", key[:12], exc)
 
     def _count_hit(self, key: str) -> None:
         from sqlalchemy import update
 
-        from matcalc.store.models import CacheEntry
 
-        t = CacheEntry.__table__
+        t = _table()
         try:
             with self.engine.begin() as conn:
                 conn.execute(update(t).where(t.c.key == key).values(hits=t.c.hits + 1, last_hit_at=datetime.now(UTC)))
@@ -338,9 +336,8 @@ class ResultCache:
 
     # ---------------------------------------------------------------- manage
     def _where(self, prop: str | None, model: str | None, before: datetime | None, stale: bool) -> list[Any]:
-        from matcalc.store.models import CacheEntry
 
-        t = CacheEntry.__table__.c
+        t = _table().c
         conds: list[Any] = []
         if prop is not None:
             from matcalc.calculations import get_property
@@ -358,16 +355,15 @@ class ResultCache:
         """Entries, bytes, hits, stale entries and counts per property and model."""
         from sqlalchemy import func, select
 
-        from matcalc.store.models import CacheEntry
 
-        t = CacheEntry.__table__.c
+        t = _table().c
         with self._sessions() as s:
             n, size, hits, oldest, newest = s.execute(select(func.count(), func.coalesce(func.sum(t.size_bytes), 0),
                                                              func.coalesce(func.sum(t.hits), 0),
                                                              func.min(t.created_at), func.max(t.created_at))).one()
             stale = s.scalar(select(func.count()).where(t.cache_version != CACHE_VERSION)) or 0
-            by_prop = dict(s.execute(select(t.property, func.count()).group_by(t.property)).tuples().all())
-            by_model = dict(s.execute(select(t.model, func.count()).group_by(t.model)).tuples().all())
+            by_prop: dict[Any, Any] = dict(s.execute(select(t.property, func.count()).group_by(t.property)).tuples().all())
+            by_model: dict[Any, Any] = dict(s.execute(select(t.model, func.count()).group_by(t.model)).tuples().all())
         return CacheStats(self.url, int(n), int(size), int(hits), int(stale), {str(k): int(v) for k, v in by_prop.items()},
                           {str(k): int(v) for k, v in by_model.items()}, _aware(oldest), _aware(newest))
 
@@ -376,10 +372,9 @@ class ResultCache:
         """Delete the entries matching every filter given (none: all); returns how many."""
         from sqlalchemy import delete
 
-        from matcalc.store.models import CacheEntry
 
         with self.engine.begin() as conn:
-            return int(conn.execute(delete(CacheEntry.__table__).where(*self._where(prop, model, before, stale)))
+            return int(conn.execute(delete(_table()).where(*self._where(prop, model, before, stale)))
                        .rowcount or 0)
 
     def entries(self, *, prop: str | None = None, model: str | None = None) -> Iterator[dict[str, Any]]:
@@ -387,9 +382,8 @@ class ResultCache:
         result}`` (``result``: the stored ``to_dict()``; an entry that does not verify is skipped, warned)."""
         from sqlalchemy import select
 
-        from matcalc.store.models import CacheEntry
 
-        t = CacheEntry.__table__
+        t = _table()
         with self.engine.connect() as conn:
             rows = conn.execute(select(t).where(*self._where(prop, model, None, False)).order_by(t.c.created_at))
             for row in rows.mappings():
@@ -415,6 +409,13 @@ class ResultCache:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _table() -> Table:
+    """The ``result_cache`` table (:class:`matcalc.store.models.CacheEntry`)."""
+    from matcalc.store.models import CacheEntry
+
+    return typing.cast("Table", CacheEntry.__table__)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -448,7 +449,7 @@ def _migrate(engine: Engine) -> None:
     path = engine.url.database if engine.dialect.name == "sqlite" else None
     with contextlib.ExitStack() as stack:
         if path and path != ":memory:" and fcntl is not None:
-            fh = stack.enter_context(open(f"{path}.lock", "a"))  # noqa: SIM115
+            fh = stack.enter_context(open(f"{path}.lock", "a"))
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             stack.callback(fcntl.flock, fh.fileno(), fcntl.LOCK_UN)
         elif engine.dialect.name == "postgresql":

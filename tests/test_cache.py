@@ -29,6 +29,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
+from test_custom_models import LJ_OPTIONS, RC_A, SIGMA_A, TorchLJ, argon
 
 import matcalc as mc
 from matcalc import cache as result_cache
@@ -36,9 +37,6 @@ from matcalc.calculations import contract, properties
 from matcalc.models import get_model
 from matcalc.models.identity import hashes_computed, package_version
 from matcalc.models.registry import model_identity
-
-from test_custom_models import LJ_OPTIONS, RC_A, SIGMA_A, TorchLJ, argon  # noqa: E402
-
 
 PG_URL = os.environ.get("MATCALC_TEST_PG_URL", "").strip()
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL,
@@ -438,7 +436,6 @@ def test_matcalc_run_writes_provenance_and_reuses_the_cache(cache_on, tmp_path):
 def test_server_completes_a_cached_resubmission_at_once(backend, tmp_path):
     pytest.importorskip("uvicorn")
     from live_server import LiveServer, wait_tasks
-
     from test_server_live import text_of
 
     url = db_url(backend, tmp_path, "server.db")

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def hashes_computed() -> int:
         return len(_HASHES)
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_version(package: str) -> str | None:
     """Installed version of ``package`` (an import name such as ``sevenn`` or a distribution name such as
     ``mace-torch``), without importing it; ``None`` when it is not installed."""
@@ -66,7 +66,7 @@ def package_version(package: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
+@cache
 def _import_to_distributions() -> dict[str, list[str]]:
     return {k: list(v) for k, v in importlib.metadata.packages_distributions().items()}
 
@@ -123,8 +123,8 @@ class ModelIdentity:
 
     def key(self) -> dict[str, Any]:
         """What identifies the model's numbers (the cache key part): no device, no file location."""
-        out = {"name": self.name, "family": self.family, "dtype": self.dtype, "version": self.version,
-               "package": self.package, "package_version": self.package_version,
+        out: dict[str, Any] = {"name": self.name, "family": self.family, "dtype": self.dtype,
+                               "version": self.version, "package": self.package, "package_version": self.package_version,
                "weights_sha256": self.weights_sha256, "options": self.options}
         if self.components:
             out["components"] = [c.key() for c in self.components]
