@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,11 +19,12 @@ import matcalc
 from matcalc.server.auth import RateLimiter
 from matcalc.server.config import Settings
 from matcalc.server.custom_models import CustomModelService
+from matcalc.server.envelope import envelope, error_response
 from matcalc.server.errors import ApiError, ErrorCode, error_table
 from matcalc.server.events import EventBus
 from matcalc.server.executor import Executor
 from matcalc.server.metrics import MetricsMiddleware
-from matcalc.server.middleware import RequestContextMiddleware, install_log_filter, request_id_var
+from matcalc.server.middleware import RequestContextMiddleware, install_log_filter
 from matcalc.server.observability import Observability
 from matcalc.server.pool import make_executor
 from matcalc.server.service import TaskService
@@ -40,21 +40,6 @@ Every response is an envelope `{success, code, message, data, timestamp, request
 a stable 5-digit `code`: 10xxx system, 20xxx auth, 30xxx resource, 40xxx request, 50xxx task.
 Send `X-API-Key` when the server has keys configured. Every response has an `X-Request-ID`.
 """
-
-
-def _envelope(code: ErrorCode, message: str, data: Any = None) -> dict[str, Any]:
-    return {"success": code == ErrorCode.OK, "code": int(code), "message": message, "data": data,
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "request_id": request_id_var.get()}
-
-
-def ok(data: Any = None, message: str = "ok") -> dict[str, Any]:
-    """A success envelope around ``data``."""
-    return _envelope(ErrorCode.OK, message, data)
-
-
-def error_response(code: ErrorCode, message: str, data: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_envelope(code, message, data), status_code=code.http_status, headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -113,7 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # list every method of every route on this path, not just the first match
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return JSONResponse(_envelope(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
+        return JSONResponse(envelope(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
 
 
 def _unparsable_body(request: Request, exc: StarletteHTTPException) -> str | None:
@@ -130,17 +115,6 @@ def _unparsable_body(request: Request, exc: StarletteHTTPException) -> str | Non
     if not content_type or "json" in content_type.split(";")[0]:
         return f"malformed JSON body: {type(cause).__name__}: {cause}"
     return None
-
-
-def unexpected_error(exc: Exception) -> tuple[ErrorCode, str]:
-    """Code and message for an exception no handler knew (logged with the request id)."""
-    from sqlalchemy.exc import OperationalError
-
-    if isinstance(exc, OperationalError):
-        log.error("database error: %s", exc)
-        return ErrorCode.DATABASE_UNAVAILABLE, "database error; retry later"
-    log.error("unhandled error", exc_info=exc)
-    return ErrorCode.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); request id {request_id_var.get()}"
 
 
 def create_app(settings: Settings | None = None, *, executor: Executor | None = None) -> FastAPI:

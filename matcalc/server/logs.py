@@ -69,7 +69,7 @@ def _json_safe(value: Any) -> Any:
 def record_dict(record: logging.LogRecord) -> dict[str, Any]:
     """The structured form of a log record (JSON-safe)."""
     from matcalc.execution import current_task_id
-    from matcalc.server.middleware import request_id_var
+    from matcalc.server.envelope import request_id_var
 
     rid = getattr(record, "request_id", None) or request_id_var.get()
     task_id = getattr(record, "task_id", None) or current_task_id()

@@ -3,21 +3,17 @@ the request-body size limit, and one access-log line per request."""
 
 from __future__ import annotations
 
-import contextvars
-import json
 import logging
 import re
 import time
 import uuid
-from datetime import UTC, datetime
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from matcalc.server.envelope import error_body, request_id_var, unexpected_error
 from matcalc.server.errors import ErrorCode
 
 access_log = logging.getLogger("matcalc.server.access")
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("matcalc_request_id", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -37,12 +33,6 @@ def install_log_filter() -> None:
     for h in root.handlers:
         if not any(isinstance(f, RequestIdFilter) for f in h.filters):
             h.addFilter(RequestIdFilter())
-
-
-def error_body(code: ErrorCode, message: str, data: Any = None, request_id: str | None = None) -> bytes:
-    return json.dumps({"success": False, "code": int(code), "message": message, "data": data,
-                       "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-                       "request_id": request_id or request_id_var.get()}).encode()
 
 
 class _BodyTooLarge(Exception):
@@ -112,8 +102,6 @@ class RequestContextMiddleware:
                 except Exception as exc:  # answered here, inside the request's context (request id)
                     if started["sent"]:
                         raise
-                    from matcalc.server.app import unexpected_error
-
                     code, message = unexpected_error(exc)
                     body = error_body(code, message)
                     await send_wrapper({"type": "http.response.start", "status": code.http_status,

@@ -419,7 +419,7 @@ class PoolExecutor:
 
     def _run_here(self, worker: _Worker, job: Job) -> None:
         """In-process mode: the runner in a thread of the API process."""
-        from matcalc.server.middleware import request_id_var
+        from matcalc.server.envelope import request_id_var
 
         token = request_id_var.set(f"task:{job.task_id}")  # the server's log lines of the task carry its id
         try:

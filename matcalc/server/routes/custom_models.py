@@ -11,7 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from matcalc.server.app import ok
+from matcalc.server.envelope import ok
 from matcalc.server.auth import require_api_key
 from matcalc.server.errors import ApiError, ErrorCode
 from matcalc.server.routes import COMMON_ERRORS, error_responses

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
-from matcalc.server.app import ok
+from matcalc.server.envelope import ok
 from matcalc.server.auth import require_api_key
 from matcalc.server.errors import ApiError, ErrorCode
 from matcalc.server.routes import COMMON_ERRORS, error_responses, service

@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from matcalc.server.app import ok
+from matcalc.server.envelope import ok
 from matcalc.server.auth import api_key_scheme, require_admin, require_api_key
 from matcalc.server.errors import ApiError, ErrorCode
 from matcalc.server.logs import (

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import matcalc
-from matcalc.server.app import ok
+from matcalc.server.envelope import envelope, ok
 from matcalc.server.auth import require_api_key
 from matcalc.server.errors import ErrorCode
 from matcalc.server.routes import COMMON_ERRORS, error_responses, service, store
@@ -52,9 +52,8 @@ def health(request: Request) -> Any:
         return ok(data)
     code = ErrorCode.DATABASE_UNAVAILABLE if not checks["database"]["ok"] else (
         ErrorCode.SHUTTING_DOWN if not checks["accepting"]["ok"] else ErrorCode.EXECUTOR_UNAVAILABLE)
-    from matcalc.server.app import _envelope
 
-    return JSONResponse(jsonable_encoder(_envelope(code, "not ready", data)), status_code=503)
+    return JSONResponse(jsonable_encoder(envelope(code, "not ready", data)), status_code=503)
 
 
 @router.get("/system/gpus", response_model=Envelope[list[dict[str, Any]]], dependencies=guarded,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, 
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime, BeforeValidator
 
-from matcalc.server.app import ok
+from matcalc.server.envelope import ok
 from matcalc.server.auth import require_api_key
 from matcalc.server.errors import ApiError, ErrorCode
 from matcalc.server.routes import COMMON_ERRORS, error_responses, service, store
