@@ -49,3 +49,25 @@ def test_bad_input_is_a_clear_error(args: tuple[str, ...], message: str) -> None
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_version_says_which_matcalc_is_installed() -> None:
+    """Ours is the distribution matcalc-mof (MVL's matcalc 0.7 has the same import name, another name on PyPI)."""
+    import importlib.metadata
+
+    import matcalc
+
+    installed = importlib.metadata.version("matcalc-mof")
+    assert matcalc.__version__ == installed and matcalc.__distribution__ == "matcalc-mof"
+    out = run("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"matcalc {installed} (distribution matcalc-mof, ")
+    # the import name is matcalc, and the installed files are this checkout's
+    assert str(__import__("pathlib").Path(matcalc.__file__).parent) in out.stdout
+    # every install hint names our distribution, never MVL's (`pip install matcalc[...]` would install MVL's)
+    from matcalc.models import list_models
+    from matcalc.models.registry import families, get_family
+
+    hints = [get_family(f).install_hint for f in families()] + [c.reason or "" for c in list_models()]
+    assert any("matcalc-mof[" in h for h in hints)
+    assert not [h for h in hints if re.search(r"install ['\"]?matcalc\[", h)]

@@ -14,6 +14,8 @@ import logging
 import threading
 from typing import Any
 
+from matcalc.version import install_hint
+
 log = logging.getLogger(__name__)
 
 _NVML_LOCK = threading.Lock()
@@ -119,7 +121,7 @@ def cuda_status() -> tuple[bool, str]:
         clash = (" (nvidia-ml-py3, pulled in by chgnet, provides an old 'pynvml' module that clashes with "
                  "nvidia-ml-py; reinstall with: pip install --force-reinstall nvidia-ml-py)")
     if importlib.util.find_spec("dask_cuda") is None:
-        return False, "dask_cuda is not installed; install the extra: pip install 'matcalc[cuda]'" + clash
+        return False, "dask_cuda is not installed; install the extra: " + install_hint("cuda") + clash
     try:
         import dask_cuda  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - e.g. missing cuda-bindings, old pynvml

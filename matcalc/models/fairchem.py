@@ -42,6 +42,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ CATALOGUE = (
 FAMILY = Family(
     name="fairchem",
     requires=("fairchem",),  # find_spec of a dotted name raises when the parent is absent; load() imports .core
-    install_hint="pip install 'matcalc[fairchem]'",
+    install_hint=install_hint("fairchem"),
     loader=load,
     catalogue=CATALOGUE,
     supports_batching=True,

@@ -26,6 +26,7 @@ from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def _entry(name: str, folder: str, description: str) -> WeightsEntry:
 FAMILY = Family(
     name="grace",
     requires=("tensorpotential", "tensorflow"),
-    install_hint=("pip install 'matcalc[grace]' (pulls CUDA TensorFlow); CPU only: pip install tensorflow-cpu==2.20.0 "
+    install_hint=(install_hint("grace") + " (pulls CUDA TensorFlow); CPU only: pip install tensorflow-cpu==2.20.0 "
                   "matscipy sympy scikit-learn questionary rich && pip install --no-deps tensorpotential tf_keras==2.20.1"),
     loader=load,
     catalogue=(

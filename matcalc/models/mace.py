@@ -24,6 +24,7 @@ from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 CPU_MAX_BATCH_ATOMS = 512
 """Largest MACE call on a CPU (atoms). Measured: a model of MACE-MP medium's size (128x0e+128x1o, L=3,
@@ -252,7 +253,7 @@ CATALOGUE = (
 FAMILY = Family(
     name="mace",
     requires=("mace", "e3nn"),
-    install_hint='pip install "matcalc[mace]" (its own environment: mace-torch pins e3nn 0.4.4)',
+    install_hint=install_hint("mace") + " (its own environment: mace-torch pins e3nn 0.4.4)",
     loader=load,
     catalogue=CATALOGUE,
     supports_batching=True,

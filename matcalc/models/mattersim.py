@@ -24,6 +24,7 @@ from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def _entry(name: str, size: str, filename: str) -> WeightsEntry:
 FAMILY = Family(
     name="mattersim",
     requires=("mattersim",),
-    install_hint="pip install 'matcalc[mattersim]'",
+    install_hint=install_hint("mattersim"),
     loader=load,
     catalogue=(
         _entry("mattersim-v1-1m", "1M", "mattersim-v1.0.0-1M.pth"),

@@ -25,6 +25,7 @@ from ase.data import chemical_symbols
 
 from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 ORB_ELEMENTS = frozenset(chemical_symbols[1:118])
 """Atomic numbers 1-117: orb one-hot encodes Z into 118 classes."""
@@ -183,7 +184,7 @@ def _entry(name: str, filename: str, description: str, trained_on: str) -> Weigh
 FAMILY = Family(
     name="orb",
     requires=("orb_models",),
-    install_hint="pip install 'matcalc[orb]'",
+    install_hint=install_hint("orb"),
     loader=load,
     catalogue=(
         _entry("orb-v3-conservative-inf-omat", "orb-v3-conservative-inf-omat-20250404.ckpt",

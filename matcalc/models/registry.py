@@ -22,6 +22,7 @@ from matcalc.models.base import Potential, SumPotential
 from matcalc.models.identity import ModelIdentity
 from matcalc.models.plugins import ensure_plugins
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -475,9 +476,9 @@ def _register_builtins() -> None:
     register_model("sevennet", sevennet, family="sevennet", description="SevenNet-0 (MPtrj), weights in the wheel "
                    "(same as 7net-0)",
                    elements="H-Bi and more (89 elements)", cutoff_A=5.0, requires=("sevenn",),
-                   install_hint="pip install 'matcalc[sevennet]'", dtype="float32", batching=True, version="7net-0")
+                   install_hint=install_hint("sevennet"), dtype="float32", batching=True, version="7net-0")
     register_model("d3", d3, family="d3", description="Grimme D3(BJ) dispersion, PBE parameters (torch-dftd)",
-                   elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint="pip install 'matcalc[d3]'")
+                   elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint=install_hint("d3"))
 
     for module_name in FAMILY_MODULES:
         try:

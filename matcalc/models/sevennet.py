@@ -28,6 +28,7 @@ from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
 from matcalc.models.weights import Family, WeightsEntry
+from matcalc.version import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def _entry(name: str, filename: str, description: str, *, cutoff_A: float, sourc
 FAMILY = Family(
     name="sevennet",
     requires=("sevenn", "torch_geometric"),
-    install_hint="pip install 'matcalc[sevennet]'",
+    install_hint=install_hint("sevennet"),
     loader=load,
     catalogue=(
         _entry("7net-0", "", "SevenNet-0 (11Jul2024, MPtrj), weights in the sevenn wheel", cutoff_A=5.0,

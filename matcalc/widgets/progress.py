@@ -17,6 +17,7 @@ import time
 from typing import Any, TextIO
 
 from matcalc.tasks import ACTIVE, FAILURES, ON_WORKER
+from matcalc.version import install_hint
 from matcalc.widgets.state import (
     ProgressState,
     Row,
@@ -91,7 +92,7 @@ def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, displa
         return TqdmProgress(tasks, file=file, max_rate_hz=max_rate_hz)
     if not widgets_available():
         raise ImportError("matcalc.widgets.progress(mode='widget') needs ipywidgets: "
-                          "pip install 'matcalc[widgets]'")
+                          + install_hint("widgets"))
     view = ProgressWidget(tasks, max_rate_hz=max_rate_hz, max_rows=max_rows)
     if display:
         show_once(view)
