@@ -23,8 +23,8 @@ from matcalc.models import (
     register_model,
 )
 from matcalc.structures import StructureError, list_builtins, load_structure, structure_hash
-
-__version__ = "0.1.0"
+from matcalc.version import DISTRIBUTION as __distribution__
+from matcalc.version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -65,6 +65,7 @@ __all__ = [
     "SinglePointResult",
     "StructureError",
     "UnknownModelError",
+    "__distribution__",
     "__version__",
     "get_model",
     "list_builtins",

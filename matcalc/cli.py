@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from matcalc.version import version_text
+
 log = logging.getLogger(__name__)
 
 DEMO_STRUCTURE = "CALF-20"
@@ -201,6 +203,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matcalc", description="Materials properties with universal ML potentials")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="which matcalc this is (version and distribution) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
