@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
+from ase.units import Bohr
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from matcalc.models import get_model
@@ -57,7 +58,7 @@ def test_d3_batch_equals_one_call_per_structure() -> None:
     d3.reset_stats()
     got = d3.evaluate([*cells, molecule])
     assert d3.stats.calls == 1 and d3.stats.batch_sizes == [3]
-    ref_calc = TorchDFTD3Calculator(xc="pbe", damping="bj", device="cpu")
+    ref_calc = TorchDFTD3Calculator(xc="pbe", damping="bj", device="cpu", cutoff=40 * Bohr, cnthr=40 * Bohr)
     for a, g in zip([*cells, molecule], got, strict=True):
         ref = a.copy()
         ref.calc = ref_calc

@@ -248,7 +248,7 @@ PROPERTY = Property(
     a q-point mesh and the harmonic thermal properties (per mole of the input cell and per gram).""",
     result=HeatCapacityResult,
     params=phonon_params(),
-    prerelax=PreRelax(max_steps=5000, fast_max_steps=500, optimizer="BFGS"),
+    prerelax=PreRelax(max_steps=1000, fast_max_steps=300, optimizer="BFGS"),  # MOFSimBench: at most 1000 steps
     compute=_compute,
     check=check_temperatures,
     check_structure=check_phonon_size,

@@ -1,6 +1,8 @@
 """Grimme D3(BJ) dispersion (torch-dftd, PBE parameters), summed onto a model as ``"<model>+d3"``.
 
-This is how MOFSimBench adds dispersion to uMLIPs trained on PBE data. All structures of a request are evaluated
+This is how MOFSimBench adds dispersion to uMLIPs trained on PBE data, with its arguments:
+``TorchDFTD3Calculator(xc="pbe", damping="bj", cutoff=40 Bohr, cnthr=40 Bohr, abc=False)`` (float32)
+(torch-dftd's own default pair cutoff is 95 Bohr). All structures of a request are evaluated
 in one torch-dftd call (``TorchDFTD3Calculator.batch_calculate``: neighbour lists per structure, one batched
 energy and one backward pass for forces and stresses), not one structure at a time.
 """
@@ -13,12 +15,16 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from ase.units import Bohr
 
 from matcalc.models.base import ASECalculatorPotential, Evaluation
 
 D3_PROPERTIES = ["energy", "forces", "stress"]
 
-D3_CUTOFF_A = 95 * 0.52917721  # torch-dftd default cutoff (95 bohr)
+D3_CUTOFF_A = 40.0 * Bohr
+"""Pair cutoff of the dispersion sum (Å): 40 Bohr ≈ 21.17 Å, MOFSimBench's ``dispersion_cutoff``."""
+D3_CN_CUTOFF_A = 40.0 * Bohr
+"""Cutoff of the coordination numbers (Å): 40 Bohr (torch-dftd's default, as MOFSimBench leaves it)."""
 
 
 class D3Potential(ASECalculatorPotential):
@@ -29,11 +35,13 @@ class D3Potential(ASECalculatorPotential):
     package = "torch_dftd"
 
     def __init__(self, name: str = "d3", device: str = "cpu", *, xc: str = "pbe", damping: str = "bj",
+                 cutoff_A: float = D3_CUTOFF_A, cn_cutoff_A: float = D3_CN_CUTOFF_A, three_body: bool = False,
                  **kwargs: Any) -> None:
         from torch_dftd.torch_dftd3_calculator import TorchDFTD3Calculator
 
-        factory = partial(TorchDFTD3Calculator, xc=xc, damping=damping, device=device)
-        super().__init__(name, factory, device=device, cutoff_A=D3_CUTOFF_A, **kwargs)
+        factory = partial(TorchDFTD3Calculator, xc=xc, damping=damping, device=device, cutoff=cutoff_A,
+                          cnthr=cn_cutoff_A, abc=three_body)
+        super().__init__(name, factory, device=device, cutoff_A=cutoff_A, **kwargs)
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         """One ``batch_calculate`` for the whole list (the same numbers as one ``calculate`` per structure)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from matcalc.models.base import Potential, SumPotential
+from matcalc.models.d3 import D3_CUTOFF_A
 from matcalc.models.identity import ModelIdentity
 from matcalc.models.plugins import ensure_plugins
 from matcalc.models.weights import Family, WeightsEntry
@@ -478,7 +479,8 @@ def _register_builtins() -> None:
                    elements="H-Bi and more (89 elements)", cutoff_A=5.0, requires=("sevenn",),
                    install_hint=install_hint("sevennet"), dtype="float32", batching=True, version="7net-0")
     register_model("d3", d3, family="d3", description="Grimme D3(BJ) dispersion, PBE parameters (torch-dftd)",
-                   elements="H-Pu", cutoff_A=50.3, requires=("torch_dftd",), install_hint=install_hint("d3"))
+                   elements="H-Pu", cutoff_A=D3_CUTOFF_A, requires=("torch_dftd",),
+                   install_hint=install_hint("d3"))
 
     for module_name in FAMILY_MODULES:
         try:
