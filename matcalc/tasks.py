@@ -70,6 +70,8 @@ TERMINAL: frozenset[TaskStatus] = frozenset(
 """Statuses a task never leaves."""
 ACTIVE: frozenset[TaskStatus] = frozenset(set(TaskStatus) - TERMINAL)
 """PENDING, QUEUED, ASSIGNED, RUNNING: not finished."""
+WAITING: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.ASSIGNED})
+"""Active but not running yet: the queue."""
 ON_WORKER: frozenset[TaskStatus] = frozenset({TaskStatus.ASSIGNED, TaskStatus.RUNNING})
 """Handed to a worker: what a worker's death or a restart interrupts."""
 FAILURES: frozenset[TaskStatus] = frozenset({TaskStatus.FAILED, TaskStatus.TIMEOUT})
@@ -416,6 +418,7 @@ __all__ = [
     "PRIORITIES",
     "STATUSES",
     "TERMINAL",
+    "WAITING",
     "WORKER_CRASHED",
     "Priority",
     "TaskCancelledError",

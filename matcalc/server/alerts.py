@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from matcalc.tasks import WAITING
+
 log = logging.getLogger(__name__)
 GIB = 1024**3
 
@@ -199,7 +201,7 @@ def failure_streaks(store: Any, limit: int = 2000) -> dict[str, int]:
 
 
 def queue_backlog(store: Any) -> int:
-    return sum(counts.get(s, 0) for counts in store.queue_stats().values() for s in ("PENDING", "QUEUED", "ASSIGNED"))
+    return sum(counts.get(s, 0) for counts in store.queue_stats().values() for s in WAITING)
 
 
 def disk_free(paths: list[str]) -> dict[str, float]:
