@@ -361,7 +361,10 @@ def _compute(run: Run) -> dict[str, Any]:
         template = complex_template(framework, relaxed)
         energies[todo] = energies_eV(run.prep.evaluator, complexes(template, nf, trial.positions[todo])) - e_fw - e_guest
         per_point = energies.reshape(-1, k)
-        best = [i * k + int(np.nanargmin(row)) for i, row in enumerate(per_point)]
+        best = [i * k + int(np.nanargmin(row)) for i, row in enumerate(per_point) if np.isfinite(row).any()]
+        if len(best) < len(per_point):  # the relaxed guest is larger than the one checked at submission
+            run.warnings.append(f"{len(per_point) - len(best)} given positions skipped: the relaxed guest overlaps "
+                                "the framework there in every orientation")
         chosen_positions = trial.positions[best]
         start = energies[best]
     else:
