@@ -19,10 +19,6 @@ DEMO_STRUCTURE = "CALF-20"
 
 
 def _setup_logging(verbose: int) -> None:
-    import warnings
-
-    # CHGNet warns about a tensor-to-scalar conversion on every call: noise for a command-line user.
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad", category=UserWarning)
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

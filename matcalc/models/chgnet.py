@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,21 @@ CHGNET_VERSION = "0.3.0"
 CPU_MAX_BATCH_ATOMS = 256
 """Largest CHGNet call on a CPU (atoms): ~3 GB of activations for MOF-like graphs."""
 GPU_MAX_BATCH_ATOMS = 4096
+
+CHGNET_NOISE = "Converting a tensor with requires_grad"
+"""Start of the torch warning CHGNet's batching raises on every call (its ``BatchedGraph.from_graphs`` makes a
+tensor of cell volumes that require grad): harmless, and nothing a user can act on."""
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence :data:`CHGNET_NOISE` inside this block only (not process-wide). ``warnings.catch_warnings``
+    swaps the process's filter list, so concurrent blocks take turns: the block covers CHGNet's graph batching
+    (host work under the GIL), never the model's forward or backward pass."""
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=CHGNET_NOISE, category=UserWarning)
+        yield
 
 
 class CHGNetPotential(Potential):
@@ -65,7 +82,7 @@ class CHGNetPotential(Potential):
                 self._fast = False
                 self.concurrent_calls = False
         structures = [AseAtomsAdaptor.get_structure(a) for a in atoms_list]
-        with self._lock:  # predict_structure: one call at a time
+        with self._lock, _quiet():  # predict_structure: one call at a time
             preds = self.model.predict_structure(structures, task="efs", batch_size=len(structures))
         if isinstance(preds, dict):
             preds = [preds]
@@ -131,8 +148,9 @@ class CHGNetPotential(Potential):
 
         model = self.model
         graphs = self.graphs(atoms_list)
-        bg = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
-                                      angle_basis_expansion=model.angle_basis_expansion, compute_stress=True)
+        with _quiet():
+            bg = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
+                                          angle_basis_expansion=model.angle_basis_expansion, compute_stress=True)
         pred = model._compute(bg, compute_force=False, compute_stress=False)
         n_atoms = pred["atoms_per_graph"]
         energy = pred["e"] * n_atoms if model.is_intensive else pred["e"]  # eV per structure
