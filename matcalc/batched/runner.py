@@ -150,7 +150,8 @@ class Group(ABC):
                 log.exception("batched stepping failed")
                 self._fail_all(exc)
             except BaseException as exc:  # KeyboardInterrupt and friends: fail the group, then propagate
-                self._fail_all(exc)
+                self._fail_all(RuntimeError(f"batched stepping interrupted ({type(exc).__name__}) in the thread "
+                                            "that was stepping this structure's batch"))
                 raise
             finally:
                 with self._cond:
