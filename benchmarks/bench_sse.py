@@ -154,6 +154,7 @@ def main() -> None:
     p.add_argument("--repeat-cell", type=int, default=3, help="Cu supercell n x n x n (default 3: 108 atoms)")
     args = p.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ["MATCALC_CACHE"] = "0"  # the same relaxation every run: time computations, never cache hits
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {args.streams} SSE streams vs none on one EMT relaxation (Cu {args.repeat_cell}^3 x 4 atoms)")
     print(f"host {platform.node()} | {os.cpu_count()} CPUs | load1 {load:.1f} | python {platform.python_version()}")

@@ -54,8 +54,8 @@ from matcalc.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
 
-"""Events sent when a task gives ``notify_url`` without ``notify_events``."""
 ALERT_EVENTS = ("alert.opened", "alert.resolved")
+"""Events of the alert webhooks (the task events are :data:`matcalc.submission.TASK_EVENTS`)."""
 STATUS_EVENTS = {"RUNNING": "task.started", "COMPLETED": "task.completed", "FAILED": "task.failed",
                  "CANCELLED": "task.cancelled", "TIMEOUT": "task.timeout"}
 TERMINAL_EVENTS = frozenset(STATUS_EVENTS[s] for s in TERMINAL)
