@@ -107,6 +107,46 @@ def test_imaginary_modes_warned():
     assert any("imaginary" in w for w in r.warnings)
 
 
+def test_gamma_acoustic_warning_is_ours_and_only_when_it_tells_something(cu_hc):
+    """phonopy's GammaAcousticWarning never reaches the user. Forces with noise (as a noisy model gives) break the
+    acoustic sum rule (Γ acoustic modes at ~3 THz): one result warning of ours names the Γ frequencies, while phonopy,
+    on the same force constants, warns itself (the control). A relaxed cell with a clean model gets none."""
+    from phonopy.phonon.thermal_properties import GammaAcousticWarning
+
+    from matcalc.calculations.heat_capacity import (
+        GAMMA_ACOUSTIC_WARN_THZ,
+        displaced_supercells,
+        gamma_acoustic_THz,
+        make_phonopy,
+        set_forces,
+        thermal_fields,
+    )
+
+    atoms = cu_conventional()
+    atoms.rattle(0.05, seed=1)  # no symmetry: every displacement's noise enters the force constants
+    phonon = make_phonopy(atoms, (1, 1, 1))
+    rng = np.random.default_rng(0)
+    set_forces(phonon, [EMT().get_forces(a) + rng.normal(0.0, 0.05, (len(a), 3))
+                        for a in displaced_supercells(phonon, 0.01)])
+    params = {"mesh": 8, "t_min": 0.0, "t_max": 1000.0, "t_step": 50.0}
+    ours: list[str] = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        thermal_fields(phonon, atoms, params, ours)
+    assert not [w for w in seen if issubclass(w.category, GammaAcousticWarning)]
+    acoustic = [w for w in ours if "acoustic modes at Γ" in w]
+    assert len(acoustic) == 1 and f"more than {GAMMA_ACOUSTIC_WARN_THZ:g} THz off" in acoustic[0], ours
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        phonon.run_thermal_properties(t_step=50.0, exclude_gamma_acoustic=True)
+    assert [w for w in seen if issubclass(w.category, GammaAcousticWarning)]
+    assert cu_hc.warnings == []
+    q = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
+    np.testing.assert_allclose(gamma_acoustic_THz(q, np.array([[-0.3, 0.01, 0.2, 5.0], [1, 2, 3, 4]])),
+                               [-0.3, 0.01, 0.2])
+    assert gamma_acoustic_THz(q[1:], np.array([[1.0, 2.0, 3.0, 4.0]])).size == 0
+
+
 def test_count_imaginary_ignores_gamma_acoustic():
     q = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [1.0, 0.0, 0.0]])
     f = np.array([[-0.2, -0.1, 0.0, 5.0],    # Γ: three lowest (acoustic) ignored, even if negative

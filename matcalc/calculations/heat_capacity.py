@@ -26,6 +26,8 @@ Conventions (documented choices):
 
 from __future__ import annotations
 
+import logging
+import warnings as pywarnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,8 +49,14 @@ IMAGINARY_TOLERANCE_THZ = 0.1
 displacements break the acoustic sum rule by up to a few 0.1 THz at Γ (those three modes are
 excluded); a genuinely unstable branch sits far lower (CHGNet on RSM0010 relaxed to fmax 0.05:
 down to −4.4 THz, and the count barely changes between 0.01 and 0.1 THz: 6844 vs 6826 modes)."""
+GAMMA_ACOUSTIC_WARN_THZ = 1.0
+"""The three acoustic modes at Γ farther than this from zero (THz) get a result warning: the force constants
+then break translational invariance by more than the float32 noise above (phonopy warns from 0.1 THz, which
+CHGNet's float32 forces reach on well-relaxed MOFs; the modes are left out of the thermal sums either way)."""
 REFERENCE_TEMPERATURE_K = 300.0
 GAS_CONSTANT_J_PER_K_MOL = 8.314462618
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -199,13 +207,26 @@ def thermal_fields(phonon: Phonopy, atoms: Atoms, params: dict[str, Any], warnin
     q-point mesh ``params["mesh"]``, temperatures ``t_min``..``t_max`` step ``t_step`` (K), the imaginary-mode
     count (a warning appended to ``warnings``), Cv per mole of ``atoms`` and per gram. Leaves the mesh on
     ``phonon`` (``phonon.mesh``) for further use (DOS)."""
+    from phonopy.phonon.thermal_properties import GammaAcousticWarning
+
     p = params
     qmesh = phonon.run_mesh(p["mesh"])
-    phonon.run_thermal_properties(t_min=p["t_min"], t_max=p["t_max"], t_step=p["t_step"],
-                                  exclude_gamma_acoustic=True)
+    with pywarnings.catch_warnings():  # Γ's acoustic modes: reported below when they tell something
+        pywarnings.filterwarnings("ignore", category=GammaAcousticWarning)
+        phonon.run_thermal_properties(t_min=p["t_min"], t_max=p["t_max"], t_step=p["t_step"],
+                                      exclude_gamma_acoustic=True)
     tp = phonon.get_thermal_properties_dict()
 
     frequencies = np.asarray(qmesh.frequencies)
+    acoustic = gamma_acoustic_THz(np.asarray(qmesh.qpoints), frequencies)
+    if acoustic.size:
+        log.debug("acoustic modes at Γ: %s THz", ", ".join(f"{f:.3g}" for f in acoustic))
+    if acoustic.size and np.abs(acoustic).max() > GAMMA_ACOUSTIC_WARN_THZ:
+        warnings.append("the three acoustic modes at Γ are at " + ", ".join(f"{f:.2f}" for f in acoustic)
+                        + f" THz instead of 0 (more than {GAMMA_ACOUSTIC_WARN_THZ:g} THz off): the force constants "
+                        "break translational invariance (residual forces of a structure not at a minimum, or a "
+                        "noisy model); those modes are left out of the thermal properties, but the low-frequency "
+                        "branches near Γ are suspect")
     n_imag, lowest = count_imaginary(np.asarray(qmesh.qpoints), frequencies, IMAGINARY_TOLERANCE_THZ)
     if n_imag:
         warnings.append(f"{n_imag} imaginary mode(s) of {frequencies.size} on the q-point mesh (lowest "
@@ -272,6 +293,16 @@ def to_ase(cell: Any) -> Atoms:
                  pbc=True)
 
 
+def gamma_acoustic_THz(qpoints: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
+    """The three acoustic frequencies at Γ (THz; the three of smallest magnitude, as phonopy picks them), empty
+    when the mesh has no Γ point."""
+    gamma = np.flatnonzero(np.all(np.abs(qpoints - np.round(qpoints)) < 1e-8, axis=1))
+    if not gamma.size:
+        return np.zeros(0)
+    at_gamma = np.asarray(frequencies, dtype=float)[gamma[0]]
+    return np.sort(at_gamma[np.argsort(np.abs(at_gamma))[:3]])
+
+
 def count_imaginary(qpoints: np.ndarray, frequencies: np.ndarray, tolerance_THz: float) -> tuple[int, float]:
     """(number of modes below −tolerance, lowest frequency) over a mesh, Γ's three acoustic modes excluded."""
     freqs = np.array(frequencies, dtype=float)
@@ -285,6 +316,6 @@ def count_imaginary(qpoints: np.ndarray, frequencies: np.ndarray, tolerance_THz:
     return int(np.sum(rest < -tolerance_THz)), float(rest.min())
 
 
-__all__ = ["IMAGINARY_TOLERANCE_THZ", "PROPERTY", "HeatCapacityResult", "check_phonon_size", "check_temperatures",
-           "count_imaginary", "displaced_supercells", "heat_capacity", "make_phonopy", "mesh_numbers", "phonon_params",
-           "set_forces", "thermal_fields", "to_ase"]
+__all__ = ["GAMMA_ACOUSTIC_WARN_THZ", "IMAGINARY_TOLERANCE_THZ", "PROPERTY", "HeatCapacityResult", "check_phonon_size",
+           "check_temperatures", "count_imaginary", "displaced_supercells", "gamma_acoustic_THz", "heat_capacity",
+           "make_phonopy", "mesh_numbers", "phonon_params", "set_forces", "thermal_fields", "to_ase"]
