@@ -34,6 +34,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 _LAZY.update({cls: (module, cls) for module, _, cls in PROPERTIES.values()})
 _LAZY.update({
+    "bench": ("matcalc.bench", None),
     "cluster": ("matcalc.cluster", None),
     "widgets": ("matcalc.widgets", None),
     "client": ("matcalc.client", None),

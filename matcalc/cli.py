@@ -185,6 +185,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     add_run_parser(sub)
 
 
+# --------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from matcalc.bench.cli import add_bench_parser  # the command lives in matcalc/bench/cli.py
+
+    add_bench_parser(sub)
+
+
 # --------------------------------------------------------------------------- serve
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from matcalc.server.cli import add_serve_command
@@ -193,7 +200,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_models, _add_db, _add_cache, _add_run,
-                                                                _add_serve]
+                                                                _add_bench, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
