@@ -30,7 +30,8 @@ args = c.parse(__doc__.splitlines()[0], n_default=1, extra=lambda p: (
     p.add_argument("--what", default="elastic,phonons,qha"),
     p.add_argument("--fmax", type=float, default=0.01),
     p.add_argument("--strains", default="0.005,0.01", help="elastic: positive strains (both signs applied)"),
-    p.add_argument("--mesh", type=float, default=100.0)))
+    p.add_argument("--mesh", type=float, default=100.0),
+    p.add_argument("--clamped", action="store_true", help="elastic: clamped ions (no relaxation of strained cells)")))
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -53,7 +54,7 @@ PATHS = [[[0, 0, 0], [0.5, 0, 0]], [[0, 0, 0], [0, 0.5, 0]], [[0, 0, 0], [0, 0, 
 def peer(path: str, what: str) -> dict:
     cmd = [args.peer_python, str(PEER_SCRIPT), path, what, "--strains", ",".join(map(str, STRAINS)),
            "--fmax", str(args.fmax), "--max-steps", "500", "--t-max", "1000", "--t-step", "10",
-           "--scale-factors", ",".join(f"{f ** (1 / 3):.12f}" for f in VOLUMES)]
+           "--scale-factors", ",".join(f"{f ** (1 / 3):.12f}" for f in VOLUMES)] + (["--clamped"] if args.clamped else [])
     env = dict(os.environ)
     if args.torch_threads > 0:  # the same torch (OpenMP) thread count on both sides
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
@@ -69,7 +70,8 @@ def ours(cell, pot, what: str):
     if what == "elastic":
         return c.clock(lambda: mc.elastic_tensor(cell, pot, strain_max=STRAINS[-1], n_strains=2 * len(STRAINS),
                                                  fmax=args.fmax, fixed_cell_max_steps=500,
-                                                 fixed_cell_optimizer="FIRE", **common))
+                                                 fixed_cell_optimizer="FIRE", relax_strained=not args.clamped,
+                                                 **common))
     if what == "phonons":
         return c.clock(lambda: mc.phonons(cell, pot, supercell=(1, 1, 1), displacement=0.01, mesh=args.mesh,
                                           t_max=1000.0, t_step=10.0, **common))

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--scale-factors", default="", help="QHA: linear lattice scale factors")
     p.add_argument("--t-max", type=float, default=1000.0)
     p.add_argument("--t-step", type=float, default=10.0)
+    p.add_argument("--clamped", action="store_true", help="elastic: no relaxation of the strained cells")
     a = p.parse_args()
 
     import numpy as np
@@ -42,7 +43,7 @@ def main() -> None:
     if a.what == "elastic":
         s = sorted({float(x) * sign for x in a.strains.split(",") for sign in (-1, 1)})
         ec = matcalc.ElasticityCalc(calc, norm_strains=s, shear_strains=s, fmax=a.fmax, relax_structure=False,
-                                    relax_deformed_structures=True, use_equilibrium=True, units_GPa=True,
+                                    relax_deformed_structures=not a.clamped, use_equilibrium=True, units_GPa=True,
                                     relax_calc_kwargs={"max_steps": a.max_steps, "optimizer": "FIRE"})
         t0 = time.perf_counter()
         r = ec.calc(atoms)
