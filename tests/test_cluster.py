@@ -156,6 +156,27 @@ def test_failing_task_leaves_cluster_healthy(cl):
     assert frame.loc[0, "status"] == "FAILED" and "fmax" in frame.loc[0, "error"]
 
 
+def compute_failed_shown(key: str) -> bool:
+    """On a worker: would dask's "Compute Failed" record (with its traceback) of task ``key`` pass the filters of
+    the worker's ``distributed.worker`` logger (that is, be printed)?"""
+    import logging
+
+    logger = logging.getLogger("distributed.worker")
+    record = logger.makeRecord("distributed.worker", logging.ERROR, __file__, 0,
+                               "Compute Failed\nKey:       %s\nState:     executing\nTraceback: %r\n",
+                               (key, "Traceback (most recent call last): ..."), None)
+    return all(f.filter(record) for f in logger.filters)
+
+
+def test_expected_failures_are_not_printed_by_dask_workers(cl):
+    """A matcalc task's failure is its own outcome (on the Task, above); dask's worker does not print it again as
+    a traceback in the notebook. Anyone else's task failures still are."""
+    ours = cl.client.run(compute_failed_shown, f"{cluster.worker.KEY_PREFIX}relax-1")
+    theirs = cl.client.run(compute_failed_shown, "inc-5f3a")
+    assert ours and not any(ours.values())
+    assert theirs and all(theirs.values())
+
+
 def test_invalid_submission_arguments(cl):
     with pytest.raises(ValueError, match="priority"):
         cl.submit("single_point", cu(), model="emt", priority="URGENT")

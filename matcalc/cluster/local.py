@@ -40,6 +40,7 @@ from matcalc.cluster.worker import (
     ASSIGNED_TOPIC,
     KEY_PREFIX,
     MALLOC_TRIM,
+    DropLogRecords,
     MatcalcWorkerPlugin,
     request_stop_async,
     request_stop_many_async,
@@ -63,6 +64,11 @@ if TYPE_CHECKING:
     from distributed import Client, Future
 
 log = logging.getLogger(__name__)
+
+CLOSING_NOISE = DropLogRecords(r"Worker process still alive after .* seconds, killing")
+"""dask's nanny warns when a worker takes more than a few seconds to exit and kills it: while :meth:`Cluster.close`
+shuts down a cluster it started, that is routine (its tasks are finished or cancelled), not a warning for the
+notebook."""
 
 DEFAULT_THREADS_GPU = 4
 """Concurrent tasks per GPU worker (their force requests are fused by the batching engine);
@@ -246,7 +252,12 @@ class Cluster:
             self.client.close()
         finally:
             if self._owns and self.cluster is not None:
-                self.cluster.close()
+                nanny = logging.getLogger("distributed.nanny")
+                nanny.addFilter(CLOSING_NOISE)  # we close the workers: a slow exit is killed, nothing is lost
+                try:
+                    self.cluster.close()
+                finally:
+                    nanny.removeFilter(CLOSING_NOISE)
 
     def workers(self) -> list[dict[str, Any]]:
         """Per worker: address, pid, nthreads, torch_threads, resources, device, gpu, loaded

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,30 @@ KEY_PREFIX = "matcalc-"
 ASSIGNED_TOPIC = "matcalc-assigned"
 """Event topic on which workers announce tasks that reached their queue."""
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
+
+
+class DropLogRecords(logging.Filter):
+    """Drops log records whose message matches ``pattern`` (a regular expression, matched at the start)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern, re.DOTALL)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+EXPECTED_FAILURE = DropLogRecords(rf"Compute Failed\s+Key:\s+\S*{KEY_PREFIX}")
+"""dask's worker logs a task whose function raised as "Compute Failed" with its traceback, at ERROR. For a
+matcalc task that failure is the task's own outcome (FAILED, with its error, on the Task), so it is not printed
+again in the notebook: :class:`MatcalcWorkerPlugin` puts this filter on ``distributed.worker``."""
+
+
+def quiet_expected_failures() -> None:
+    """Install :data:`EXPECTED_FAILURE` on this process' ``distributed.worker`` logger (idempotent)."""
+    logger = logging.getLogger("distributed.worker")
+    if EXPECTED_FAILURE not in logger.filters:
+        logger.addFilter(EXPECTED_FAILURE)
 
 
 # ---------------------------------------------------------------------------- the task function
@@ -134,7 +159,8 @@ class MatcalcWorkerPlugin(WorkerPlugin):
     * per-task log capture of the ``matcalc`` loggers at ``log_level``;
     * ``preload``: model names loaded once at start (kept in the per-process model cache);
     * announces tasks arriving on the worker's queue (status ASSIGNED) on :data:`ASSIGNED_TOPIC`;
-    * warns when the process runs with dask's ``MALLOC_TRIM_THRESHOLD_`` (it slows CHGNet 2.5×).
+    * warns when the process runs with dask's ``MALLOC_TRIM_THRESHOLD_`` (it slows CHGNet 2.5×);
+    * a matcalc task that fails is not logged again by dask (:data:`EXPECTED_FAILURE`).
     """
 
     name = "matcalc"
@@ -151,6 +177,7 @@ class MatcalcWorkerPlugin(WorkerPlugin):
     async def setup(self, worker: Any) -> None:
         self.worker = worker
         install_log_capture(self.log_level)
+        quiet_expected_failures()
         threads = self.torch_threads
         if threads is None:
             threads = await self._cpu_share(worker)
