@@ -7,6 +7,7 @@ trajectories: energies of every step, step counts, convergence, final positions 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 
@@ -251,3 +252,24 @@ def test_batched_matrix_functions_equal_scipy() -> None:
             np.testing.assert_allclose(adj[b], ref, rtol=1e-12, atol=1e-12)
     f = np.eye(3) + rng.normal(size=(2, 3, 3)) * np.array([1e-6, 0.05])[:, None, None]
     np.testing.assert_allclose(linalg.logm_near_identity(f), [scipy.linalg.logm(m) for m in f], atol=1e-14)
+
+
+class NoStress(Flaky):
+    """EMT without stresses: a cell filter or barostat cannot run on it."""
+
+    def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
+        return [Evaluation(e.energy_eV, e.forces_eV_per_A, None) for e in super()._evaluate_batch(atoms_list)]
+
+
+def test_missing_stress_is_an_error_as_in_ase() -> None:
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    pot = NoStress(limit=100)
+    for ase_loops in (True, False):
+        with batched.disabled() if ase_loops else contextlib.nullcontext():
+            with pytest.raises(PropertyNotImplementedError):
+                optimize(structures()[0], pot.calculator(), fmax=0.01, max_steps=5, relax_cell=True)
+            with pytest.raises(PropertyNotImplementedError):
+                run_md(md_structures(False)[0], pot.calculator(),
+                       MTKParams(units.fs, 300.0, 0.0, 50 * units.fs, 500 * units.fs), 3)
+    assert optimize(structures()[0], pot.calculator(), fmax=0.01, max_steps=5, relax_cell=False).steps > 0

@@ -39,6 +39,9 @@ def supported_constraints(atoms: Atoms) -> bool:
 class BatchedIntegrator(ABC):
     """Stacked MD state of a batch (positions Å, momenta amu·Å/ASE-time, masses amu, cells Å)."""
 
+    needs_stress: bool = False
+    """The integrator moves the cell from the stress (a model without stress is an error, as in ASE)."""
+
     def __init__(self) -> None:
         self.layout = Layout([])
         self.positions = np.zeros((0, 3))

@@ -23,7 +23,7 @@ import numpy as np
 from ase import Atoms, units
 
 from matcalc.batched.integrator import BatchedIntegrator
-from matcalc.batched.runner import Group, evaluate_each, run_in_group, stack_results
+from matcalc.batched.runner import Group, evaluate_each, no_stress_error, run_in_group, stack_results
 from matcalc.models.base import Evaluation, Evaluator
 
 
@@ -118,6 +118,8 @@ class MDGroup(Group):
         self.ticks += 1
         lay = integ.layout
         results = evaluate_each(self.evaluator, integ.sync())
+        if integ.needs_stress:
+            results = [no_stress_error(r) for r in results]
         ok, energies, forces, stresses = stack_results(results, lay.sizes)
         running = self.started & ok
         integ.post_step(forces, stresses, running)

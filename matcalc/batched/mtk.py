@@ -32,6 +32,8 @@ class MTKParams:
 class BatchedIsotropicMTKNPT(BatchedIntegrator):
     """Isotropic MTK NPT (no constraints, as in ASE); ``tchain``/``pchain``/``tloop``/``ploop`` per batch."""
 
+    needs_stress = True
+
     def __init__(self, tchain: int = 3, pchain: int = 3, tloop: int = 1, ploop: int = 1) -> None:
         super().__init__()
         if tchain < 1 or pchain < 1:

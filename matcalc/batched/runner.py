@@ -88,6 +88,15 @@ def evaluate_each(evaluator: Evaluator, atoms_list: Sequence[Atoms]) -> list[Eva
     return out
 
 
+def no_stress_error(result: Evaluation | BaseException) -> Evaluation | BaseException:
+    """``result``, or the error ASE raises when a cell filter or barostat needs a stress the model did not give."""
+    if isinstance(result, Evaluation) and result.stress_eV_per_A3 is None:
+        from ase.calculators.calculator import PropertyNotImplementedError
+
+        return PropertyNotImplementedError("stress property not implemented: the cell cannot move")
+    return result
+
+
 def stack_results(results: Sequence[Evaluation | BaseException], sizes: Sequence[int]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(ok, energies (B,), forces (atoms, 3), stresses (B, 6))``; failed structures get zeros."""
@@ -211,6 +220,8 @@ class OptimizationGroup(Group):
         self.ticks += 1
         target = self.target
         results = evaluate_each(self.evaluator, target.sync())
+        if self.relax_cell:
+            results = [no_stress_error(r) for r in results]
         ok, energies, forces, stresses = stack_results(results, target.atoms_layout.sizes)
         opt_forces = target.forces(forces, stresses)
         fmax = target.rows.row_norm_max(opt_forces) if len(target) else np.zeros(0)
@@ -306,5 +317,5 @@ def _after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
-__all__ = ["Group", "OptimizationGroup", "OptimizationJob", "evaluate_each", "groups", "run_in_group",
-           "run_optimizations", "stack_results"]
+__all__ = ["Group", "OptimizationGroup", "OptimizationJob", "evaluate_each", "groups", "no_stress_error",
+           "run_in_group", "run_optimizations", "stack_results"]
