@@ -122,11 +122,21 @@ _SITE_FRACT = ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
 _SITE_CARTN = ("_atom_site_cartn_x", "_atom_site_cartn_y", "_atom_site_cartn_z")
 
 
-def _parse_cif_blocks(text: str) -> list[Any]:
+def _parse_cif_blocks(text: str) -> tuple[list[Any], list[str]]:
+    """ASE's CIF blocks and what its parser complained about (``UserWarning`` text, e.g. a loop row with the wrong
+    number of tokens: kept for the error message, never shown as a warning)."""
+    import warnings
+
     from ase.io.cif import parse_cif
 
     try:
-        return list(parse_cif(io.StringIO(text)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            blocks = list(parse_cif(io.StringIO(text)))
+        notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        for note in notes:
+            log.debug("CIF parser: %s", note)
+        return blocks, notes
     except IndexError as exc:  # ASE pops past the last line
         raise StructureError(f"malformed CIF: the text ends in the middle of an item or loop (truncated?): {exc}") \
             from exc
@@ -261,10 +271,11 @@ def cif_atom_count(block: Any, spacegroup: Any, n_sites: int) -> int:
 
 def _read_cif(text: str, max_atoms: int | None) -> Atoms:
     """The last structure of a CIF; its size is checked from symmetry operations x sites *before* ASE expands it."""
-    blocks = _parse_cif_blocks(text)
+    blocks, notes = _parse_cif_blocks(text)
     found = [(b, sym) for b in blocks if (sym := _cif_site_symbols(b)) is not None and b.has_structure()]
     if not found:
-        raise StructureError("no structure found in the CIF text (no block with _atom_site labels and coordinates)")
+        raise StructureError("no structure found in the CIF text (no block with _atom_site labels and coordinates)"
+                             + "".join(f"; {n}" for n in notes[:3]))
     if len(found) > 1:
         log.info("CIF holds %d structures; using the last one", len(found))
     block, symbols = found[-1]

@@ -346,3 +346,16 @@ CU_CELL = "data_x\n_cell_length_a 3.6\n_cell_length_b 3.6\n_cell_length_c 3.6\n_
 def test_malformed_cif_names_the_problem(text: str, match: str) -> None:
     err = _raises(match, text)
     assert "NoneType" not in str(err) and str(err).startswith("malformed CIF")
+
+
+def test_cif_parser_complaints_are_in_the_error_not_warnings() -> None:
+    """ASE's CIF parser warns about a loop row with the wrong number of tokens and goes on; that text names the
+    problem, so it goes into our StructureError and no third-party warning reaches the user."""
+    import warnings
+
+    text = CU_CELL + "loop_\n_atom_site_label\n_atom_site_fract_x\nC1 0.1 0.2\n"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        err = _raises("no structure found", text)
+    assert "Wrong number 3 of tokens, expected 2" in str(err)
+    assert not seen, [str(w.message) for w in seen]
