@@ -156,6 +156,25 @@ def test_failing_task_leaves_cluster_healthy(cl):
     assert frame.loc[0, "status"] == "FAILED" and "fmax" in frame.loc[0, "error"]
 
 
+def test_unreadable_file_is_a_failed_row_named_after_the_file(cl, tmp_path: Path):
+    """A malformed CIF fails its own task with a StructureError naming the problem, and its row (task label,
+    gather_frame, the widgets' results table) is named after the file, as the rows of readable files are."""
+    from matcalc.widgets import results_table
+
+    bad = tmp_path / "bad.cif"
+    bad.write_text("data_bad\nloop_\n_atom_site_label\n_atom_site_fract_x\nC1 0.1 0.2\n")
+    good = tmp_path / "Cu4.xyz"
+    cu(1, 0.0).write(good, format="extxyz")
+    tasks = cl.map("single_point", [str(bad), good], model="emt")
+    assert [t.label for t in tasks] == ["bad", "Cu4"]
+    assert tasks[0].status == TaskStatus.FAILED and isinstance(tasks[0].exception(), mc.StructureError)
+    assert "bad.cif" in tasks[0].error
+    frame = cl.gather_frame(tasks)
+    assert frame["label"].tolist() == ["bad", "Cu4"] and frame["status"].tolist() == ["FAILED", "COMPLETED"]
+    table = results_table(tasks)
+    assert table["label"].tolist() == ["bad", "Cu4"]
+
+
 def compute_failed_shown(key: str) -> bool:
     """On a worker: would dask's "Compute Failed" record (with its traceback) of task ``key`` pass the filters of
     the worker's ``distributed.worker`` logger (that is, be printed)?"""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from matcalc.calculations import PROPERTIES, checks
+from matcalc.calculations.common import label_of
 from matcalc.cluster.gpus import cuda_status
 from matcalc.cluster.tasks import Task, WorkerTaskError, dask_priority, is_transient
 from matcalc.cluster.worker import (
@@ -108,7 +109,6 @@ def _prepare_structure(structure: Any) -> tuple[Any, str, str | None]:
     """
     from ase import Atoms
 
-    from matcalc.calculations.common import label_of
     from matcalc.structures import StructureError, load_structure, structure_hash
 
     label = label_of(structure)
@@ -336,6 +336,7 @@ class Cluster:
                         timeout_s=timeout_s, retries=int(retries), runner=self)
             task.state.crashes = int(crashes)
             self._tasks[tid] = task
+        task.label = label_of(structure)  # before reading it: an unreadable file's task keeps the file's name
         try:
             atoms, task.label, task.structure_hash = _prepare_structure(structure)
         except ValueError as exc:  # StructureError: invalid input fails the task, never the batch
