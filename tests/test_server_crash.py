@@ -56,7 +56,7 @@ def db_url(request, tmp_path) -> str:
 def crash_server(tmp_path: Path, db_url: str, *args: str) -> LiveServer:
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     env = {"MATCALC_PLUGINS": "crash_plugin", "PYTHONPATH": path, "MATCALC_TEST_CRASH_DIR": str(tmp_path)}
-    return LiveServer(tmp_path, db_url, *args, env=env).start()
+    return LiveServer(tmp_path, db_url, *args, env=env).start(timeout_s=300)  # dask: several processes to start
 
 
 def submit(c: httpx.Client, kind: str, **body) -> str:
@@ -192,7 +192,7 @@ def test_restarts_count_crashes_and_the_cap_ends_the_requeue_loop(tmp_path, db_u
             t = wait_status(c, md, lambda t: t["status"] == "RUNNING" and t["progress"])
         srv.kill(signal.SIGKILL)
         assert gone(worker_pid(t)), "a worker process outlived its server"
-        srv.start()
+        srv.start(timeout_s=300)
         with srv.client() as c:
             t = wait_status(c, md, lambda t: t["status"] == "RUNNING" and t["attempts"] == 2)
             assert t["crashes"] == 1
@@ -200,7 +200,7 @@ def test_restarts_count_crashes_and_the_cap_ends_the_requeue_loop(tmp_path, db_u
                        for m in messages(c, md))
         srv.kill(signal.SIGKILL)
         assert gone(worker_pid(t))
-        srv.start()
+        srv.start(timeout_s=300)
         with srv.client() as c:
             t = c.get(f"/tasks/{md}").json()["data"]
             assert t["status"] == "FAILED" and t["crashes"] == 2 and t["attempts"] == 2, t
@@ -240,5 +240,5 @@ def test_crash_model_plugin_is_test_only():
     """The poison models exist only where MATCALC_PLUGINS names the test plugin."""
     import matcalc
 
-    assert not any(name.startswith("crash-") for name in matcalc.list_models())
+    assert not any(card.name.startswith("crash-") for card in matcalc.list_models())
 
