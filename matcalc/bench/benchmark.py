@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,11 @@ SCORERS: dict[str, Callable[..., M.TaskMetrics]] = {
 STRUCTURE_SUFFIXES = (".cif", ".xyz", ".extxyz", ".vasp")
 GOLDDAC_REFERENCE = "test.xyz"
 """GoldDAC's file of complexes with their DFT energies (looked for in ``golddac/`` and ``structures``)."""
+THIRD_PARTY_NOISE = (
+    "Converting a tensor with requires_grad",  # CHGNet, every call
+    "Creating a tensor from a list of numpy.ndarrays is extremely slow",  # torch-dftd, every call
+)
+"""Warnings of the models' packages silenced during a benchmark run (they repeat on every model call)."""
 GAS_MARGIN_A = 5.0
 """A gas molecule given without a cell is evaluated in a cubic box of edge extent + model reach + this (Å)."""
 
@@ -311,10 +317,14 @@ def mofsimbench(model: str, structures: str | Path, out: str | Path, *, tasks: s
         cluster = owned = start(n_workers=workers, preload=(model,))
     summaries: dict[str, TaskSummary] = {}
     try:
-        for name in names:
-            files, missing, refs = plans[name]
-            summaries[name] = _run_task(TASKS[name], files, missing, refs, model, out_dir, cluster, protocol_name,
-                                        overrides.get(name, {}), workers, cache, show_progress, run_batch)
+        with warnings.catch_warnings():  # third-party noise (models' own warnings) stays out of the user's output
+            for message in THIRD_PARTY_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
+            for name in names:
+                files, missing, refs = plans[name]
+                summaries[name] = _run_task(TASKS[name], files, missing, refs, model, out_dir, cluster,
+                                            protocol_name, overrides.get(name, {}), workers, cache, show_progress,
+                                            run_batch)
     finally:
         if owned is not None:
             owned.close()
