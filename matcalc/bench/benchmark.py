@@ -248,7 +248,7 @@ def mofsimbench(model: str, structures: str | Path, out: str | Path, *, tasks: s
         cluster: ``"inprocess"`` (default), ``"local"`` (one dask cluster for all tasks), a scheduler address
             or a :class:`matcalc.cluster.Cluster`.
         limit: at most this many structures per task (the first ones of each set, or with ``smallest`` the
-            smallest cells).
+            smallest cells); not for ``interaction_energy`` (each complex needs its framework and gas).
         params: per-task keyword overrides, ``{"stability": {"npt_steps": 5000}}`` (part of the resume key).
         device, workers, cache: as :func:`matcalc.runner.run_batch` (``cache=False``: always compute).
         golddac_reference: GoldDAC's ``test.xyz`` with the DFT energies (default: looked for in ``structures``).

@@ -27,7 +27,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--protocol", default=None, help="mofsimbench (default: MOFSimBench's scripts) or fast")
     p.add_argument("--cluster", default="inprocess",
                    help="inprocess (default), local (a dask cluster on this machine), or a scheduler address")
-    p.add_argument("--limit", type=int, default=None, help="at most N structures per task")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N structures per task (interaction_energy: all; a complex needs its framework and gas)")
     p.add_argument("--smallest", action="store_true", help="with --limit: the N smallest cells of each set")
     p.add_argument("--golddac-reference", default=None, help="GoldDAC test.xyz with the DFT energies "
                                                              "(default: looked for under --structures)")
