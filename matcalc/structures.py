@@ -20,10 +20,10 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from ase import Atoms
@@ -648,6 +648,110 @@ def to_text(atoms: Atoms, fmt: str = "extxyz") -> str:
     return buf.getvalue()
 
 
+OUTPUT_SUFFIXES: dict[str, str] = {**SUFFIX_FORMATS, ".traj": "traj"}
+"""File suffix -> format of the structure files matcalc writes (``POSCAR``/``CONTCAR`` names: VASP)."""
+MULTI_IMAGE_FORMATS = ("extxyz", "traj", "cif")
+"""Formats that hold several structures in one file."""
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """The format of a structure file to write, from its suffix (:data:`OUTPUT_SUFFIXES`); ``ValueError`` when
+    the suffix says none."""
+    p = Path(path)
+    fmt = OUTPUT_SUFFIXES.get(p.suffix.lower())
+    if fmt is None and p.name.upper().startswith(_VASP_NAMES):
+        fmt = "vasp"
+    if fmt is None:
+        raise ValueError(f"cannot tell a structure format from the file name {p.name!r}: end it in "
+                         f"{', '.join(sorted(OUTPUT_SUFFIXES))} (or name it POSCAR)")
+    return fmt
+
+
+def write_structures(path: str | os.PathLike[str], images: Atoms | Sequence[Atoms]) -> Path:
+    """Write one structure or several (one file, in order) to ``path``, the format from its suffix
+    (:func:`output_format`: CIF, POSCAR, extended XYZ, ASE trajectory). Returns the path.
+
+    Raises:
+        ValueError: the suffix names no format, several structures for a one-structure format (POSCAR), or a
+            structure without a periodic cell for CIF or POSCAR (use ``.xyz``).
+    """
+    from ase.io import write
+
+    frames = [images] if isinstance(images, Atoms) else list(images)
+    if not frames:
+        raise ValueError("no structure to write")
+    fmt = output_format(path)
+    if len(frames) > 1 and fmt not in MULTI_IMAGE_FORMATS:
+        raise ValueError(f"{Path(path).name}: {fmt} holds one structure, got {len(frames)}: write one of them "
+                         f"(index=) or use one of {', '.join(MULTI_IMAGE_FORMATS)}")
+    if fmt in ("cif", "vasp") and not all(a.pbc.all() and a.cell.rank == 3 for a in frames):
+        raise ValueError(f"{Path(path).name}: {fmt} needs a periodic cell; a molecule goes to .xyz")
+    clean = []
+    for a in frames:
+        c = a.copy()
+        c.calc = None
+        c.set_constraint()
+        clean.append(c)
+    out = Path(path)
+    write(out, clean if len(clean) > 1 else clean[0], format=fmt)
+    return out
+
+
+TRAJECTORY_SUFFIXES: dict[str, str] = {".traj": "traj", ".xyz": "extxyz", ".extxyz": "extxyz"}
+"""File suffix -> format of a trajectory (ASE's binary ``.traj``, or extended XYZ, one frame after another)."""
+
+
+def trajectory_format(path: str | os.PathLike[str]) -> str:
+    """The format of a trajectory file from its suffix (:data:`TRAJECTORY_SUFFIXES`); ``ValueError`` otherwise."""
+    fmt = TRAJECTORY_SUFFIXES.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"trajectory must end in {', '.join(TRAJECTORY_SUFFIXES)} (ASE trajectory or extended "
+                         f"XYZ), got {Path(path).name!r}")
+    return fmt
+
+
+class TrajectoryWriter:
+    """Frames written to a trajectory file as they come: ASE's ``Trajectory`` for ``.traj``, extended XYZ for
+    ``.xyz``/``.extxyz`` (flushed after every frame, so ASE's GUI or OVITO can open a run still going). Each
+    frame keeps the cell, pbc and, when the structure has them, its energy, forces and stress."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.format = trajectory_format(path)
+        self.frames = 0
+        self._traj: Any = None
+        self._fh: Any = None
+        if self.format == "traj":
+            from ase.io import Trajectory
+
+            self._traj = Trajectory(str(self.path), "w")
+        else:
+            self._fh = self.path.open("w", encoding="utf-8")
+
+    def write(self, atoms: Atoms) -> None:
+        """Append ``atoms`` (with its calculator's results, when it has them) as the next frame."""
+        if self._traj is not None:
+            self._traj.write(atoms)
+        else:
+            from ase.io import write
+
+            write(self._fh, atoms, format="extxyz")
+            self._fh.flush()
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._traj is not None:
+            self._traj.close()
+        if self._fh is not None:
+            self._fh.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def atoms_to_dict(atoms: Atoms) -> dict[str, Any]:
     """JSON-safe dict of an ``Atoms`` (symbols, positions Å, cell Å, pbc)."""
     return {
@@ -681,8 +785,12 @@ def mass_g_per_mol(atoms: Atoms) -> float:
 __all__ = [
     "DEFAULT_MAX_ATOMS",
     "MIN_DISTANCE_A",
+    "MULTI_IMAGE_FORMATS",
+    "OUTPUT_SUFFIXES",
+    "TRAJECTORY_SUFFIXES",
     "StructureError",
     "TooManyAtomsError",
+    "TrajectoryWriter",
     "atoms_from_dict",
     "atoms_to_dict",
     "builtin_path",
@@ -693,9 +801,12 @@ __all__ = [
     "list_builtins",
     "load_structure",
     "mass_g_per_mol",
+    "output_format",
     "read_structure",
     "structure_hash",
     "to_text",
+    "trajectory_format",
     "validate_structure",
+    "write_structures",
 ]
 

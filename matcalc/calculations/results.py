@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self, get_type_hints
 import numpy as np
 from ase import Atoms
 
-from matcalc.structures import atoms_from_dict, atoms_to_dict
+from matcalc.structures import atoms_from_dict, atoms_to_dict, write_structures
 
 if TYPE_CHECKING:
+    import os
+    from pathlib import Path
+
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -149,6 +152,69 @@ class Result:
 
         return pd.DataFrame([self.row()])
 
+    # ---------------------------------------------------------------- structures
+    @classmethod
+    def structure_fields(cls) -> tuple[str, ...]:
+        """The fields that hold structures, in declaration order: typed ``Atoms`` (or ``Atoms | None``), a list
+        of ``Atoms``, or a list of dataclasses with one ``Atoms`` field (e.g. binding sites)."""
+        return _structure_fields(cls)
+
+    def structures(self) -> dict[str, list[Atoms]]:
+        """The structures this result holds, by field (only fields that hold at least one)."""
+        out: dict[str, list[Atoms]] = {}
+        for name in self.structure_fields():
+            frames = _frames(getattr(self, name))
+            if frames:
+                out[name] = frames
+        return out
+
+    def default_structure_field(self) -> str | None:
+        """What :meth:`write_structure` writes without ``which``: ``final_structure`` when the result has one,
+        else its only structure field; ``None`` when it has none or several."""
+        held = self.structures()
+        if "final_structure" in held:
+            return "final_structure"
+        return next(iter(held)) if len(held) == 1 else None
+
+    def write_structure(self, path: str | os.PathLike[str], which: str | None = None, *,
+                        index: int | None = None) -> Path:
+        """Write a structure of this result to ``path``, the format from its suffix: ``.cif``, ``.vasp`` /
+        ``.poscar`` / ``POSCAR``, ``.xyz`` / ``.extxyz`` (extended XYZ: cell and pbc kept), ``.traj`` (ASE).
+
+        Args:
+            path: the file to write (its folder must exist).
+            which: the field to write (see :meth:`structures`; default: :meth:`default_structure_field`:
+                ``final_structure``, else the result's only structure). Results with several structures and no
+                final one (e.g. binding sites: ``sites`` and ``relaxed_guest``) need it.
+            index: one structure of a field holding several (``sites``, ``lowest_structures``); default all of
+                them, in order, in one file (extxyz, traj, cif).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: no such structure, several candidates without ``which``, or a format that cannot hold
+                what is written (see :func:`matcalc.structures.write_structures`).
+        """
+        held = self.structures()
+        if which is None:
+            which = self.default_structure_field()
+            if which is None:
+                if not held:
+                    raise ValueError(f"this {self.kind} result holds no structure")
+                raise ValueError(f"this {self.kind} result holds several structures: {', '.join(held)}; say which "
+                                 "one with which=")
+        if which not in self.structure_fields():
+            raise ValueError(f"which must be one of {', '.join(self.structure_fields()) or '(none)'}, got {which!r}")
+        frames = held.get(which)
+        if not frames:
+            raise ValueError(f"{which} is empty in this result")
+        if index is not None:
+            if not -len(frames) <= index < len(frames):
+                raise ValueError(f"index {index} is out of range: {which} holds {len(frames)} structure(s)")
+            frames = [frames[index]]
+        return write_structures(path, frames)
+
     # ---------------------------------------------------------------- plotting
     def plot(self, ax: Axes | None = None) -> Figure:
         """A matplotlib Figure of the result (axes labelled with units)."""
@@ -171,6 +237,56 @@ class PreRelaxedResult(Result):
     relaxed_structure: Atoms | None = field(default=None, repr=False)
     """The structure the property's own step started from: after the pre-relaxation (the input when
     ``relax_first=False``)."""
+
+
+def _unoptional(tp: Any) -> Any:
+    """``X`` for ``X | None`` (anything else unchanged)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
+def _atoms_type(tp: Any) -> bool:
+    """``Atoms`` or ``Atoms | None``."""
+    return _unoptional(tp) is Atoms
+
+
+def _structure_fields(cls: type) -> tuple[str, ...]:
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp = _unoptional(hints.get(f.name))
+        if _atoms_type(tp):
+            out.append(f.name)
+        elif typing.get_origin(tp) is list and typing.get_args(tp):
+            item = typing.get_args(tp)[0]
+            if item is Atoms or (dataclasses.is_dataclass(item) and len(_atoms_members(item)) == 1):
+                out.append(f.name)
+    return tuple(out)
+
+
+def _atoms_members(cls: type) -> list[str]:
+    hints = get_type_hints(cls)
+    return [f.name for f in fields(cls) if _atoms_type(hints.get(f.name))]
+
+
+def _frames(value: Any) -> list[Atoms]:
+    """The structures in a structure field's value (a dataclass list: each item's one Atoms field)."""
+    if value is None:
+        return []
+    if isinstance(value, Atoms):
+        return [value]
+    frames = []
+    for item in value:
+        if isinstance(item, Atoms):
+            frames.append(item)
+        elif dataclasses.is_dataclass(item):
+            inner = getattr(item, _atoms_members(type(item))[0])
+            if inner is not None:
+                frames.append(inner)
+    return frames
 
 
 def provenance_columns(provenance: dict[str, Any]) -> dict[str, Any]:
