@@ -111,6 +111,7 @@ def optimize(
     relax_cell: bool = True,
     fixed: np.ndarray | None = None,
     stage: str = "relax",
+    trajectory: str | None = None,
 ) -> OptimizationTrace:
     """Optimise ``atoms`` in place (positions, and the cell when ``relax_cell``).
 
@@ -118,13 +119,15 @@ def optimize(
     (for the cell, ``FrechetCellFilter``'s virial-derived forces). Each step is reported to
     :func:`matcalc.progress.report` and a stop request ends the run after the current step.
     Afterwards ``atoms.calc`` is ``calculator`` holding the final energy, forces and stress.
-    A model error is raised.
+    A model error is raised. ``trajectory``: a file (``.traj``, ``.xyz``/``.extxyz``) receiving the structure
+    with its energy, forces and stress after every step (step 0 = the start); ASE's own loop then runs (the
+    batched stepping holds the structures in its own arrays between steps).
     """
     opt_name = check_optimizer_params(fmax, max_steps, optimizer)
-    evaluator = _batched_evaluator(atoms, calculator, opt_name, relax_cell)
+    evaluator = None if trajectory is not None else _batched_evaluator(atoms, calculator, opt_name, relax_cell)
     if evaluator is None:
         return _optimize_ase(atoms, calculator, fmax=fmax, max_steps=max_steps, optimizer=opt_name,
-                             relax_cell=relax_cell, fixed=fixed, stage=stage)
+                             relax_cell=relax_cell, fixed=fixed, stage=stage, trajectory=trajectory)
     out = _optimize_batched([atoms], [calculator], evaluator, fmax=[fmax], max_steps=[max_steps],
                             optimizer=opt_name, relax_cell=relax_cell, fixed=[fixed], stages=[stage])[0]
     if isinstance(out, BaseException):
@@ -285,7 +288,8 @@ def _log_done(stage: str, trace: OptimizationTrace) -> None:
 
 
 def _optimize_ase(atoms: Atoms, calculator: Calculator, *, fmax: float, max_steps: int, optimizer: str,
-                  relax_cell: bool, fixed: np.ndarray | None, stage: str) -> OptimizationTrace:
+                  relax_cell: bool, fixed: np.ndarray | None, stage: str,
+                  trajectory: str | None = None) -> OptimizationTrace:
     """ASE's own loop: the reference and the fallback."""
     opt_cls = OPTIMIZERS[optimizer]
     atoms.calc = calculator
@@ -304,10 +308,20 @@ def _optimize_ase(atoms: Atoms, calculator: Calculator, *, fmax: float, max_step
             trace.stopped_early = True
 
     opt.attach(observe, interval=1)
+    writer = None
+    if trajectory is not None:
+        from matcalc.structures import TrajectoryWriter
+
+        writer = frames = TrajectoryWriter(trajectory)
+        opt.attach(lambda: frames.write(atoms), interval=1)
     converged = False
-    for converged in opt.irun(fmax=fmax, steps=max_steps):
-        if trace.stopped_early:
-            break
+    try:
+        for converged in opt.irun(fmax=fmax, steps=max_steps):
+            if trace.stopped_early:
+                break
+    finally:
+        if writer is not None:
+            writer.close()
     trace.converged = bool(converged) and not trace.stopped_early
     trace.steps = int(opt.nsteps)
     trace.final_fmax_eV_per_A = trace.fmax_eV_per_A[-1] if trace.fmax_eV_per_A else float("nan")
