@@ -164,3 +164,107 @@ def test_single_point_chgnet_on_shipped_mof(chgnet) -> None:
     assert abs(sp.energy_eV - ref.get_potential_energy()) / sp.n_atoms < 1e-5
     np.testing.assert_allclose(sp.forces_eV_per_A, ref.get_forces(), atol=1e-4)
     assert sp.label == "CALF-20" and sp.formula == "C12H8N12O8Zn4"
+
+
+@pytest.mark.parametrize("suffix", [".traj", ".xyz"])
+def test_trajectory_is_every_step_of_the_relaxation(cu_rattled: Atoms, tmp_path, suffix: str) -> None:
+    """``trajectory=`` writes the start and every optimizer step (energy, forces, cell), as ASE's own optimizer
+    writes its trajectory for the same run; the last frame is the result's final structure."""
+    from ase.io import Trajectory, read
+
+    path = tmp_path / f"relax{suffix}"
+    r = mc.relax(cu_rattled, "emt", fmax=1e-3, optimizer="FIRE", trajectory=str(path))
+    frames = read(path, ":")
+    assert len(frames) == r.steps + 1 == len(r.energies_eV)
+    np.testing.assert_allclose([f.get_potential_energy() for f in frames], r.energies_eV, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(frames[0].positions, cu_rattled.positions, atol=1e-7)
+    np.testing.assert_allclose(frames[-1].positions, r.final_structure.positions, atol=1e-7)
+    np.testing.assert_allclose(frames[-1].cell[:], r.final_structure.cell[:], atol=1e-7)
+    assert np.abs(frames[-1].get_forces()).max() < 1e-2
+    # the same run by hand: ASE's FIRE on FrechetCellFilter with its own Trajectory
+    atoms = cu_rattled.copy()
+    atoms.calc = EMT()
+    with Trajectory(str(tmp_path / "ase.traj"), "w", atoms) as traj:
+        opt = FIRE(FrechetCellFilter(atoms), logfile=None)
+        opt.attach(traj)
+        opt.run(fmax=1e-3, steps=5000)
+    ref = read(tmp_path / "ase.traj", ":")
+    assert len(ref) == len(frames)
+    np.testing.assert_allclose([f.get_potential_energy() for f in ref], r.energies_eV, atol=1e-8)
+    assert r.parameters["trajectory"] == str(path)
+
+
+def test_trajectory_suffix_is_checked_before_the_run(cu_rattled: Atoms, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"trajectory must end in .traj, .xyz, .extxyz"):
+        mc.relax(cu_rattled, "emt", trajectory=str(tmp_path / "relax.cif"))
+    with pytest.raises(ValueError, match="does not exist"):
+        mc.relax(cu_rattled, "emt", trajectory=str(tmp_path / "no" / "relax.traj"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["final.cif", "final.vasp", "POSCAR", "final.xyz", "final.extxyz", "final.traj"])
+def test_write_structure_by_suffix(cu_rattled: Atoms, tmp_path, name: str) -> None:
+    from ase.io import read
+
+    r = mc.relax(cu_rattled, "emt", fmax=1e-3)
+    assert r.structure_fields() == ("final_structure",) and r.default_structure_field() == "final_structure"
+    path = r.write_structure(tmp_path / name)
+    back = read(path)
+    assert back.get_chemical_symbols() == r.final_structure.get_chemical_symbols()
+    np.testing.assert_allclose(back.cell[:], r.final_structure.cell[:], atol=1e-5)
+    np.testing.assert_allclose(back.get_scaled_positions(wrap=True), r.final_structure.get_scaled_positions(wrap=True),
+                               atol=1e-5)
+    # the same file through mc.load_structure, as a next calculation would read it (not for .traj)
+    if not name.endswith(".traj"):
+        again = mc.load_structure(path)
+        np.testing.assert_allclose(again.get_scaled_positions(wrap=True),
+                                   r.final_structure.get_scaled_positions(wrap=True), atol=1e-5)
+
+
+def test_write_structure_refuses_what_it_cannot_write(cu_rattled: Atoms, tmp_path) -> None:
+    from dataclasses import dataclass
+
+    from ase.build import molecule
+
+    r = mc.relax(cu_rattled, "emt", fmax=0.05)
+    with pytest.raises(ValueError, match="cannot tell a structure format from the file name 'final.pdf'"):
+        r.write_structure(tmp_path / "final.pdf")
+    with pytest.raises(ValueError, match="which must be one of final_structure"):
+        r.write_structure(tmp_path / "x.cif", which="relaxed_structure")
+
+    @dataclass(kw_only=True)
+    class TwoStructures(mc.Result):  # no `kind`: not registered as a result type
+        guest: Atoms | None = None
+        frames: list[Atoms] | None = None
+
+    two = TwoStructures(model="emt", formula="H2O", n_atoms=3, structure_hash="x", guest=molecule("H2O"),
+                        frames=[cu_rattled, r.final_structure])
+    assert two.structure_fields() == ("guest", "frames") and two.default_structure_field() is None
+    with pytest.raises(ValueError, match="several structures: guest, frames; say which one with which="):
+        two.write_structure(tmp_path / "x.xyz")
+    with pytest.raises(ValueError, match="cif needs a periodic cell; a molecule goes to .xyz"):
+        two.write_structure(tmp_path / "w.cif", which="guest")
+    with pytest.raises(ValueError, match="vasp holds one structure, got 2"):
+        two.write_structure(tmp_path / "POSCAR", which="frames")
+    from ase.io import read
+
+    assert len(read(two.write_structure(tmp_path / "f.extxyz", which="frames"), ":")) == 2
+    assert len(read(two.write_structure(tmp_path / "f1.cif", which="frames", index=-1), ":")) == 1
+    assert read(two.write_structure(tmp_path / "w.xyz", which="guest")).get_chemical_formula() == "H2O"
+
+
+def test_large_volume_change_warns(cu_rattled: Atoms) -> None:
+    """EMT Cu compressed to a = 3.3 Å (its minimum: 3.59 Å) grows by ~29 % when relaxed: a warning says so; a
+    cell near its minimum relaxes without one."""
+    from ase.build import bulk
+
+    from matcalc.calculations.relax import VOLUME_WARNING_PERCENT
+
+    squeezed = mc.relax(bulk("Cu", "fcc", a=3.3, cubic=True), "emt", fmax=1e-3)
+    assert squeezed.volume_change_percent > VOLUME_WARNING_PERCENT
+    grew = [w for w in squeezed.warnings if "volume grew by" in w]
+    assert len(grew) == 1 and f"{squeezed.volume_change_percent:.1f} %" in grew[0], squeezed.warnings
+    near = mc.relax(cu_rattled, "emt", fmax=1e-3)
+    assert abs(near.volume_change_percent) < VOLUME_WARNING_PERCENT and not near.warnings
+    fixed = mc.relax(bulk("Cu", "fcc", a=3.3, cubic=True), "emt", relax_cell=False, fmax=1e-3)
+    assert not fixed.warnings  # the cell cannot change: nothing to warn about

@@ -75,6 +75,8 @@ def test_npt_reaches_the_applied_pressure_and_flags_a_large_volume_change():
     r = stability(atoms, "emt", nvt_steps=50, npt_steps=300, interval=10, pdamp_fs=100, pressure_bar=4e5)
     assert not r.stable and "volume changed" in r.reason
     assert r.steps_completed == 350  # not ended as a blow-up
+    shrank = [w for w in r.warnings if "volume shrank by" in w and "during the MD run" in w]
+    assert len(shrank) == 1 and f"{abs(r.volume_change_percent):.1f} %" in shrank[0], r.warnings
     v_mean = r.volume_A3[tail(r, "npt")].mean()
     assert 0.75 < v_mean / atoms.get_volume() < 0.9
     probe = atoms.copy()
@@ -177,14 +179,16 @@ def test_stop_request_ends_early_with_the_partial_trace():
     assert all(np.isfinite(e.energy_eV) and "temperature_K" in e.extra for e in nvt_events)
 
 
-def test_trajectory_holds_every_recorded_frame(tmp_path):
-    path = tmp_path / "md.traj"
+@pytest.mark.parametrize("suffix", [".traj", ".extxyz"])
+def test_trajectory_holds_every_recorded_frame(tmp_path, suffix):
+    path = tmp_path / f"md{suffix}"
     r = stability(cu(2), "emt", nvt_steps=30, npt_steps=25, interval=10, trajectory=path)
     frames = read(path, ":")
     assert r.trajectory == str(path)
     assert len(frames) == len(r.time_ps) == 7  # 0 10 20 30 40 50 55
     np.testing.assert_allclose([f.get_volume() for f in frames], r.volume_A3)
     np.testing.assert_allclose([f.get_potential_energy() for f in frames], r.potential_energy_eV)
+    np.testing.assert_allclose(frames[-1].positions, r.final_structure.positions, atol=1e-6)
 
 
 def test_result_round_trip_row_and_plot():

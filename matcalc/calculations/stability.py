@@ -23,8 +23,9 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from matcalc import progress
 from matcalc.calculations.contract import Choice, FilePath, Number, Param, PreRelax, Property, Run
 from matcalc.calculations.optimize import LangevinParams, MDFrame, MDParams, MTKParams, run_md
-from matcalc.calculations.relax import displacements
+from matcalc.calculations.relax import displacements, volume_warning
 from matcalc.calculations.results import PreRelaxedResult
+from matcalc.structures import TrajectoryWriter, trajectory_format
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -102,7 +103,7 @@ class StabilityResult(PreRelaxedResult):
     stages: list[str] = field(default_factory=list, repr=False)
     """Stage of each frame: ``"start"``, ``"nvt"`` or ``"npt"``."""
     trajectory: str | None = None
-    """Path of the ASE trajectory (one image per recorded frame), when one was written."""
+    """Path of the trajectory (one frame per recorded frame: ASE ``.traj`` or extended XYZ), when one was written."""
     final_structure: Atoms | None = field(default=None, repr=False)
     """The last MD frame."""
 
@@ -331,6 +332,8 @@ def _drift(time_ps: np.ndarray, energy_per_atom: np.ndarray) -> float:
 def _check(params: dict[str, Any]) -> None:
     if params["ensemble"] == "nvt":
         params["npt_steps"] = 0
+    if params.get("trajectory") is not None:
+        trajectory_format(params["trajectory"])  # ValueError naming the suffixes, before anything runs
 
 
 def _setup(run: Run) -> None:
@@ -377,9 +380,7 @@ def _compute(run: Run) -> dict[str, Any]:
     total = nvt + npt
     writer = None
     if p.get("trajectory") is not None:
-        from ase.io import Trajectory
-
-        writer = Trajectory(p["trajectory"], "w")
+        writer = TrajectoryWriter(p["trajectory"])
     md = _Run(atoms, reference, v_input, p, writer)
     try:
         md.record("start")
@@ -420,6 +421,8 @@ def _compute(run: Run) -> dict[str, Any]:
         warnings.append(f"stopped early after {md.step} of {total} MD steps")
     if blown_up:
         warnings.append(f"run ended: {md.reason}")
+    elif (w := volume_warning("MD run", v_input, float(volumes[-1]))) is not None:
+        warnings.append(w)
 
     final = atoms.copy()
     final.calc = None
@@ -485,8 +488,8 @@ PROPERTY = Property(
               "many steps", default=100, presets={"fast": 20}),
         Param("seed", Number(0, 2**32 - 1, integer=True), "seed of the velocities and the Langevin noise",
               default=0),
-        Param("trajectory", FilePath(), "write an ASE trajectory (one image per recorded frame) here",
-              remote=False),
+        Param("trajectory", FilePath(), "write the recorded frames here (`.traj`: ASE trajectory; `.xyz`/`.extxyz`: "
+              "extended XYZ)", remote=False),
     ),
     prerelax=PreRelax(max_steps=1000, fast_max_steps=300, relax_cell=False, choose_optimizer=False),
     compute=_compute,
