@@ -190,7 +190,7 @@ def compute_failed_shown(key: str) -> bool:
 def test_expected_failures_are_not_printed_by_dask_workers(cl):
     """A matcalc task's failure is its own outcome (on the Task, above); dask's worker does not print it again as
     a traceback in the notebook. Anyone else's task failures still are."""
-    ours = cl.client.run(compute_failed_shown, f"{cluster.worker.KEY_PREFIX}relax-1")
+    ours = cl.client.run(compute_failed_shown, cluster.worker.task_key("relax", "CALF-20"))
     theirs = cl.client.run(compute_failed_shown, "inc-5f3a")
     assert ours and not any(ours.values())
     assert theirs and all(theirs.values())

@@ -1,4 +1,5 @@
-"""Execution on dask: ``start()`` a local (GPU or CPU) cluster or ``connect()`` to one, then
+"""Execution on dask: ``start()`` a local (GPU or CPU) cluster or one in SLURM/PBS jobs
+(``kind="slurm"|"pbs"``), or ``connect()`` to one, then
 ``submit``/``map`` calculations as :class:`Task` objects with priorities, live progress, logs,
 timeouts, retries and cancellation. ``gpus()`` reports the GPUs through NVML.
 
@@ -11,9 +12,11 @@ timeouts, retries and cancellation. ``gpus()`` reports the GPUs through NVML.
 from __future__ import annotations
 
 from matcalc.cluster.gpus import cuda_status, gpus
-from matcalc.cluster.local import Cluster, connect, start, tasks_frame
+from matcalc.cluster.hpc import KINDS as JOB_KINDS
+from matcalc.cluster.local import Cluster, connect, install_setup, start, tasks_frame
+from matcalc.cluster.scheduler import MatcalcSchedulerPlugin
 from matcalc.cluster.tasks import Task, is_transient
-from matcalc.cluster.worker import MatcalcWorkerPlugin
+from matcalc.cluster.worker import MatcalcWorkerPlugin, task_key
 from matcalc.tasks import (
     PRIORITIES,
     TERMINAL,
@@ -25,9 +28,11 @@ from matcalc.tasks import (
 )
 
 __all__ = [
+    "JOB_KINDS",
     "PRIORITIES",
     "TERMINAL",
     "Cluster",
+    "MatcalcSchedulerPlugin",
     "MatcalcWorkerPlugin",
     "Task",
     "TaskCancelledError",
@@ -38,7 +43,9 @@ __all__ = [
     "connect",
     "cuda_status",
     "gpus",
+    "install_setup",
     "is_transient",
     "start",
+    "task_key",
     "tasks_frame",
 ]

@@ -39,13 +39,13 @@ from matcalc.cluster.gpus import cuda_status
 from matcalc.cluster.tasks import Task, WorkerTaskError, dask_priority, is_transient
 from matcalc.cluster.worker import (
     ASSIGNED_TOPIC,
-    KEY_PREFIX,
     MALLOC_TRIM,
     DropLogRecords,
     MatcalcWorkerPlugin,
     request_stop_async,
     request_stop_many_async,
     run_task,
+    task_key,
     worker_info,
 )
 from matcalc.execution import Job, Outcome, plan_concurrency
@@ -157,10 +157,13 @@ class Cluster:
     def __init__(self, client: Client, cluster: Any = None, *, owns_cluster: bool = False,
                  gpu: bool = False, gpu_share: float | None = None, gpu_reason: str = "",
                  dashboard: bool = True, progress_interval_s: float = 0.1,
-                 max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
+                 max_crashes: int = DEFAULT_MAX_CRASHES, kind: str = "local") -> None:
         checks.integer("max_crashes", max_crashes, minimum=1)
         self.client = client
         self.cluster = cluster
+        self.kind = kind
+        """``local`` (a cluster :func:`start` made on this machine), ``slurm``/``pbs`` (batch jobs through
+        dask-jobqueue) or ``connected`` (:func:`connect`)."""
         self.gpu = gpu
         """True when tasks request the worker resource ``GPU``."""
         self.gpu_reason = gpu_reason
@@ -200,7 +203,33 @@ class Cluster:
             n = str(len(self._worker_addresses(force=False)))
         except Exception:  # noqa: BLE001
             n = "?"
-        return f"<matcalc Cluster {self.client.scheduler.address} {kind} workers={n} dashboard={self.dashboard_link}>"
+        return (f"<matcalc Cluster {self.kind} {self.client.scheduler.address} {kind} workers={n} "
+                f"dashboard={self.dashboard_link}>")
+
+    def _repr_html_(self) -> str:
+        """The notebook view: scheduler, kind, workers, task counts and links to dask's dashboard and to the
+        workers' batching counters."""
+        import html
+
+        try:
+            n = str(len(self._worker_addresses(force=True)))
+        except Exception:  # noqa: BLE001 - the scheduler may be gone
+            n = "?"
+        counts: dict[str, int] = {}
+        for t in self.tasks():
+            counts[t.status.value] = counts.get(t.status.value, 0) + 1
+        link, page = self.dashboard_link, self.batching_link
+
+        def a(url: str | None) -> str:
+            return f"<a href='{html.escape(url)}' target='_blank'>{html.escape(url)}</a>" if url else "none"
+
+        kind = f"{html.escape(self.kind)}, {'GPU' if self.gpu else 'CPU'} workers"
+        rows = [("scheduler", html.escape(self.address)), ("kind", kind), ("workers", n),
+                ("tasks", html.escape(", ".join(f"{k} {v}" for k, v in counts.items()) or "none")),
+                ("dashboard", a(link)), ("batching", a(page))]
+        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>"
+                       for k, v in rows)
+        return f"<div><strong>matcalc Cluster</strong><table>{body}</table></div>"
 
     @property
     def address(self) -> str:
@@ -215,6 +244,86 @@ class Cluster:
             return str(self.client.dashboard_link)
         except Exception:  # noqa: BLE001
             return None
+
+    @property
+    def batching_link(self) -> str | None:
+        """URL of the page of the workers' batching counters on the scheduler's dashboard server
+        (:mod:`matcalc.cluster.scheduler`; None without a dashboard)."""
+        link = self.dashboard_link
+        if not link:
+            return None
+        from matcalc.cluster.scheduler import BATCHING_PATH
+
+        base = link[: -len("/status")] if link.endswith("/status") else link.rstrip("/")
+        return base + BATCHING_PATH
+
+    def batching(self) -> pd.DataFrame:
+        """The batching counters of every worker as the scheduler has them (sent with the workers'
+        heartbeats): one row per worker and model with worker, name, model, device, requests, structures,
+        calls, atoms, model_time_s, mean_fill, mean_batch_size, atoms_per_s and budget_atoms."""
+        import pandas as pd
+
+        from matcalc.cluster.scheduler import scheduler_batching_rows
+
+        return pd.DataFrame(self.client.run_on_scheduler(scheduler_batching_rows))
+
+    def scale(self, n: int | None = None, *, jobs: int | None = None) -> None:
+        """Ask for ``n`` workers (or, for SLURM/PBS, ``jobs`` batch jobs) on a cluster :func:`start` made."""
+        if self.cluster is None:
+            raise RuntimeError("scale() needs a cluster started by matcalc.cluster.start(), not one connected to")
+        if jobs is not None:
+            checks.integer("jobs", jobs, minimum=0)
+            if self.kind not in ("slurm", "pbs"):
+                raise ValueError("jobs= is for SLURM/PBS clusters; give n= workers")
+            self.cluster.scale(jobs=jobs)
+            return
+        if n is None:
+            raise ValueError("give n (workers) or jobs=")
+        checks.integer("n", n, minimum=0)
+        self.cluster.scale(n)
+        self._workers_seen = (0.0, [])
+
+    def adapt(self, minimum: int | None = None, maximum: int | None = None, *, minimum_jobs: int | None = None,
+              maximum_jobs: int | None = None, **kwargs: Any) -> Any:
+        """Let dask grow and shrink the cluster with the work queued: between ``minimum`` and ``maximum``
+        workers, or (SLURM/PBS) ``minimum_jobs`` and ``maximum_jobs`` batch jobs. Idle workers are retired
+        (their tasks are moved first); ``**kwargs`` go to dask's ``Adaptive`` (``interval``, ``wait_count``...).
+        Returns dask's Adaptive object."""
+        if self.cluster is None:
+            raise RuntimeError("adapt() needs a cluster started by matcalc.cluster.start(), not one connected to")
+        for name, v in (("minimum", minimum), ("maximum", maximum), ("minimum_jobs", minimum_jobs),
+                        ("maximum_jobs", maximum_jobs)):
+            if v is not None:
+                checks.integer(name, v, minimum=0)
+        if (minimum_jobs is not None or maximum_jobs is not None) and self.kind not in ("slurm", "pbs"):
+            raise ValueError("minimum_jobs/maximum_jobs are for SLURM/PBS clusters; give minimum/maximum workers")
+        lo = minimum_jobs if minimum_jobs is not None else minimum
+        hi = maximum_jobs if maximum_jobs is not None else maximum
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"adapt: the minimum ({lo}) is above the maximum ({hi})")
+        if self.kind in ("slurm", "pbs"):
+            opts = {k: v for k, v in (("minimum_jobs", lo), ("maximum_jobs", hi)) if v is not None}
+        else:
+            opts = {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}
+        return self.cluster.adapt(**opts, **kwargs)
+
+    def wait_for_workers(self, n: int = 1, timeout_s: float | None = None) -> None:
+        """Block until ``n`` workers are connected (batch jobs start when the queue lets them)."""
+        checks.integer("n", n, minimum=1)
+        self.client.wait_for_workers(n, timeout=timeout_s)
+        self._workers_seen = (0.0, [])
+
+    def job_of(self, worker: str) -> str | None:
+        """The SLURM/PBS job id running ``worker`` (an address or a worker name); None elsewhere."""
+        if self.kind not in ("slurm", "pbs") or self.cluster is None:
+            return None
+        from matcalc.cluster.hpc import worker_job
+
+        name = worker
+        info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        if worker in info:
+            name = str(info[worker].get("name", worker))
+        return worker_job(self.cluster, name)
 
     def close(self) -> None:
         """Stop timers, unsubscribe, disconnect; shut the cluster down when :func:`start` made it.
@@ -389,7 +498,7 @@ class Cluster:
     def _send(self, sub: _Submission) -> None:
         task = sub.task
         attempt = task.state.start_attempt()
-        key = f"{KEY_PREFIX}{task.property.replace('_', '-')}-{uuid.uuid4().hex}"
+        key = task_key(task.property, task.label)  # the dashboard shows property and structure
         job = Job(task_id=task.id, model=task.model, prop=None if sub.fn else task.property, fn=sub.fn,
                   params=task.params, structure=sub.atoms, label=task.label or None, timeout_s=task.timeout_s,
                   priority=task.priority, attempt=attempt, crashes=task.crashes)
@@ -448,8 +557,8 @@ class Cluster:
         try:
             try:
                 outcome = ("finished", future.result(timeout=timeout))
-            except CancelledError:
-                outcome = ("cancelled", None)
+            except CancelledError as exc:
+                outcome = ("cancelled", exc)
             except BaseException as exc:  # noqa: BLE001 - the task's error, or our wait timing out
                 outcome = ("error", exc) if future.done() else None
         finally:
@@ -484,7 +593,7 @@ class Cluster:
                 if status == "finished":
                     outcome = ("finished", future.result())
                 elif status == "cancelled":
-                    outcome = ("cancelled", None)
+                    outcome = ("cancelled", _cancel_reason(future))
                 else:
                     err = future.exception()
                     outcome = ("error", err if err is not None else
@@ -492,6 +601,10 @@ class Cluster:
             kind, value = outcome
             if kind == "finished":
                 self._finish_outcome(sub, value)
+            elif kind == "cancelled" and self._scheduler_lost(value):
+                task.state.finish(TaskStatus.FAILED, error=ConnectionError(
+                    f"task {task.id}: lost the dask scheduler at {self.address} "
+                    f"({getattr(value, 'reason', None) or 'connection closed'}); the task did not finish"))
             elif kind == "cancelled":
                 task.state.finish(TaskStatus.CANCELLED, error=TaskCancelledError(f"task {task.id} cancelled"))
             elif type(value).__name__ == "KilledWorker":  # dask gave up on it: its workers died
@@ -505,6 +618,13 @@ class Cluster:
             task.state.finish(TaskStatus.FAILED, error=exc)
         finally:
             self._release(sub)
+
+    def _scheduler_lost(self, cancelled: BaseException | None) -> bool:
+        """Was a future cancelled because this client lost its scheduler (not by anyone's request)?"""
+        reason = str(getattr(cancelled, "reason", "") or "")
+        if reason.startswith("scheduler"):  # dask's "scheduler-connection-lost", "scheduler-restart"
+            return True
+        return not self._closed and str(getattr(self.client, "status", "running")) not in ("running", "newly-created")
 
     def _finish_outcome(self, sub: _Submission, outcome: Outcome) -> None:
         task = sub.task
@@ -694,6 +814,19 @@ class Cluster:
         return tasks_frame(list(tasks), timeout=timeout)
 
 
+def _cancel_reason(future: Future) -> BaseException | None:
+    """The ``CancelledError`` of a cancelled dask future (it carries dask's reason), or None."""
+    from concurrent.futures import CancelledError
+
+    try:
+        future.result(timeout=0)
+    except CancelledError as exc:
+        return exc
+    except Exception:  # noqa: BLE001 - not a cancellation after all
+        return None
+    return None
+
+
 def tasks_frame(tasks: Sequence[Task], timeout: float | None = None) -> pd.DataFrame:
     """One row per task (see :meth:`Cluster.gather_frame`)."""
     import pandas as pd
@@ -736,51 +869,104 @@ def _gpu_devices(n_gpus: int | str | Sequence[int]) -> list[int]:
 
 
 def _env_config(torch_threads: int) -> dict[str, Any]:
-    """dask config for the worker environment: no MALLOC_TRIM_THRESHOLD_; OpenMP (torch) threads =
-    the worker's CPU share; OpenBLAS/MKL for numpy stay at 1 thread (ASE's small linear algebra,
-    e.g. FrechetCellFilter's expm: an EMT Cu32 cell relaxation took 43 s with OpenBLAS' default 2
-    threads vs 6.6 s with 1 on a busy 2-core machine here; torch sets its own MKL threads through
-    ``torch.set_num_threads``)."""
-    return {f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None,
-            "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": str(torch_threads),
-            "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": "1",
-            "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": "1"}
+    """dask config for the worker environment (:func:`matcalc.cluster.hpc.worker_environment`): no
+    MALLOC_TRIM_THRESHOLD_; OpenMP (torch) threads = the worker's CPU share; OpenBLAS/MKL for numpy stay at 1
+    thread (ASE's small linear algebra, e.g. FrechetCellFilter's expm: an EMT Cu32 cell relaxation took 43 s
+    with OpenBLAS' default 2 threads vs 6.6 s with 1 on a busy 2-core machine here; torch sets its own MKL
+    threads through ``torch.set_num_threads``)."""
+    from matcalc.cluster.hpc import worker_environment
+
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in worker_environment(torch_threads).items()}
+
+
+SCHEDULER_CONFIG = {"distributed.scheduler.allowed-failures": 0}
+"""The config of a scheduler matcalc starts: the cluster handles worker deaths itself (Cluster._lost); dask
+must not retry a task on other workers behind its back (with stale worker hints it even left such tasks
+waiting forever)."""
+
+
+def install_setup(client: Client, plugin: MatcalcWorkerPlugin) -> None:
+    """Install matcalc's setup through ``client``: the worker plugin on every worker, present and future, and
+    :class:`~matcalc.cluster.scheduler.MatcalcSchedulerPlugin` on the scheduler (when the scheduler cannot
+    load it, e.g. matcalc is not installed there, the batching counters are not served: a warning says so)."""
+    from matcalc.cluster.scheduler import MatcalcSchedulerPlugin
+
+    client.register_plugin(plugin, name=plugin.name)
+    try:
+        client.register_plugin(MatcalcSchedulerPlugin(), name=MatcalcSchedulerPlugin.name)
+    except Exception as exc:  # noqa: BLE001 - a scheduler without matcalc still runs the tasks
+        log.warning("matcalc: the scheduler did not take matcalc's scheduler plugin (%s: %s); the workers' "
+                    "batching counters are not served there, and it may rerun a dead worker's task itself",
+                    type(exc).__name__, exc)
+
+
+def _announce(cl: Cluster, what: str, verbose: bool) -> None:
+    link = cl.dashboard_link
+    line = f"matcalc cluster: {what}; scheduler {cl.address}; dashboard {link or 'off'}"
+    log.info(line)
+    if verbose:
+        print(line, flush=True)  # the link a notebook user needs, where logging does not show
 
 
 def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = None,
           threads_per_worker: int | None = None, dashboard: bool = True, preload: Iterable[str] = ("chgnet",),
-          *, torch_threads: int | None = None, memory_limit: str | float | None = "auto",
-          log_level: str = "INFO", max_crashes: int = DEFAULT_MAX_CRASHES, **cluster_kwargs: Any) -> Cluster:
-    """Start a local dask cluster for matcalc and connect to it.
+          *, kind: str = "local", jobs: int = 1, cores: int | None = None, memory: str | None = None,
+          walltime: str | None = None, queue: str | None = None, account: str | None = None,
+          gpus_per_job: int = 0, minimum_jobs: int | None = None, maximum_jobs: int | None = None,
+          torch_threads: int | None = None, memory_limit: str | float | None = "auto",
+          log_level: str = "INFO", max_crashes: int = DEFAULT_MAX_CRASHES, verbose: bool = True,
+          **cluster_kwargs: Any) -> Cluster:
+    """Start a dask cluster for matcalc and connect to it; prints one line with the dashboard's link
+    (``verbose=False``: only logged).
 
-    Sizes come from :func:`matcalc.execution.plan_concurrency` (the server's executor uses the same):
-    with GPUs (torch CUDA + ``dask_cuda``), one worker per selected GPU (``CUDA_VISIBLE_DEVICES``
-    pinned by dask-cuda), each with resource ``GPU=1`` and ``threads_per_worker`` concurrent tasks
-    (default 4) sharing that GPU's batching engine. Otherwise one CPU worker process per CPU (at most
-    one per 2 GiB of memory), one task and one torch thread each (a warning says why GPUs are not used).
+    ``kind="local"`` (default): workers on this machine. Sizes come from
+    :func:`matcalc.execution.plan_concurrency` (the server's executor uses the same): with GPUs (torch CUDA +
+    ``dask_cuda``), one worker per selected GPU (``CUDA_VISIBLE_DEVICES`` pinned by dask-cuda), each with
+    resource ``GPU=1`` and ``threads_per_worker`` concurrent tasks (default 4) sharing that GPU's batching
+    engine. Otherwise one CPU worker process per CPU (at most one per 2 GiB of memory), one task and one torch
+    thread each (a warning says why GPUs are not used).
+
+    ``kind="slurm"`` or ``"pbs"``: workers in batch jobs through dask-jobqueue (``matcalc-mof[hpc]``), the
+    scheduler in this process; each job is laid out as one machine (:mod:`matcalc.cluster.hpc`): one worker per
+    GPU with ``gpus_per_job``, else one per core. The same Tasks, widgets and ``gather_frame``; a job that is
+    cancelled or killed under a running task is handled as any worker death (the task is sent again).
 
     Args:
-        n_gpus: ``"all"``, a count, or a list of GPU indices; ``0`` forces CPU workers.
-        n_workers: CPU path only: worker processes (default: one per CPU, memory permitting).
+        n_gpus: local: ``"all"``, a count, or a list of GPU indices; ``0`` forces CPU workers.
+        n_workers: local CPU path only: worker processes (default: one per CPU, memory permitting).
         threads_per_worker: concurrent tasks per worker (default 4 on GPU, 1 on CPU).
         dashboard: serve dask's dashboard (``Cluster.dashboard_link``) on a free port.
         preload: model names each worker loads at start (a model that cannot load is skipped
             with a warning).
+        kind: ``"local"``, ``"slurm"`` or ``"pbs"``.
+        jobs: SLURM/PBS: batch jobs submitted now (``0``: none; see :meth:`Cluster.scale`, :meth:`Cluster.adapt`).
+        cores, memory: SLURM/PBS: CPU cores and memory (``"32GB"``) booked per job.
+        walltime: SLURM/PBS: job time limit, ``"HH:MM:SS"``. queue: partition (SLURM) or queue (PBS).
+        account: SLURM/PBS: project to charge.
+        gpus_per_job: SLURM/PBS: GPUs per job (one worker per GPU, resource ``GPU=1``).
+        minimum_jobs, maximum_jobs: SLURM/PBS: adapt the number of jobs to the work between these
+            (:meth:`Cluster.adapt`) instead of keeping ``jobs``.
         torch_threads: torch intra-op threads per worker (default: CPUs // workers).
-        memory_limit: per worker, as dask takes it.
+        memory_limit: local: per worker, as dask takes it.
         log_level: level of the per-task log capture on the workers.
         max_crashes: a task whose worker died this many times while running it is FAILED.
-        **cluster_kwargs: passed on to ``LocalCluster`` / ``LocalCUDACluster``.
+        verbose: print the dashboard line.
+        **cluster_kwargs: passed on to ``LocalCluster`` / ``LocalCUDACluster``, or to
+            :func:`matcalc.cluster.hpc.jobqueue_cluster` (``processes``, ``interface``, ``job_extra_directives``,
+            ``job_script_prologue``, ``local_directory``, ``log_directory``, ``python``...).
     """
     from distributed import Client
     from dask.utils import parse_timedelta
 
     import dask
 
-    use_gpu = False
-    reason = "n_gpus=0 asked for CPU workers"
-    if n_gpus not in (0, None, False) and n_gpus != []:
-        use_gpu, reason = cuda_status()
+    mode = str(kind).strip().lower()
+    if mode != "local":
+        from matcalc.cluster.hpc import check_kind
+
+        check_kind(mode)
+        if n_workers is not None:
+            raise ValueError(f"n_workers is for kind='local'; for {mode} give jobs= (and processes= per job)")
     if n_workers is not None:
         checks.integer("n_workers", n_workers, minimum=1)
     if threads_per_worker is not None:
@@ -793,13 +979,24 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         log.info("removing %s=%s from this process' environment so dask workers do not inherit it",
                  MALLOC_TRIM, os.environ.pop(MALLOC_TRIM))
     if dashboard and importlib.util.find_spec("bokeh") is None:
-        log.warning("matcalc cluster: no dashboard: dask's dashboard needs bokeh (pip install 'bokeh>=3.1')")
+        import warnings
+
+        warnings.warn("matcalc cluster: no dashboard: dask's dashboard needs bokeh, which matcalc-mof installs; "
+                      "reinstall it (pip install 'bokeh>=3.1')", UserWarning, stacklevel=2)
         dashboard = False
+    if mode != "local":
+        return _start_jobqueue(mode, jobs=jobs, cores=cores, memory=memory, walltime=walltime, queue=queue,
+                               account=account, gpus_per_job=gpus_per_job, minimum_jobs=minimum_jobs,
+                               maximum_jobs=maximum_jobs, threads_per_worker=threads_per_worker,
+                               torch_threads=torch_threads, preload=preload, dashboard=dashboard,
+                               log_level=log_level, max_crashes=max_crashes, verbose=verbose, **cluster_kwargs)
+    use_gpu = False
+    reason = "n_gpus=0 asked for CPU workers"
+    if n_gpus not in (0, None, False) and n_gpus != []:
+        use_gpu, reason = cuda_status()
     dashboard_address = ":0"  # a free port: the scheduler's HTTP server (health, metrics) runs regardless
     gpu_share = None
-    # the cluster handles worker deaths itself (Cluster._lost): dask must not retry a task on other
-    # workers behind its back (with stale worker hints it even left such tasks waiting forever)
-    config = {"distributed.scheduler.allowed-failures": 0}
+    config = dict(SCHEDULER_CONFIG)
     # a LocalCluster shuts a nanny down for good when its crashed worker is not back within this timeout
     # (read when the worker dies, so set for the process): dask's 15 s were too short for a worker
     # that imports torch on a busy machine (measured 14-16 s here), and the cluster shrank
@@ -820,8 +1017,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
                                        threads_per_worker=tpw, resources={"GPU": 1},
                                        dashboard_address=dashboard_address, memory_limit=memory_limit,
                                        **cluster_kwargs)
-        log.info("started %d GPU worker(s) on GPUs %s, %d task threads and %d torch threads each",
-                 plan.workers, devices, tpw, tt)
+        what = f"{plan.workers} GPU worker(s) on GPUs {devices}, {tpw} task threads and {tt} torch threads each"
     else:
         from distributed import LocalCluster
 
@@ -833,43 +1029,80 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
             cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=tpw, processes=True,
                                    dashboard_address=dashboard_address, memory_limit=memory_limit,
                                    **cluster_kwargs)
-        log.info("started %d CPU worker process(es) (%s), %d task threads and %d torch threads each",
-                 plan.workers, plan.reason, tpw, tt)
+        what = (f"{plan.workers} CPU worker process(es) ({plan.reason}), {tpw} task thread(s) and {tt} torch "
+                "thread(s) each")
     try:
         client = Client(cluster)
-        client.register_plugin(MatcalcWorkerPlugin(preload=preload, torch_threads=tt, log_level=log_level),
-                               name="matcalc")
+        install_setup(client, MatcalcWorkerPlugin(preload=preload, torch_threads=tt, log_level=log_level))
         cl = Cluster(client, cluster, owns_cluster=True, gpu=use_gpu, gpu_share=gpu_share, gpu_reason=reason,
-                     dashboard=dashboard, max_crashes=max_crashes)
+                     dashboard=dashboard, max_crashes=max_crashes, kind="local")
     except BaseException:
         cluster.close()
         raise
-    if dashboard:
-        log.info("matcalc cluster dashboard: %s", cl.dashboard_link)
+    _announce(cl, what, verbose)
+    return cl
+
+
+def _start_jobqueue(kind: str, *, jobs: int, minimum_jobs: int | None, maximum_jobs: int | None,
+                    preload: Iterable[str], dashboard: bool, log_level: str, max_crashes: int, verbose: bool,
+                    **options: Any) -> Cluster:
+    """:func:`start` for ``kind`` ``"slurm"``/``"pbs"`` (see :mod:`matcalc.cluster.hpc`)."""
+    import dask
+    from distributed import Client
+
+    from matcalc.cluster.hpc import describe, jobqueue_cluster
+
+    adaptive = minimum_jobs is not None or maximum_jobs is not None
+    with dask.config.set(SCHEDULER_CONFIG):  # the scheduler starts in this process
+        cluster, plan = jobqueue_cluster(kind, jobs=0 if adaptive else jobs, **options)
+    try:
+        client = Client(cluster)
+        install_setup(client, MatcalcWorkerPlugin(preload=preload, torch_threads=plan.concurrency.torch_threads,
+                                                  log_level=log_level, pin_gpu=plan.gpus > 1))
+        cl = Cluster(client, cluster, owns_cluster=True, gpu=plan.gpus > 0, gpu_share=plan.gpu_share,
+                     gpu_reason=f"{plan.gpus} GPU(s) per {kind} job" if plan.gpus else f"CPU {kind} jobs",
+                     dashboard=dashboard, max_crashes=max_crashes, kind=kind)
+        if adaptive:
+            cl.adapt(minimum_jobs=minimum_jobs, maximum_jobs=maximum_jobs)
+    except BaseException:
+        cluster.close()
+        raise
+    size = (f"adapting between {minimum_jobs or 0} and {maximum_jobs} job(s)" if adaptive
+            else f"{jobs} job(s) submitted")
+    _announce(cl, f"{size}: {describe(plan, kind)}", verbose)
     return cl
 
 
 def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | None = None,
             log_level: str = "INFO", dashboard: bool = True, timeout_s: float = 30.0,
-            max_crashes: int = DEFAULT_MAX_CRASHES) -> Cluster:
-    """Attach to a running dask scheduler at ``address`` (e.g. ``"tcp://host:8786"``).
+            max_crashes: int = DEFAULT_MAX_CRASHES, verbose: bool = False) -> Cluster:
+    """Attach to a running dask scheduler at ``address`` (e.g. ``"tcp://host:8786"``, started with
+    ``dask scheduler``, workers with ``dask worker ADDRESS``).
 
-    The matcalc worker plugin is registered on its workers (matcalc must be installed there);
-    ``torch_threads`` reaches only worker threads that have not run torch yet, so give it to the
-    first client that connects (or start the workers with ``OMP_NUM_THREADS`` set).
-    Workers that carry the resource ``GPU`` make tasks request a share of it.
-    ``close()`` disconnects without stopping the cluster. Worker deaths are handled as with
-    :func:`start`, but the scheduler keeps its own ``allowed-failures``: it may also rerun a task that
-    killed a worker before this client sends it again.
+    matcalc's setup is installed through this client (:func:`install_setup`): the worker plugin on its
+    workers, present and future (torch threads, the model plugins of ``MATCALC_PLUGINS``, log capture,
+    batching counters; matcalc must be installed there), and the scheduler plugin. ``torch_threads`` reaches
+    only worker threads that have not run torch yet, so give it to the first client that connects (or start
+    the workers with ``OMP_NUM_THREADS`` set). Workers that carry the resource ``GPU`` make tasks request a
+    share of it. ``close()`` disconnects without stopping the cluster. Worker deaths are handled as with
+    :func:`start` (the scheduler plugin stops the scheduler from rerunning a dead worker's task on its own).
+
+    Raises:
+        ConnectionError: no scheduler answered at ``address`` within ``timeout_s``.
     """
     from distributed import Client
 
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"address must be a scheduler address such as 'tcp://host:8786', got {address!r}")
-    client = Client(address, timeout=f"{timeout_s}s")
+    checks.positive("timeout_s", timeout_s)
     try:
-        client.register_plugin(MatcalcWorkerPlugin(preload=preload, torch_threads=torch_threads,
-                                                   log_level=log_level), name="matcalc")
+        client = Client(address, timeout=f"{timeout_s}s")
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"no dask scheduler answered at {address} within {timeout_s:g} s "
+                              f"({type(exc).__name__}: {exc})") from exc
+    try:
+        install_setup(client, MatcalcWorkerPlugin(preload=preload, torch_threads=torch_threads,
+                                                  log_level=log_level))
         info = client.scheduler_info(n_workers=-1)
         gpu_workers = [w for w in info.get("workers", {}).values() if (w.get("resources") or {}).get("GPU")]
         share = None
@@ -877,8 +1110,10 @@ def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | N
             tpw = max(int(w.get("nthreads", 1)) for w in gpu_workers)
             share = 2.0 ** -math.ceil(math.log2(max(1, tpw)))
         reason = f"{len(gpu_workers)} worker(s) with resource GPU" if gpu_workers else "no worker has resource GPU"
-        return Cluster(client, None, owns_cluster=False, gpu=bool(gpu_workers), gpu_share=share, gpu_reason=reason,
-                       dashboard=dashboard, max_crashes=max_crashes)
+        cl = Cluster(client, None, owns_cluster=False, gpu=bool(gpu_workers), gpu_share=share, gpu_reason=reason,
+                     dashboard=dashboard, max_crashes=max_crashes, kind="connected")
     except BaseException:
         client.close()
         raise
+    _announce(cl, f"connected, {len(info.get('workers', {}))} worker(s)", verbose)
+    return cl

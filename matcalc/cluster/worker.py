@@ -32,8 +32,13 @@ from matcalc.execution import (
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "matcalc-"
-"""Every dask key of a matcalc task starts with this."""
+TASK_KEY_BODY = r"[A-Za-z][A-Za-z0-9_]*(?:-\[[A-Za-z0-9._+=-]*\])?-[0-9a-f]{12}"
+"""The shape of a matcalc task's dask key (:func:`task_key`): ``relax-[CALF-20]-3f2a9c1b0d4e``."""
+TASK_KEY = re.compile(rf"^{TASK_KEY_BODY}$")
+LABEL_CHARS = 40
+"""Longest structure label kept in a dask key (characters)."""
+BATCHING_METRIC = "matcalc_batching"
+"""Name of the per-worker metric (sent to the scheduler with every heartbeat) holding the batching counters."""
 ASSIGNED_TOPIC = "matcalc-assigned"
 """Event topic on which workers announce tasks that reached their queue."""
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
@@ -50,7 +55,37 @@ class DropLogRecords(logging.Filter):
         return self.pattern.match(record.getMessage()) is None
 
 
-EXPECTED_FAILURE = DropLogRecords(rf"Compute Failed\s+Key:\s+\S*{KEY_PREFIX}")
+def key_label(label: str | None) -> str:
+    """``label`` made safe for a dask key and the dashboard: letters, digits and ``. _ + = -`` kept, runs of
+    anything else become one ``_``, at most :data:`LABEL_CHARS` characters (``"MOF-5 (prim)"`` ->
+    ``"MOF-5_prim"``)."""
+    text = re.sub(r"[^A-Za-z0-9._+=-]+", "_", str(label or "")).strip("_")
+    return text[:LABEL_CHARS].rstrip("_")
+
+
+def task_key(prop: str, label: str | None = None, token: str | None = None) -> str:
+    """A fresh dask key for one attempt of a matcalc task: ``{property}-[{label}]-{12 hex}``.
+
+    dask's dashboard groups tasks by the key's leading words (``dask.utils.key_split``): the bracket stops that
+    group at the property (one word: ``bulk_modulus``), so its progress bars read ``relax``, ``bulk_modulus``... while the task stream and task
+    pages show the structure, e.g. ``relax-[CALF-20]-3f2a9c1b0d4e``. Without a label: ``relax-3f2a9c1b0d4e``.
+    """
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", str(prop)).strip("_") or "task"
+    if not name[0].isalpha():
+        name = f"task_{name}"
+    tag = key_label(label)
+    token = token or uuid.uuid4().hex[:12]
+    return f"{name}-[{tag}]-{token}" if tag else f"{name}-{token}"
+
+
+def is_task_key(key: Any) -> bool:
+    """True for a dask key made by :func:`task_key`."""
+    return isinstance(key, str) and TASK_KEY.match(key) is not None
+
+
+EXPECTED_FAILURE = DropLogRecords(rf"Compute Failed\s+Key:\s+{TASK_KEY_BODY}(?:\s|$)")
 """dask's worker logs a task whose function raised as "Compute Failed" with its traceback, at ERROR. For a
 matcalc task that failure is the task's own outcome (FAILED, with its error, on the Task), so it is not printed
 again in the notebook: :class:`MatcalcWorkerPlugin` puts this filter on ``distributed.worker``."""
@@ -157,8 +192,14 @@ class MatcalcWorkerPlugin(WorkerPlugin):
       keeps the setting per thread: it reaches threads that run torch for the first time after
       setup (dask's task threads, the batching engine's dispatcher), not those that already did;
     * per-task log capture of the ``matcalc`` loggers at ``log_level``;
+    * ``plugins``: model plugin modules (``MATCALC_PLUGINS``; default: the client's) added to the worker's
+      ``MATCALC_PLUGINS`` and imported, so user models registered by them resolve on every worker;
+    * ``pin_gpu``: a worker that is one of several in a job with several GPUs (dask-jobqueue's ``--nworkers``)
+      keeps one of them in ``CUDA_VISIBLE_DEVICES`` (:func:`gpu_for_worker`), as dask-cuda does on one machine;
     * ``preload``: model names loaded once at start (kept in the per-process model cache);
     * announces tasks arriving on the worker's queue (status ASSIGNED) on :data:`ASSIGNED_TOPIC`;
+    * sends the batching engines' counters to the scheduler with every heartbeat (metric
+      :data:`BATCHING_METRIC`: :func:`batching_counters`);
     * warns when the process runs with dask's ``MALLOC_TRIM_THRESHOLD_`` (it slows CHGNet 2.5×);
     * a matcalc task that fails is not logged again by dask (:data:`EXPECTED_FAILURE`).
     """
@@ -167,22 +208,34 @@ class MatcalcWorkerPlugin(WorkerPlugin):
     idempotent = False
 
     def __init__(self, preload: Iterable[str] = (), torch_threads: int | None = None,
-                 log_level: str = "INFO", device: str | None = None) -> None:
+                 log_level: str = "INFO", device: str | None = None, *, plugins: Iterable[str] | None = None,
+                 pin_gpu: bool = False) -> None:
+        from matcalc.models.plugins import env_plugins
+
         self.preload = tuple(preload)
         self.torch_threads = torch_threads
         self.log_level = log_level
         self.device = device
+        self.plugins = tuple(env_plugins() if plugins is None else plugins)
+        self.pin_gpu = pin_gpu
         self.worker: Any = None
 
     async def setup(self, worker: Any) -> None:
         self.worker = worker
         install_log_capture(self.log_level)
         quiet_expected_failures()
+        if self.pin_gpu:
+            pin_worker_gpu(str(getattr(worker, "name", "")))
         threads = self.torch_threads
         if threads is None:
             threads = await self._cpu_share(worker)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         set_torch_threads(threads)
+        if self.plugins:
+            install_plugins(self.plugins)
+        metrics = getattr(worker, "metrics", None)
+        if isinstance(metrics, dict):
+            metrics[BATCHING_METRIC] = batching_counters
         if os.environ.get(MALLOC_TRIM):
             log.warning("worker %s runs with %s=%s (dask's nanny default), which slowed CHGNet 2.5x here; "
                         "start workers with distributed.nanny.pre-spawn-environ.%s unset",
@@ -202,8 +255,68 @@ class MatcalcWorkerPlugin(WorkerPlugin):
         return max(1, cpus // same)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if start == "released" and finish == "waiting" and isinstance(key, str) and key.startswith(KEY_PREFIX):
+        if start == "released" and finish == "waiting" and is_task_key(key):
             self.worker.log_event(ASSIGNED_TOPIC, {"key": key, "worker": self.worker.address})
+
+
+def install_plugins(modules: Iterable[str]) -> list[str]:
+    """Add ``modules`` to this process' ``MATCALC_PLUGINS`` (keeping those already there) and import every
+    plugin; returns the names that failed to import (each is also logged as a warning by the registry)."""
+    from matcalc.models.plugins import ENV_VAR, env_plugins, load_plugins
+
+    names = list(dict.fromkeys([*env_plugins(), *modules]))
+    os.environ[ENV_VAR] = ",".join(names)
+    statuses = load_plugins(force=True)
+    return [s.name for s in statuses if not s.loaded]
+
+
+def gpu_for_worker(name: str, visible: str | None) -> str | None:
+    """The one GPU (an entry of ``visible``, a ``CUDA_VISIBLE_DEVICES`` value) that worker ``name`` keeps when a
+    job runs one worker per GPU: dask's ``--nworkers N --name JOB`` names its workers ``JOB-0`` ... ``JOB-(N-1)``,
+    and worker ``JOB-i`` takes GPU ``i`` (modulo the GPUs). None when there is nothing to choose (one GPU or none
+    visible, or a name without an index)."""
+    devices = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    if len(devices) < 2:
+        return None
+    head, _, tail = name.rpartition("-")
+    if not head or not tail.isdigit():
+        return None
+    return devices[int(tail) % len(devices)]
+
+
+def pin_worker_gpu(name: str) -> str | None:
+    """Restrict this worker process to its GPU (:func:`gpu_for_worker`) before CUDA starts; returns it."""
+    choice = gpu_for_worker(name, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if choice is None:
+        return None
+    import torch
+
+    if torch.cuda.is_initialized():
+        log.warning("worker %s: CUDA already started, cannot pin it to GPU %s; it sees %s", name, choice,
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return None
+    os.environ["CUDA_VISIBLE_DEVICES"] = choice
+    return choice
+
+
+def batching_counters(dask_worker: Any = None) -> list[dict[str, Any]]:
+    """The counters of each batching engine of this process (one dict per engine): model, device, requests,
+    structures, calls (fused model calls), atoms (summed over calls), model_time_s, mean_fill (atoms per call /
+    atom budget), mean_batch_size (structures per call), atoms_per_s (atoms / model time) and budget_atoms.
+    Sent to the scheduler with each heartbeat; also for ``Client.run``."""
+    from matcalc import batching
+
+    rows = []
+    for engine in batching.engines():
+        s = engine.stats_snapshot()
+        atoms = int(sum(s.atoms_per_call))
+        rows.append({"model": str(engine.potential.name), "device": str(engine.potential.device),
+                     "requests": int(s.requests), "structures": int(s.structures), "calls": int(s.calls),
+                     "atoms": atoms, "model_time_s": float(s.model_time_s), "mean_fill": float(s.mean_fill),
+                     "mean_batch_size": float(s.mean_batch_size),
+                     "atoms_per_s": atoms / s.model_time_s if s.model_time_s > 0 else 0.0,
+                     "budget_atoms": int(s.budget_atoms)})
+    return rows
 
 
 class CustomModelsPlugin(WorkerPlugin):
