@@ -20,7 +20,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--cluster", default=None,
                    help="process (default: supervised worker processes), inprocess (threads in the server: "
-                        "tests, debugging), local (start a dask cluster) or a scheduler address")
+                        "tests, debugging), local (start a dask cluster), slurm or pbs (dask workers in batch "
+                        "jobs: see cluster_options / the config file's [cluster] table) or a scheduler address")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (threads with inprocess); default one per CPU (memory permitting) "
                         "or per GPU; 0 queues tasks without running them")

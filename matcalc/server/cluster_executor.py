@@ -1,7 +1,10 @@
-"""The dask executor (``matcalc serve --cluster local|ADDRESS``): tasks go to :mod:`matcalc.cluster`.
+"""The dask executor (``matcalc serve --cluster local|slurm|pbs|ADDRESS``): tasks go to :mod:`matcalc.cluster`.
 
-``local`` starts a cluster on this machine (one worker per GPU, or CPU worker processes); any other
-value is a scheduler address to :func:`matcalc.cluster.connect` to. Status changes, progress, logs and
+``local`` starts a cluster on this machine (one worker per GPU, or CPU worker processes); ``slurm`` and
+``pbs`` start one whose workers run in batch jobs (dask-jobqueue), laid out by the ``cluster_options``
+setting (the config file's ``[cluster]`` table: jobs, cores, memory, walltime, queue, gpus_per_job,
+minimum_jobs/maximum_jobs...); any other value is a scheduler address to :func:`matcalc.cluster.connect` to
+(``cluster_options`` then are connect's keywords, e.g. ``timeout_s``). Status changes, progress, logs and
 outcomes of the cluster's :class:`~matcalc.cluster.Task` objects are forwarded to the task service (and
 so to the store). Worker deaths are the cluster's (it runs the task again on another worker, then
 FAILs it at ``max_crashes``); each one is recorded in the store as it happens.
@@ -25,9 +28,11 @@ class ClusterExecutor:
 
     def __init__(self, address: str, *, workers: int | None = None, slots: int | None = None,
                  device: str | None = None, max_crashes: int = DEFAULT_MAX_CRASHES,
-                 progress_interval_s: float = 0.1) -> None:
+                 progress_interval_s: float = 0.1, options: dict[str, Any] | None = None) -> None:
         self.progress_interval_s = progress_interval_s
         self.address = address
+        self.options = dict(options or {})
+        """Keywords of :func:`matcalc.cluster.start` (local, slurm, pbs) or :func:`matcalc.cluster.connect`."""
         self.n_workers = workers or None
         self.slots = slots
         self.device = device
@@ -44,11 +49,19 @@ class ClusterExecutor:
         from matcalc import cluster
 
         self._callbacks = callbacks
-        if self.address == "local":
-            self.cluster = cluster.start(n_workers=self.n_workers, threads_per_worker=self.slots, preload=(),
-                                         dashboard=True, max_crashes=self.max_crashes)
-        else:
-            self.cluster = cluster.connect(self.address, max_crashes=self.max_crashes)
+        kind = self.address.strip().lower()
+        common = {"max_crashes": self.max_crashes, "verbose": False}
+        try:
+            if kind == "local":
+                self.cluster = cluster.start(**{"n_workers": self.n_workers, "threads_per_worker": self.slots,
+                                                "preload": (), "dashboard": True, **common, **self.options})
+            elif kind in cluster.JOB_KINDS:
+                self.cluster = cluster.start(**{"kind": kind, "threads_per_worker": self.slots, "preload": (),
+                                                "dashboard": True, **common, **self.options})
+            else:
+                self.cluster = cluster.connect(self.address, **{**common, **self.options})
+        except TypeError as exc:  # an unknown keyword in cluster_options
+            raise ValueError(f"cluster_options for --cluster {self.address}: {exc}") from exc
         self.cluster.progress_interval_s = self.progress_interval_s
         log.info("executor: dask cluster %s (dashboard %s)", self.cluster.address, self.cluster.dashboard_link)
 
@@ -92,6 +105,8 @@ class ClusterExecutor:
             n = len(self.cluster.client.scheduler_info(n_workers=-1).get("workers", {}))
         except Exception as exc:  # noqa: BLE001
             return False, f"scheduler unreachable: {exc}"
+        if self.cluster.kind in ("slurm", "pbs"):  # workers come and go with the batch jobs: tasks queue meanwhile
+            return True, f"{n} dask worker(s) in {self.cluster.kind} jobs, scheduler {self.cluster.address}"
         return (n > 0), f"{n} dask worker(s) at {self.cluster.address}"
 
     def workers_online(self) -> dict[str, bool]:
@@ -104,7 +119,9 @@ class ClusterExecutor:
         tasks = self.cluster.tasks() if self.cluster is not None else []
         count = {s: sum(t.status == s for t in tasks) for s in TaskStatus}
         return {"kind": self.name, "address": self.cluster.address if self.cluster else None,
+                "cluster": self.cluster.kind if self.cluster else self.address,
                 "dashboard": self.cluster.dashboard_link if self.cluster else None,
+                "batching": self.cluster.batching_link if self.cluster else None,
                 "gpu": bool(self.cluster and self.cluster.gpu),
                 "running": count[TaskStatus.RUNNING] + count[TaskStatus.ASSIGNED],
                 "queued": count[TaskStatus.QUEUED] + count[TaskStatus.PENDING],

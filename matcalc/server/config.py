@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_CONFIG_FILE = Path("~/.matcalc/config.toml")
 SECRET_FIELDS = ("api_keys", "admin_api_keys")
+CLUSTER_TABLE = "cluster"
+"""The config file's table of cluster options (``[cluster]``: ``kind`` and the keywords of
+``matcalc.cluster.start``)."""
 
 
 class Settings(BaseModel):
@@ -33,7 +36,13 @@ class Settings(BaseModel):
     cluster: str = "process"
     """Where tasks run: ``process`` (supervised worker processes, the default: a task that crashes its
     process fails alone), ``inprocess`` (threads of the server itself: tests, debugging), ``local`` (a dask
-    cluster started here) or a dask scheduler address."""
+    cluster started here), ``slurm`` or ``pbs`` (dask workers in batch jobs, laid out by ``cluster_options``)
+    or a dask scheduler address (``tcp://host:8786``)."""
+    cluster_options: dict[str, Any] = Field(default_factory=dict)
+    """Keywords of ``matcalc.cluster.start`` for ``local``/``slurm``/``pbs`` (``jobs``, ``cores``, ``memory``,
+    ``walltime``, ``queue``, ``account``, ``gpus_per_job``, ``minimum_jobs``, ``maximum_jobs``, ``interface``...)
+    or of ``matcalc.cluster.connect`` for an address (``timeout_s``): the ``[cluster]`` table of the config
+    file, or JSON (``MATCALC_CLUSTER_OPTIONS='{"jobs": 2}'``)."""
     workers: int | None = Field(None, ge=0, le=1024)
     """Worker processes (``process``, ``local``) or threads (``inprocess``); default: one per CPU (at most
     one per 2 GiB of memory), or one per GPU; ``0``: accept and queue tasks without running them."""
@@ -150,6 +159,22 @@ class Settings(BaseModel):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
+    @field_validator("cluster_options", mode="before")
+    @classmethod
+    def _parse_cluster_options(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            import json
+
+            try:
+                v = json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"cluster_options: not a JSON object ({exc})") from exc
+        if isinstance(v, dict):
+            bad = [k for k in v if not isinstance(k, str) or not k.isidentifier()]
+            if bad:
+                raise ValueError(f"cluster_options: keys must be keyword names, got {bad}")
+        return v
+
     @field_validator("alert_webhook_urls")
     @classmethod
     def _check_urls(cls, v: list[str]) -> list[str]:
@@ -244,10 +269,23 @@ def _from_file(path: Path) -> dict[str, Any]:
     section = data.get("server", data)
     if not isinstance(section, dict):
         raise ValueError(f"config file {path}: [server] must be a table")
-    unknown = sorted(set(section) - set(Settings.model_fields) - {"server"})
+    out = {k: v for k, v in section.items() if k != "server"}
+    # [cluster] (top level or [server.cluster]): kind = "slurm" and the keywords of matcalc.cluster.start
+    table = out.pop(CLUSTER_TABLE) if isinstance(out.get(CLUSTER_TABLE), dict) else None
+    if table is None and section is not data and isinstance(data.get(CLUSTER_TABLE), dict):
+        table = data[CLUSTER_TABLE]
+    if table is not None:
+        options = dict(table)
+        kind = options.pop("kind", None)
+        if kind is not None:
+            if not isinstance(kind, str):
+                raise ValueError(f"config file {path}: [cluster] kind must be a string, got {kind!r}")
+            out.setdefault("cluster", kind)
+        out["cluster_options"] = {**options, **(out.get("cluster_options") or {})}
+    unknown = sorted(set(out) - set(Settings.model_fields))
     if unknown:
         raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return {k: v for k, v in section.items() if k != "server"}
+    return out
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

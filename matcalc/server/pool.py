@@ -714,8 +714,8 @@ class PoolExecutor:
 
 
 def make_executor(settings: Settings) -> Executor:
-    """The executor ``settings.cluster`` names: ``process`` (default), ``inprocess``, ``local`` or a dask
-    scheduler address."""
+    """The executor ``settings.cluster`` names: ``process`` (default), ``inprocess``, ``local``, ``slurm``,
+    ``pbs`` or a dask scheduler address."""
     kind = settings.cluster.strip()
     # the runner forwards at most one progress event per interval: as often as the most eager consumer
     # (stored progress, progress webhooks) wants them, at most every 0.1 s for the live streams
@@ -729,7 +729,8 @@ def make_executor(settings: Settings) -> Executor:
                             stop_grace_s=settings.stop_grace_s, log_level=settings.log_level, **common)
     from matcalc.server.cluster_executor import ClusterExecutor
 
-    return ClusterExecutor(kind, workers=settings.workers, slots=settings.slots_per_worker, **common)
+    return ClusterExecutor(kind, workers=settings.workers, slots=settings.slots_per_worker,
+                           options=settings.cluster_options, **common)
 
 
 __all__ = ["PoolExecutor", "make_executor"]

@@ -84,10 +84,14 @@ def queue(request: Request) -> dict[str, Any]:
 @router.get("/system/config", response_model=Envelope[dict[str, Any]], dependencies=guarded,
             summary="The server's effective configuration (secrets redacted)")
 def config(request: Request) -> dict[str, Any]:
-    """``plugins``: each model plugin (``MATCALC_PLUGINS``, entry points) and whether it imported."""
+    """``plugins``: each model plugin (``MATCALC_PLUGINS``, entry points) and whether it imported;
+    ``executor``: where tasks run (for a dask cluster: its kind, scheduler, ``dashboard`` link and the
+    workers' ``batching`` page)."""
     from matcalc.models import plugin_status
 
-    return ok({**request.app.state.settings.redacted(), "plugins": [p.to_dict() for p in plugin_status()]})
+    executor = service(request).executor.info()
+    return ok({**request.app.state.settings.redacted(), "plugins": [p.to_dict() for p in plugin_status()],
+               "executor": executor, "dashboard": executor.get("dashboard")})
 
 
 @router.get("/system/error-codes", response_model=Envelope[list[ErrorCodeOut]], responses=error_responses(),
