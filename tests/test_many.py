@@ -120,6 +120,15 @@ def test_map_property_by_name_and_callable(pot):
     assert got == pytest.approx([2.0 * a.get_volume() / len(a) for a in structs])
 
 
+def test_one_output_file_for_many_structures_is_refused(pot, tmp_path):
+    """trajectory= names one file: many structures would write over each other, so it is refused up front."""
+    for call in (lambda: matcalc.relax_many(cells(2), model=pot, trajectory=str(tmp_path / "r.traj")),
+                 lambda: map_property("stability", cells(2), model=pot, trajectory=str(tmp_path / "md.traj"))):
+        with pytest.raises(ValueError, match="trajectory is one file per structure"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_relax_many_builtin_model_name_and_progress_bar(capsys):
     structs = cells(3)
     results = relax_many(structs, model="emt", device="cpu", progress=True, protocol="fast")

@@ -230,6 +230,14 @@ def _check_kwargs(fn: Callable[..., Any], name: str, kwargs: dict[str, Any]) -> 
         sig.bind(None, model=None, **kwargs)
     except TypeError as exc:
         raise TypeError(f"{name}: {exc}") from exc
+    spec = getattr(fn, "property", None)  # a declared property: its output files are one per call
+    if spec is not None:
+        from matcalc.calculations.contract import FilePath
+
+        for key in kwargs:
+            if kwargs[key] is not None and any(p.name == key and isinstance(p.kind, FilePath) for p in spec.params):
+                raise ValueError(f"{name}: {key} is one file per structure; call {name}(..., {key}=...) for each "
+                                 "structure instead")
 
 
 __all__ = ["BATCHED_MAX_WORKERS", "BATCHED_MIN_WORKERS", "default_workers", "many_frame", "map_property",
