@@ -75,6 +75,8 @@ class ModelSpec:
     """Where the weights file is (``None`` or returning ``None``: weights ship in ``package``)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Loader options that change the model's numbers (part of the identity)."""
+    cpu_only: bool = False
+    """The model runs on the CPU whatever the device (classical potentials): no device probe, no torch import."""
 
     def identity(self) -> ModelIdentity:
         """The model's identity without loading it (the weights file, if any, is hashed once per change)."""
@@ -152,6 +154,7 @@ def register_model(
     version: str = "",
     weights: Callable[[], Path | None] | None = None,
     options: dict[str, Any] | None = None,
+    cpu_only: bool = False,
 ) -> None:
     """Register ``factory(name=..., device=...) -> Potential`` under ``name`` (lower-case).
 
@@ -167,7 +170,7 @@ def register_model(
             raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
         _REGISTRY[key] = ModelSpec(key, factory, family, description, elements, cutoff_A, tuple(requires),
                                    install_hint, check, dtype, batching, package or (requires[0] if requires else ""),
-                                   version, weights, dict(options or {}))
+                                   version, weights, dict(options or {}), cpu_only)
         for k in [k for k in _LOADED if k[0] in (key, key + D3_SUFFIX)]:
             del _LOADED[k]
 
@@ -197,6 +200,13 @@ def default_device() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover - torch comes with chgnet
         return "cpu"
+
+
+def _device_for(base: str, with_d3: bool) -> str:
+    """The default device of a model: ``"cpu"`` for CPU-only models (without importing torch), else
+    :func:`default_device`."""
+    spec = _REGISTRY.get(base)
+    return "cpu" if spec is not None and spec.cpu_only and not with_d3 else default_device()
 
 
 def _spec(key: str) -> ModelSpec:
@@ -236,7 +246,7 @@ def get_model(name: str | Potential, device: str | None = None) -> Potential:
         raise TypeError(f"model must be a name or a Potential, not {type(name).__name__}")
     ensure_plugins()  # outside _LOCK: a plugin being imported in another thread registers under it
     base, with_d3 = _split(name)
-    device = device or default_device()
+    device = device or _device_for(base, with_d3)
     cache_key = (base + (D3_SUFFIX if with_d3 else ""), device)
     with _LOCK:
         if cache_key in _LOADED:
@@ -412,7 +422,7 @@ def model_card(name: str, device: str | None = None) -> ModelCard:
     ensure_plugins()
     base, with_d3 = _split(name)
     spec = _spec(base)
-    device = device or default_device()
+    device = device or _device_for(base, with_d3)
     reason = spec.unavailable_reason()
     if with_d3 and not reason:
         reason = _spec("d3").unavailable_reason()
@@ -468,9 +478,9 @@ def _register_builtins() -> None:
         return D3Potential(name, device)
 
     register_model("emt", emt, family="emt", description="ASE Effective Medium Theory (instant; fcc metals)",
-                   elements="Al Cu Ag Au Ni Pd Pt H C N O", package="ase")
+                   elements="Al Cu Ag Au Ni Pd Pt H C N O", package="ase", cpu_only=True)
     register_model("lj", lj, family="lj", description="Lennard-Jones, argon parameters (instant; toy)",
-                   cutoff_A=10.2, package="ase")
+                   cutoff_A=10.2, package="ase", cpu_only=True)
     register_model("chgnet", chgnet, family="chgnet", description="CHGNet 0.3.0 (MPtrj), weights in the wheel",
                    elements="H-Pu (Z 1-94)", cutoff_A=5.0, requires=("chgnet",), install_hint="pip install chgnet",
                    dtype="float32", batching=True, version=CHGNET_VERSION)
