@@ -6,7 +6,14 @@ Files written for ``--out results.parquet``:
 * ``results.parquet.journal.jsonl`` — one JSON line per finished structure, appended and fsynced
   as soon as it finishes (the source of truth; a torn last line from a crash is ignored);
 * ``results.parquet`` (or ``.csv``) — the table, one row per structure, rewritten atomically
-  (temporary file + ``os.replace``) at most every ``flush_s`` seconds and at the end.
+  (temporary file + ``os.replace``) at most every ``flush_s`` seconds and at the end;
+* ``results_structures/<label>.cif`` — the final structure of each finished structure whose result has one
+  (``RelaxResult.final_structure``, the pre-relaxed ``relaxed_structure`` of the other properties...;
+  :meth:`~matcalc.calculations.results.Result.write_structure`), in the format ``structures`` names
+  (``.xyz`` for a structure without a periodic cell); the row's ``structure_file`` says which.
+
+One table is one calculation (property, model, protocol, parameters): an ``--out`` that holds another
+calculation's rows is refused (:func:`check_same_calculation`) rather than replaced.
 
 Resume: a structure whose key (sha256 of structure hash + property + model + protocol +
 parameters) has a COMPLETED line in the journal (or a COMPLETED row in an existing table
@@ -47,6 +54,12 @@ class Item:
     structure_hash: str | None = None
     key: str = ""
     error: str | None = None
+    structure_path: Path | None = None
+    """Where its final structure is written (without suffix; ``None``: not written)."""
+
+
+STRUCTURE_FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "vasp": ".vasp", "none": ""}
+"""``matcalc run --structures``: the format of the final structures written next to the table."""
 
 
 @dataclass
@@ -167,8 +180,27 @@ def _row(item: Item, prop: str, model: str, protocol: str, *, result: Any = None
     row.update({"key": item.key, "source": item.source, "label": item.label, "status": status, "error": error,
                 "finished_at": time.time()})
     if result is not None:
+        row["structure_file"] = _write_structure(item, result)
         row["result"] = result.to_dict()
     return row
+
+
+def _write_structure(item: Item, result: Any) -> str | None:
+    """Write the result's final structure to ``item.structure_path`` (+ suffix); the path, or ``None``."""
+    which = result.default_structure_field()
+    if item.structure_path is None or which is None:
+        return None
+    path = item.structure_path
+    frames = result.structures()[which]  # several (e.g. the lowest Widom insertions): all, in order
+    if not all(a.pbc.all() and a.cell.rank == 3 for a in frames) and path.suffix in (".cif", ".vasp"):
+        path = path.with_suffix(".xyz")
+    index = 0 if len(frames) > 1 and path.suffix == ".vasp" else None  # POSCAR holds one: the first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(result.write_structure(path, which, index=index))
+    except (OSError, ValueError) as exc:  # the row keeps the result; the structure is also in the journal
+        log.warning("%s: could not write its %s to %s: %s", item.source, which, path, exc)
+        return None
 
 
 def _prepare(items: list[tuple[str, str]], prop: str, model: str, protocol: str,
@@ -185,16 +217,44 @@ def _prepare(items: list[tuple[str, str]], prop: str, model: str, protocol: str,
             item.key = task_key(item.structure_hash, prop, model, protocol, params)
         except ValueError as exc:
             item.error = f"{type(exc).__name__}: {exc}"
-            item.key = "unreadable-" + hashlib.sha256(f"{source}|{prop}|{model}".encode()).hexdigest()[:20]
+            item.key = unreadable_key(source, prop, model)
         out.append(item)
     return out
+
+
+def unreadable_key(source: str, prop: str, model: str) -> str:
+    """The resume key of an input that could not be read (no structure hash to key it by)."""
+    return "unreadable-" + hashlib.sha256(f"{source}|{prop}|{model}".encode()).hexdigest()[:20]
+
+
+def check_same_calculation(rows: dict[str, dict[str, Any]], out: Path, prop: str, model: str, protocol: str,
+                           params: dict[str, Any]) -> None:
+    """``ValueError`` when ``out`` (its journal or table: ``rows``) holds results of another calculation (another
+    property, model, protocol or parameters): rerunning into it would replace that table. One table is one
+    calculation; give each model its own ``--out`` (and ``pandas.concat`` the tables to compare them)."""
+    for r in rows.values():
+        h = r.get("structure_hash")
+        mine = (task_key(str(h), prop, model, protocol, params) if isinstance(h, str) and h
+                else unreadable_key(str(r.get("source")), prop, model))
+        if r.get("key") == mine:
+            continue
+        theirs = (r.get("property"), r.get("model"), r.get("protocol"))
+        what = (f"{theirs[0]} with model {theirs[1]} (protocol {theirs[2]})"
+                if theirs != (prop, model, protocol) else f"{prop} with model {model} (protocol {protocol}) "
+                                                          "and other parameters")
+        tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in model)
+        raise ValueError(f"{out} holds results of another calculation: {what}; this run is {prop} with model "
+                         f"{model} (protocol {protocol}). Writing here would replace that table: use another --out "
+                         f"(e.g. {out.with_name(f'{out.stem}-{tag}{out.suffix}')}), or delete {out} and its "
+                         "journal to start over")
 
 
 def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet", out: str | Path = "results.parquet",
               cluster: Any = "inprocess", protocol: str | None = None, params: dict[str, Any] | None = None,
               workers: int | None = None, priority: str = "NORMAL", timeout_s: float | None = None,
               retries: int = 0, show_progress: bool = True, flush_s: float = 2.0,
-              on_result: Callable[[dict[str, Any]], None] | None = None, cache: bool | None = None) -> BatchSummary:
+              on_result: Callable[[dict[str, Any]], None] | None = None, cache: bool | None = None,
+              structures: str = "cif") -> BatchSummary:
     """Run ``prop`` on every input structure and write one row per structure to ``out``.
 
     Args:
@@ -209,6 +269,12 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
         cache: the result cache (:mod:`matcalc.cache`): ``None`` = on unless ``MATCALC_CACHE=0``; ``False``
             computes every structure (the journal's resume still applies). Each row's ``result`` carries its
             provenance.
+        structures: format of the final structures written to ``<out stem>_structures/<label>.<suffix>``
+            (:data:`STRUCTURE_FORMATS`: ``cif`` (default), ``extxyz``, ``vasp``, or ``none``).
+
+    Raises:
+        ValueError: a bad argument or parameter, an unknown model, or an ``out`` that holds the rows of another
+            calculation (:func:`check_same_calculation`), all before any file is written.
     """
     from tqdm.auto import tqdm
 
@@ -227,6 +293,8 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
         raise ValueError(f"out must end in .parquet or .csv, got {out}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if structures not in STRUCTURE_FORMATS:
+        raise ValueError(f"structures must be one of {', '.join(STRUCTURE_FORMATS)}, got {structures!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     journal = Journal(out.with_name(out.name + ".journal.jsonl"))
 
@@ -237,9 +305,20 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
             log.info("%s is the same structure as %s; computed once", it.source, unique[it.key].source)
             continue
         unique[it.key] = it
+    if STRUCTURE_FORMATS[structures]:
+        folder = out.with_name(f"{out.stem}_structures")
+        names = [it.label or (it.structure_hash or it.key)[:12] for it in unique.values()]
+        for it, name in zip(unique.values(), names, strict=True):
+            if names.count(name) > 1:  # two inputs of one name (a/x.cif, b/x.cif): told apart by their hash
+                name = f"{name}-{(it.structure_hash or it.key)[:8]}"
+            safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+            it.structure_path = folder / f"{safe}{STRUCTURE_FORMATS[structures]}"
     rows = journal.read()
-    if not rows and out.exists():  # a table from a run without journal: adopt its rows
+    adopt = not rows and out.exists()  # a table from a run without journal: adopt its rows
+    if adopt:
         rows = {r["key"]: r for r in read_table(out) if "key" in r}
+    check_same_calculation(rows, out, prop, model, protocol_name, params)  # before anything is written
+    if adopt:
         for r in rows.values():
             journal.append(r)
     done = {k for k, r in rows.items() if r.get("status") == "COMPLETED"}
@@ -392,6 +471,9 @@ def add_run_parser(sub: Any) -> None:
                         help="per-structure time limit (s), cluster only")
     common.add_argument("--retries", type=int, default=0, help="retries after transient errors, cluster only")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--structures", default="cif", choices=list(STRUCTURE_FORMATS),
+                        help="format of the final structures written to OUT-STEM_structures/LABEL.SUFFIX "
+                             "(default cif; none: do not write them)")
     common.add_argument("--no-cache", action="store_true",
                         help="compute every structure even when the result cache holds it (default: cached results "
                              "are reused, new ones stored; MATCALC_CACHE=0 turns the cache off everywhere)")
@@ -434,9 +516,13 @@ def cmd_run(args: Any) -> int:
     summary = run_batch(args.spec.name, args.inputs, model=args.model, out=args.out, cluster=args.cluster,
                         protocol=args.protocol, params=params_from_args(args), workers=args.workers,
                         priority=args.priority, timeout_s=args.timeout_s, retries=args.retries,
-                        show_progress=not args.no_progress, cache=False if args.no_cache else None)
+                        show_progress=not args.no_progress, cache=False if args.no_cache else None,
+                        structures=args.structures)
     print(f"matcalc run: {summary.n_unique} structure(s): {summary.n_skipped} already done, "
           f"{summary.n_computed} computed, {summary.n_failed} failed, in {summary.wall_time_s:.1f} s -> {summary.out}")
+    folder = summary.out.with_name(f"{summary.out.stem}_structures")
+    if args.structures != "none" and folder.is_dir():
+        print(f"  final structures: {folder}/")
     for e in summary.errors[:20]:
         print(f"  failed: {e}")
     return 1 if summary.n_failed else 0

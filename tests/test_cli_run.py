@@ -188,3 +188,65 @@ def test_declared_options_run_end_to_end(tmp_path: Path):
     row = Journal(out.with_name(out.name + ".journal.jsonl")).read().popitem()[1]
     assert row["status"] == "COMPLETED"
     assert row["result"]["parameters"] == {"fmax": 0.02, "max_steps": 5000, "optimizer": "FIRE", "relax_cell": False}
+
+
+def test_final_structures_are_written_next_to_the_table(tmp_path: Path):
+    """Each finished relaxation's final structure goes to OUT_structures/<label>.cif (the row says where), equal to
+    the journal's final structure and to a relaxation of the same file run directly; a failed input has none."""
+    from ase.io import read
+
+    inputs = make_inputs(tmp_path / "in", n_small=2, n_large=0)
+    (tmp_path / "in" / "broken.cif").write_text("data_broken\n_cell_length_a 3.6\n")
+    out = tmp_path / "r.parquet"
+    assert main(["run", "relax", str(tmp_path / "in"), "--model", "emt", *RELAX, "--out", str(out),
+                 "--no-progress"]) == 1  # one failure
+    folder = tmp_path / "r_structures"
+    assert sorted(p.name for p in folder.iterdir()) == ["s00.cif", "s01.cif"]
+    frame = pd.read_parquet(out).set_index("label")
+    assert frame.loc["s00", "structure_file"] == str(folder / "s00.cif")
+    assert frame.loc["broken", "status"] == "FAILED" and pd.isna(frame.loc["broken", "structure_file"])
+    for p in inputs:
+        got = read(folder / f"{p.stem}.cif")
+        ref = reference(p).final_structure
+        np.testing.assert_allclose(got.cell[:], ref.cell[:], atol=1e-5)
+        np.testing.assert_allclose(got.get_scaled_positions(), ref.get_scaled_positions(wrap=True), atol=1e-5)
+    # extended XYZ on request, and nothing with --structures none
+    out2 = tmp_path / "x.csv"
+    run_batch("relax", inputs[:1], model="emt", out=out2, params={"fmax": 0.01, "relax_cell": False},
+              structures="extxyz", show_progress=False)
+    assert [p.name for p in (tmp_path / "x_structures").iterdir()] == ["s00.extxyz"]
+    run_batch("relax", inputs[:1], model="emt", out=tmp_path / "n.csv", params={"fmax": 0.01}, structures="none",
+              show_progress=False)
+    assert not (tmp_path / "n_structures").exists()
+
+
+def test_another_calculation_into_the_same_table_is_refused(tmp_path: Path, capsys):
+    """`matcalc run` with another --model (or other parameters) and the same --out does not replace the table:
+    it is refused with one clear message, before anything is written, naming both calculations and a free name."""
+    inputs = make_inputs(tmp_path / "in", n_small=2, n_large=0)
+    out = tmp_path / "r.parquet"
+    base = ["run", "relax", *map(str, inputs), *RELAX, "--out", str(out), "--no-progress"]
+    assert main([*base, "--model", "emt"]) == 0
+    capsys.readouterr()
+    table, journal = out.read_bytes(), out.with_name(out.name + ".journal.jsonl").read_bytes()
+    assert main([*base, "--model", "lj"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("holds results of another calculation") == 1 and len(err.strip().splitlines()) == 1, err
+    assert "relax with model emt (protocol mofsimbench); this run is relax with model lj" in err
+    assert str(tmp_path / "r-lj.parquet") in err
+    assert main([*base[:-5], "--fmax", "0.02", "--out", str(out), "--no-progress", "--model", "emt"]) == 2
+    assert "and other parameters" in capsys.readouterr().err
+    assert out.read_bytes() == table and out.with_name(out.name + ".journal.jsonl").read_bytes() == journal
+    # the same calculation again resumes (nothing recomputed), and the suggested name takes the other model
+    assert main([*base, "--model", "emt"]) == 0 and "2 already done" in capsys.readouterr().out
+    assert main([*base[:-3], "--out", str(tmp_path / "r-lj.parquet"), "--no-progress", "--model", "lj"]) == 0
+
+
+def test_unknown_model_is_one_message_and_no_file(tmp_path: Path, capsys):
+    inputs = make_inputs(tmp_path / "in", n_small=1, n_large=0)
+    out = tmp_path / "never.parquet"
+    assert main(["run", "relax", str(inputs[0]), "--model", "nosuchnet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("unknown model 'nosuchnet'") == 1 and err.count("chgnet") == 1, err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("never*"))
