@@ -211,7 +211,14 @@ PROPERTY = Property(
     details="""Pre-relax (LBFGS + `FrechetCellFilter`), then `n_points` volumes evenly spaced from
     (1 − strain)·V₀ to (1 + strain)·V₀ (the cell scaled by s^(1/3) keeping its shape, fractional positions
     kept), atomic positions relaxed at fixed cell (FIRE), and an `ase.eos.EquationOfState` fit.
-    V₀ is the relaxed volume (the input volume when `relax_first=False`).""",
+    V₀ is the relaxed volume (the input volume when `relax_first=False`).
+
+    The cell *shape* stays fixed at every volume (MOFSimBench's protocol, and the way its DFT E(V) references
+    were computed); only the atoms relax. MVL's matcalc `EOSCalc` (0.7) instead also relaxes the cell shape at
+    each constant volume (`allow_shape_change=True`), over ±10 % linear strain (0.73–1.33 V₀) at fmax 0.1 eV/Å.
+    Letting the shape relax lowers the energy of every strained cell, so on anisotropic frameworks its B is
+    lower: 30.6 GPa from `EOSCalc` against 40.6 GPa here was reported for the same MOF cell and model. Compare
+    bulk moduli only between runs of the same protocol.""",
     result=BulkModulusResult,
     params=(
         Param("strain", Number(0.0, 0.5, lo_open=True, hi_open=True),
