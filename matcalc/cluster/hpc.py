@@ -20,7 +20,6 @@ plugins, log capture, batching counters) comes through the client as for every c
 from __future__ import annotations
 
 import math
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,9 +94,11 @@ def worker_environment(torch_threads: int) -> dict[str, str | None]:
 
 def environment_prologue(env: Mapping[str, str | None]) -> list[str]:
     """Job-script lines giving ``env`` to the nanny's worker processes (``None``: removed)."""
-    value = repr(dict(env))
+    value = repr(dict(env))  # dask reads a Python literal from the variable
+    if any(c in value for c in '"$`\\!'):
+        raise ValueError(f"worker environment values must not contain shell metacharacters: {value}")
     lines = [f"unset {k}" for k, v in env.items() if v is None]
-    lines.append(f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(value)}")
+    lines.append(f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{value}"')
     return lines
 
 
