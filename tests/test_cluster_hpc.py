@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("dask_jobqueue")
 
-from matcalc import cluster  # noqa: E402
-from matcalc.cluster.hpc import plan_job  # noqa: E402
-from matcalc.cluster.worker import gpu_for_worker  # noqa: E402
+from matcalc import cluster
+from matcalc.cluster.hpc import plan_job
+from matcalc.cluster.worker import gpu_for_worker
 
 
 def test_job_layout_as_on_one_machine():
