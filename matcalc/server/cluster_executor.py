@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class ClusterExecutor:
     name = "dask"
+    isolated = True
 
     def __init__(self, address: str, *, workers: int | None = None, slots: int | None = None,
                  device: str | None = None, max_crashes: int = DEFAULT_MAX_CRASHES,

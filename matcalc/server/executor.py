@@ -46,6 +46,8 @@ class ExecutorCallbacks(Protocol):
 
 class Executor(Protocol):
     name: str
+    isolated: bool
+    """Calculations run outside the API process: a task cannot take the server down with it."""
 
     def start(self, callbacks: ExecutorCallbacks) -> None: ...
 

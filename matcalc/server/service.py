@@ -182,7 +182,8 @@ class TaskService:
         self.executor.start(self)
         running = [t.id for t in self.store.list_tasks(TaskFilter(status=[TaskStatus.RUNNING.value]),
                                                        page_size=1_000_000).items]
-        ids = self.store.requeue_active("server restarted", max_crashes=self.max_crashes)
+        ids = self.store.requeue_active("server restarted", max_crashes=self.max_crashes,
+                                        charge_running=not self.executor.isolated)
         for row in self.store.get_tasks(running):
             if row.status == TaskStatus.FAILED.value:
                 log.error("task %s not requeued: %s", row.id, row.error)

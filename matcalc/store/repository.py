@@ -498,19 +498,25 @@ class Store:
                       data={"status": TaskStatus.QUEUED.value, "attempt": row.attempts, "crashes": row.crashes}))
         return TaskStatus.QUEUED
 
-    def requeue_active(self, reason: str = "server restarted", *, max_crashes: int | None = None) -> list[str]:
+    def requeue_active(self, reason: str = "server restarted", *, max_crashes: int | None = None,
+                       charge_running: bool = True) -> list[str]:
         """After a crash or restart: every unfinished task back in the queue; ids in execution order
         (priority, then FIFO).
 
-        A task that was RUNNING died with the server: that counts a crash (``crashes``), and with
-        ``max_crashes`` given a task that reaches it is FAILED (``worker crashed: ...``) instead of
-        requeued, so a task that kills its server is never run again and again. ASSIGNED tasks had not
-        started: requeued without a crash.
+        With ``charge_running`` (calculations ran inside the server process, so a task may have killed it),
+        a task that was RUNNING counts a crash (``crashes``), and with ``max_crashes`` given a task that
+        reaches it is FAILED (``worker crashed: ...``) instead of requeued, so a task that kills its server
+        is never run again and again. Without it (the executor isolates tasks in worker processes, where
+        their deaths are counted as they happen) a server restart is not the task's fault: it is requeued
+        as it was. ASSIGNED tasks had not started: requeued without a crash.
         """
         with self.write() as s:
             running = s.scalars(select(Task).where(Task.status == TaskStatus.RUNNING.value)).all()
             for row in running:
-                self._crashed(s, row, f"the server stopped while it ran: {reason}", max_crashes)
+                if charge_running:
+                    self._crashed(s, row, f"the server stopped while it ran: {reason}", max_crashes)
+                else:
+                    row.status, row.worker, row.gpu, row.progress = TaskStatus.QUEUED.value, None, None, None
             assigned = s.scalars(select(Task.id).where(Task.status == TaskStatus.ASSIGNED.value)).all()
             if assigned:
                 s.execute(update(Task).where(Task.id.in_(assigned))
