@@ -171,12 +171,12 @@ def _isnan(v: Any) -> bool:
 
 def _row(item: Item, prop: str, model: str, protocol: str, *, result: Any = None, error: str | None = None,
          status: str = "COMPLETED") -> dict[str, Any]:
-    from matcalc.calculations.results import _jsonable
+    from matcalc.calculations.results import jsonable
 
     row: dict[str, Any] = {"key": item.key, "source": item.source, "label": item.label, "property": prop,
                            "model": model, "protocol": protocol, "structure_hash": item.structure_hash}
     if result is not None:
-        row.update(_jsonable(result.row()))
+        row.update(jsonable(result.row()))
     row.update({"key": item.key, "source": item.source, "label": item.label, "status": status, "error": error,
                 "finished_at": time.time()})
     if result is not None:

@@ -29,11 +29,13 @@ if TYPE_CHECKING:
 _RESULT_TYPES: dict[str, type[Result]] = {}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON-safe data: Atoms as symbol/position dicts, arrays as lists, NaN/±inf as ``None``,
+    dataclasses as dicts."""
     if isinstance(value, Atoms):
         return atoms_to_dict(value)
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.floating, float)):
         v = float(value)
         return v if math.isfinite(v) else None
@@ -42,11 +44,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.bool_,)):
         return bool(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+        return {f.name: jsonable(getattr(value, f.name)) for f in fields(value)}
     return value
 
 
@@ -115,7 +117,7 @@ class Result:
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (NaN/inf become ``None``; Atoms become symbol/position dicts)."""
-        d = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        d = {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
         d["kind"] = self.kind
         return d
 
