@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -34,6 +35,10 @@ def test_dask_executor_end_to_end(tmp_path):
     with TestClient(app) as c:
         health = c.get(f"{API}/health").json()["data"]
         assert health["ready"] and health["checks"]["executor"]["kind"] == "dask"
+        cfg = c.get(f"{API}/system/config").json()["data"]  # dask's dashboard, linked where users look
+        assert cfg["executor"]["cluster"] == "local" and cfg["dashboard"].endswith("/status")
+        with urllib.request.urlopen(cfg["dashboard"], timeout=30) as page:
+            assert page.status == 200
         sp = c.post(f"{API}/tasks/single-point", json={"structure": text, "model": "emt"}).json()["data"]["id"]
         rx = c.post(f"{API}/tasks/optimization", json={"structure": text, "model": "emt", "fmax": 0.01,
                                                        "priority": "HIGH"}).json()["data"]["id"]

@@ -112,14 +112,25 @@ def jobqueue_cluster(kind: str, *, jobs: int = 1, cores: int | None = None, memo
     jobs submitted (``0``: none yet; use :meth:`Cluster.scale` or :meth:`Cluster.adapt`).
 
     Args:
-        cores, memory: booked per job (both required, here or in dask-jobqueue's configuration file).
-        walltime: job time limit (``"HH:MM:SS"``). queue: partition (SLURM) or queue (PBS). account: project
-            to charge.
+        kind: ``"slurm"`` or ``"pbs"``.
+        jobs: jobs submitted now.
+        cores: CPU cores booked per job (required, here or in dask-jobqueue's configuration file).
+        memory: memory booked per job, e.g. ``"32GB"`` (required, as ``cores``).
+        walltime: job time limit (``"HH:MM:SS"``).
+        queue: partition (SLURM) or queue (PBS).
+        account: project to charge.
         gpus_per_job: GPUs per job; one worker per GPU.
-        processes, threads_per_worker, torch_threads: override the layout of :func:`plan_job`.
+        processes: worker processes per job (overrides :func:`plan_job`).
+        threads_per_worker: task threads per worker (overrides :func:`plan_job`).
+        torch_threads: torch threads per worker (overrides :func:`plan_job`).
         interface: network interface the scheduler and the workers use (``"ib0"``; ``"lo"`` on one machine).
-        job_extra_directives, job_script_prologue, worker_extra_args: added to dask-jobqueue's.
+        job_extra_directives: added to dask-jobqueue's (``#SBATCH``/``#PBS`` lines).
+        job_script_prologue: shell lines run before the workers start (``module load ...``).
+        worker_extra_args: added to the ``dask worker`` command line.
         **jobqueue_kwargs: passed on (``local_directory``, ``log_directory``, ``python``, ``job_name``...).
+
+    Returns:
+        The dask-jobqueue cluster and the :class:`JobPlan` of its jobs.
     """
     import dask
     from dask.utils import parse_bytes

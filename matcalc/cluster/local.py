@@ -940,12 +940,15 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
             with a warning).
         kind: ``"local"``, ``"slurm"`` or ``"pbs"``.
         jobs: SLURM/PBS: batch jobs submitted now (``0``: none; see :meth:`Cluster.scale`, :meth:`Cluster.adapt`).
-        cores, memory: SLURM/PBS: CPU cores and memory (``"32GB"``) booked per job.
-        walltime: SLURM/PBS: job time limit, ``"HH:MM:SS"``. queue: partition (SLURM) or queue (PBS).
+        cores: SLURM/PBS: CPU cores booked per job.
+        memory: SLURM/PBS: memory booked per job (``"32GB"``).
+        walltime: SLURM/PBS: job time limit, ``"HH:MM:SS"``.
+        queue: SLURM/PBS: partition (SLURM) or queue (PBS).
         account: SLURM/PBS: project to charge.
         gpus_per_job: SLURM/PBS: GPUs per job (one worker per GPU, resource ``GPU=1``).
-        minimum_jobs, maximum_jobs: SLURM/PBS: adapt the number of jobs to the work between these
-            (:meth:`Cluster.adapt`) instead of keeping ``jobs``.
+        minimum_jobs: SLURM/PBS: adapt the number of jobs to the work, at least this many
+            (:meth:`Cluster.adapt`), instead of keeping ``jobs``.
+        maximum_jobs: SLURM/PBS: adapt, at most this many jobs.
         torch_threads: torch intra-op threads per worker (default: CPUs // workers).
         memory_limit: local: per worker, as dask takes it.
         log_level: level of the per-task log capture on the workers.
