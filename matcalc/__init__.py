@@ -48,6 +48,19 @@ _LAZY.update({
 })
 
 
+def _notebook_progress() -> None:
+    """In a Jupyter kernel, single calls show a progress line under the cell (matcalc.widgets.call)."""
+    import sys
+
+    if "ipykernel" in sys.modules:  # cheap test first: nothing is imported in scripts, workers or servers
+        from matcalc.widgets.call import install
+
+        install()
+
+
+_notebook_progress()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]

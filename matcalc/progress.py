@@ -4,6 +4,11 @@ Calculations call :func:`report` at each step; whoever runs them (a notebook wid
 dask worker, the server) installs a sink with :func:`reporting`. The sink lives in a
 ``contextvars.ContextVar``, so concurrent calculations in threads each report to their own.
 :func:`should_stop` lets a caller end a long run early (e.g. a cancelled task).
+
+A call made with no :func:`reporting` block around it, from the main thread, goes to the *fallback sink*
+(:func:`set_fallback_sink`), if one is set: in a Jupyter kernel, ``import matcalc`` sets one that shows a
+light progress line under the cell (:mod:`matcalc.widgets.call`), so a single ``mc.relax(...)`` in a notebook
+shows its progress; plain scripts set none and print nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +58,21 @@ class _Context:
 
 
 _current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("matcalc_progress", default=None)
+_fallback: Sink | None = None
+
+
+def set_fallback_sink(sink: Sink | None) -> Sink | None:
+    """Send the events of calls made outside any :func:`reporting` block, from the main thread, to ``sink``
+    (``None``: drop them, the default outside notebooks); returns the sink it replaces. Threads of
+    ``relax_many``, cluster workers and the server always report to their own sinks, never to this one."""
+    global _fallback
+    previous, _fallback = _fallback, sink
+    return previous
+
+
+def fallback_sink() -> Sink | None:
+    """The sink :func:`set_fallback_sink` set (``None`` when none is)."""
+    return _fallback
 
 
 @contextmanager
@@ -80,7 +100,15 @@ def report(stage: str, step: int, total_steps: int | None = None, *, energy_eV: 
            fmax_eV_per_A: float | None = None, **extra: Any) -> None:
     """Report one step to the current sink (no-op when nobody listens)."""
     ctx = _current.get()
-    if ctx is None or ctx.sink is None:
+    if ctx is None:  # nobody asked: a single call in a notebook still shows its progress (module doc)
+        sink = _fallback
+        if sink is not None and threading.current_thread() is threading.main_thread():
+            try:
+                sink(ProgressEvent(stage, step, total_steps, energy_eV, fmax_eV_per_A, extra))
+            except Exception:  # noqa: BLE001 - a broken listener must never break a calculation
+                log.exception("fallback progress sink failed")
+        return
+    if ctx.sink is None:
         return
     last = total_steps is not None and step >= total_steps
     if step % ctx.every and step != 0 and not last:

@@ -1,4 +1,4 @@
-"""The example notebooks run top to bottom (nbclient) without an error.
+"""The example notebooks run top to bottom (nbclient) without an error and with nothing on stderr.
 
 The kernel is this interpreter (a kernelspec written to a temp dir that points at ``sys.executable``),
 so the notebooks see the same venv and the installed ``matcalc``. ``04_remote_server`` runs against a
@@ -102,9 +102,28 @@ def test_notebook_runs(name, kernel_dir, tmp_path, request):
     assert all(c.execution_count for c in code)
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # nothing on stderr (red boxes in Jupyter): no third-party warning, traceback or log line reaches the user;
+    # every cell of these notebooks prints on purpose to stdout only
+    stderr = [(i, o.text) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for o in c.outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, "\n".join(f"cell {i}: {t}" for i, t in stderr)
     # every figure a cell returns is rendered as a PNG (plot() gives Figures with content)
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, f"{name} shows no plot"
     if name == "02_screening_on_a_cluster":  # the live widgets were displayed as widget views
         views = [o for c in code for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         assert len(views) >= 3
+        # each keeps a static copy of its final state (what a saved notebook, nbconvert or a viewer without the
+        # widget manager shows): every task finished, the failed one in the table under its label
+        snapshots = [o["data"].get("text/html", "") for o in views]
+        assert all(snapshots)
+        assert any("7/7</b> tasks finished" in h and "1 failed" in h for h in snapshots)
+        assert any("7/7 finished (6 completed, 1 failed)" in h and "Fe (not in EMT)" in h for h in snapshots)
+        assert not any("running" in h for h in snapshots)
+    if name == "01_quickstart":  # a single call shows its progress under the cell, final step included
+        relax_cell = next(c for c in code if "mc.relax(" in c.source)
+        lines = [o["data"]["text/plain"] for o in relax_cell.outputs if "text/html" in o.get("data", {})
+                 and "matcalc-call-progress" in o["data"]["text/html"]]
+        steps = next(o.text for o in relax_cell.outputs if o.output_type == "stream" and "converged" in o.text)
+        n = steps.split("after ")[1].split(" steps")[0]
+        assert lines and f"relax {n}/" in lines[0], (lines, steps)

@@ -15,6 +15,7 @@ from ase.build import bulk, fcc111
 from ase.calculators.emt import EMT
 
 import matcalc as mc
+from matcalc import progress as reports
 from matcalc.cluster import Task, TaskStatus
 from matcalc.widgets import FutureTask, ProgressWidget, ResultsWidget, TqdmProgress, progress, results
 from matcalc.widgets.state import ProgressState, Throttle, as_task
@@ -427,3 +428,113 @@ def test_many_tasks_show_running_and_failed_first():
     with pytest.raises(ValueError, match="max_rows"):
         ProgressWidget(tasks, max_rows=0)
     w.close()
+
+
+def test_results_table_shows_every_finished_row_including_failures():
+    """'7/7 finished' means seven rows in the table, the failed one included, all visible without scrolling."""
+    tasks = [make_task(i, label=f"Cu-{i}") for i in range(6)] + [make_task(6, label="Fe (not in EMT)")]
+    view = ResultsWidget(tasks, max_rate_hz=1000)
+    sp = mc.single_point(cu(1, 0.05, seed=0), "emt")
+    for t in tasks[:6]:
+        t.state.finish(TaskStatus.COMPLETED, result=sp)
+    tasks[6].state.finish(TaskStatus.FAILED, error=mc.StructureError("elements not supported by the model: Fe"))
+    view.refresh()
+    assert text(view.summary.value) == "7/7 finished (6 completed, 1 failed)"
+    body = view.table.value.split("<tbody>")[1]
+    assert body.count("<tr") == 7 and "Fe (not in EMT)" in body and "elements not supported" in body
+    assert "max-height" not in view.table.value  # a small table is shown whole
+    view.close()
+
+
+def test_saved_output_holds_the_final_state_and_a_static_copy(monkeypatch):
+    """The displayed output carries a static snapshot (text/html, text/plain) beside the widget view; once every
+    task has finished it is replaced, under the same display id, by the final state: a notebook saved then, or
+    exported with nbconvert, shows the outcome and not '2 running'."""
+    import IPython.display
+
+    shown, updated = [], []
+    monkeypatch.setattr(IPython.display, "display", lambda data, **kw: shown.append((data, kw)))
+    monkeypatch.setattr(IPython.display, "update_display", lambda data, **kw: updated.append((data, kw)))
+    tasks = [make_task(0), make_task(1)]
+    tasks[0].state.advance(TaskStatus.RUNNING, worker="tcp://w")
+    tasks[1].state.advance(TaskStatus.RUNNING, worker="tcp://w")
+    w = ProgressWidget(tasks, max_rate_hz=1000)
+    w._ipython_display_()
+    ((data, kw),) = shown
+    assert "application/vnd.jupyter.widget-view+json" in data and kw["display_id"]
+    assert "2 running" in text(data["text/html"]) and data["text/plain"].startswith("matcalc: 0/2 tasks finished")
+    assert updated == []
+    tasks[0].state.finish(TaskStatus.COMPLETED, result=mc.single_point(cu(), "emt"))
+    tasks[1].state.finish(TaskStatus.FAILED, error=ValueError("bad structure"))
+    w.refresh()
+    (final, fkw), = updated
+    assert fkw["display_id"] == kw["display_id"]
+    assert "application/vnd.jupyter.widget-view+json" in final
+    page = text(final["text/html"])
+    assert "2/2 tasks finished" in page and "1 completed" in page and "1 failed" in page
+    assert "running" not in page and "ValueError: bad structure" in page and "Cu-0" in page
+    assert final["text/plain"] == "matcalc: 2/2 tasks finished (1 completed, 1 failed)"
+    w.refresh()
+    assert len(updated) == 1  # published once
+    assert w._repr_html_() == final["text/html"]
+
+    view = ResultsWidget(tasks, max_rate_hz=1000)
+    view._ipython_display_()
+    view.refresh()
+    assert "1 failed" in text(shown[-1][0]["text/html"]) and "bad structure" in shown[-1][0]["text/html"]
+    view.show("t0")  # a plot selected afterwards is in the static copy too
+    assert "data:image/png;base64," in updated[-1][0]["text/html"]
+    view.close()
+    w.close()
+
+
+def test_single_calls_report_to_the_notebook_fallback_only_when_nobody_listens():
+    """In a notebook, a single call with no sink of its own reports to the fallback sink (the progress line); in
+    a reporting block, in another thread, or with no fallback (scripts, tests) nothing reaches it."""
+    from matcalc.widgets.call import CallProgress
+
+    assert reports.fallback_sink() is None  # not a kernel: `import matcalc` installed nothing
+    seen = []
+    previous = reports.set_fallback_sink(seen.append)
+    try:
+        r = mc.relax(cu(1, 0.05), "emt", fmax=0.01, cache=False)
+        steps = [e.step for e in seen if e.stage == "relax"]
+        assert steps == list(range(r.steps + 1)) and seen[-1].energy_eV == pytest.approx(r.final_energy_eV)
+        n = len(seen)
+        with reports.reporting(None):
+            mc.relax(cu(1, 0.05), "emt", fmax=0.01, cache=False)
+        thread = threading.Thread(target=lambda: mc.relax(cu(1, 0.05), "emt", fmax=0.01, cache=False))
+        thread.start()
+        thread.join()
+        assert len(seen) == n
+    finally:
+        reports.set_fallback_sink(previous)
+    # the line itself: one HTML display per cell, updated in place, the last event shown
+    import IPython.display
+
+    line = CallProgress(max_rate_hz=1e9)
+    handles = []
+
+    class Handle:
+        def __init__(self, data):
+            self.data = [data]
+
+        def update(self, data, **kw):
+            self.data.append(data)
+
+    def fake_display(data, **kw):
+        handles.append(Handle(data))
+        return handles[-1]
+
+    old = IPython.display.display
+    IPython.display.display = fake_display
+    try:
+        for step in range(3):
+            line(reports.ProgressEvent("relax", step, 500, energy_eV=-1.5 - step, fmax_eV_per_A=0.1))
+        line(reports.ProgressEvent("eos", 2, 7))
+    finally:
+        IPython.display.display = old
+    (h,) = handles
+    last = h.data[-1]
+    assert "relax 2/500 · E -3.50000 eV · fmax 0.1 eV/Å" in last["text/plain"] and "eos 2/7" in last["text/plain"]
+    assert "<progress value='2' max='500'" in last["text/html"]

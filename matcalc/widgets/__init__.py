@@ -7,16 +7,20 @@
 ...     mc.widgets.results(tasks)       # table of finished results, click a row to plot it
 
 Needs the ``[widgets]`` extra (ipywidgets) for the notebook views; outside a Jupyter kernel
-:func:`progress` falls back to a tqdm bar.
+:func:`progress` falls back to a tqdm bar. A single call in a notebook (``mc.relax(...)``) shows a light progress
+line by itself (:mod:`matcalc.widgets.call`; :func:`notebook_progress` turns it off).
 """
 
 from __future__ import annotations
 
-from matcalc.widgets.progress import ProgressWidget, TqdmProgress, in_kernel, progress
+from matcalc.widgets.call import CallProgress, notebook_progress
+from matcalc.widgets.kernel import in_kernel
+from matcalc.widgets.progress import ProgressWidget, TqdmProgress, progress
 from matcalc.widgets.results import ResultsWidget, figure_png, results, results_table
 from matcalc.widgets.state import FutureTask, ProgressState, Row, TaskLike, as_task, as_tasks
 
 __all__ = [
+    "CallProgress",
     "FutureTask",
     "ProgressState",
     "ProgressWidget",
@@ -28,6 +32,7 @@ __all__ = [
     "as_tasks",
     "figure_png",
     "in_kernel",
+    "notebook_progress",
     "progress",
     "results",
     "results_table",

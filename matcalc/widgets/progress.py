@@ -5,6 +5,11 @@ a loop in the cell: the cell returns at once and the view keeps updating. Callba
 other threads; they only update :class:`~matcalc.widgets.state.ProgressState` and request a
 refresh, which a :class:`~matcalc.widgets.state.Throttle` runs at most ``max_rate_hz`` times a
 second.
+
+Next to the live view, the cell's output carries a static snapshot (``text/html`` and ``text/plain``), replaced
+by the final state once every task has finished: a notebook saved after the run shows the outcome, not the
+"2 running" of the moment it was displayed, and an ``nbconvert`` HTML export or a viewer without the widget
+manager shows that table instead of a blank widget.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from typing import Any, TextIO
 
 from matcalc.tasks import ACTIVE, FAILURES, ON_WORKER
 from matcalc.version import install_hint
+from matcalc.widgets.kernel import execution_count, in_kernel
 from matcalc.widgets.state import (
     ProgressState,
     Row,
@@ -44,16 +51,6 @@ def _show_rank(status: str) -> int:
     if status in FAILURES:
         return 1
     return 2 if status in ACTIVE else 3
-
-
-def in_kernel() -> bool:
-    """True inside a Jupyter kernel (where widgets can render)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    ip = get_ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
 
 
 def widgets_available() -> bool:
@@ -150,20 +147,39 @@ class TqdmProgress:
 
 
 def _execution_count() -> int | None:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    ip = get_ipython()
-    return None if ip is None else getattr(ip, "execution_count", None)
+    return execution_count()
 
 
 class ShowOnce:
-    """Mixin for widgets that :func:`progress`/:func:`~matcalc.widgets.results` display themselves
+    """Mixin for the widgets that :func:`progress`/:func:`~matcalc.widgets.results` display themselves
     and also return: the returned object, being the cell's last expression, would be displayed a
-    second time. ``_ipython_display_`` skips that second display within the same cell execution."""
+    second time. ``_ipython_display_`` skips that second display within the same cell execution.
+
+    The displayed output holds the live widget view and a static snapshot of the view (``text/html``,
+    ``text/plain``: :meth:`snapshot_html`, :meth:`snapshot_text`); :meth:`publish_snapshot` replaces that output
+    (every place the view was shown) with the current state, which the views do once their work is finished."""
 
     _shown_in: int | None = None
+    _display_id: str | None = None
+
+    def snapshot_html(self) -> str:
+        """The view as static HTML (no widgets)."""
+        raise NotImplementedError
+
+    def snapshot_text(self) -> str:
+        """The view as one line of text."""
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return self.snapshot_html()
+
+    def display_bundle(self) -> dict[str, Any]:
+        """What the cell's output holds: the widget view (while the widget lives) and the static snapshot."""
+        widget_bundle = getattr(self, "_repr_mimebundle_", None)  # ipywidgets sets it to None once closed
+        data = dict(widget_bundle() or {}) if callable(widget_bundle) else {}
+        data["text/html"] = self.snapshot_html()
+        data["text/plain"] = self.snapshot_text()
+        return data
 
     def _ipython_display_(self, **kwargs: Any) -> None:
         now = _execution_count()
@@ -172,7 +188,23 @@ class ShowOnce:
         self._shown_in = now
         from IPython.display import display
 
-        display(self._repr_mimebundle_(**kwargs), raw=True)  # type: ignore[attr-defined]
+        if self._display_id is None:
+            self._display_id = uuid.uuid4().hex
+        display(self.display_bundle(), raw=True, display_id=self._display_id)
+
+    def publish_snapshot(self) -> bool:
+        """Replace the displayed output (live view and snapshot) by the current state; False when the view was
+        never displayed."""
+        if self._display_id is None:
+            return False
+        from IPython.display import update_display
+
+        try:
+            update_display(self.display_bundle(), raw=True, display_id=self._display_id)
+        except Exception:  # noqa: BLE001 - the kernel or front end is gone: nothing to update
+            log.debug("could not update the displayed snapshot", exc_info=True)
+            return False
+        return True
 
 
 def show_once(view: Any) -> None:
@@ -185,6 +217,27 @@ def show_once(view: Any) -> None:
 
 def counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+
+
+def rows_html(rows: list[Row], now: float) -> str:
+    """The task rows as a static HTML table (the columns of the live view; errors and notes below a row)."""
+    head = "".join(f"<th style='text-align:left;padding:1px 8px'>{name}</th>" for name, _ in COLUMNS)
+    body = []
+    for row in rows:
+        color = STATUS_COLORS.get(row.status, "#000000")
+        cells = [html.escape(row.label or row.id[:12]), html.escape(row.property), html.escape(row.model),
+                 f"<b style='color:{color}'>{row.status}</b>", html.escape(row.step_text()),
+                 fmt_float(row.energy_eV, ".4f", "eV"), fmt_float(row.fmax_eV_per_A, ".3g", "eV/Å"),
+                 fmt_elapsed(row.elapsed_s(now))]
+        body.append("<tr>" + "".join(f"<td style='padding:1px 8px'>{c}</td>" for c in cells) + "</tr>")
+        notes = [html.escape(row.note)] if row.note else []
+        if row.error and row.status != "CANCELLED":
+            notes.append(f"<span style='color:#c62828'>{html.escape(row.error)}</span>")
+        if notes:
+            body.append(f"<tr><td colspan='{len(COLUMNS)}' style='padding:0 8px 3px 20px;font-size:90%'>"
+                        + "<br>".join(notes) + "</td></tr>")
+    return (f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def _ipywidgets() -> Any:
@@ -281,6 +334,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         super().__init__([w.HBox([self.overall, self.summary, self.cancel_all_button],
                                  layout=w.Layout(align_items="center")),
                           header, *(v.box for v in self._slots), self.more])
+        self._final_published = False
         self._throttle = Throttle(self._render, 1.0 / max_rate_hz)
         self._dirty: set[str] = {t.id for t in self.state.tasks}
         self._dirty_lock = threading.Lock()
@@ -327,6 +381,27 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         self.summary.value = " · ".join(
             f"<span style='color:{STATUS_COLORS.get(s, '#000')}'>{n} {s.lower()}</span>" for s, n in counts.items())
         self.cancel_all_button.disabled = self.state.all_done()
+        if self.state.all_done() and not self._final_published:
+            self._final_published = self.publish_snapshot()  # the saved notebook shows the outcome
+
+    def snapshot_html(self) -> str:
+        """The progress as static HTML: finished/total, counts by status, and the rows (at most ``max_rows``:
+        running, then failed, then waiting, then finished first when not all fit)."""
+        rows = self.state.rows()
+        shown = rows
+        if len(rows) > self.max_rows:
+            order = sorted(range(len(rows)), key=lambda i: (_show_rank(rows[i].status), i))[: self.max_rows]
+            shown = [rows[i] for i in sorted(order)]
+        counts = " · ".join(f"<span style='color:{STATUS_COLORS.get(s, '#000')}'>{n} {s.lower()}</span>"
+                            for s, n in self.state.counts().items())
+        more = (f"<br><i>showing {len(shown)} of {len(rows)} tasks</i>" if len(shown) < len(rows) else "")
+        return (f"<div class='matcalc-progress'><b>{self.state.n_done()}/{len(rows)}</b> tasks finished · {counts}"
+                f"{rows_html(shown, time.time())}{more}</div>")
+
+    def snapshot_text(self) -> str:
+        """``matcalc: 7/7 tasks finished (6 completed, 1 failed)``."""
+        return (f"matcalc: {self.state.n_done()}/{len(self.state.tasks)} tasks finished "
+                f"({counts_text(self.state.counts())})")
 
     def refresh(self) -> None:
         """Re-read every task and redraw now (normally not needed: callbacks drive the view)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import logging
 import threading
@@ -161,6 +163,7 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         self.plot_output = w.Output()
         self.selector.observe(self._on_select, names="value")
         super().__init__([self.summary, self.table, self.selector, self.plot_output])
+        self._final_published = False
         self._throttle = Throttle(self._render, 1.0 / max_rate_hz)
         self._render()
         for e in self._entries:
@@ -185,10 +188,32 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         raise KeyError(f"no finished result {key!r}")
 
     # ------------------------------------------------------------------ view
+    def _summary_parts(self) -> tuple[str, str]:
+        """``("7/7", "finished (6 completed, 1 failed)")``: every finished row is in the table."""
+        finished = [e for e in self._entries if e.result is not None or e.error is not None]
+        failed = sum(1 for e in finished if e.result is None)
+        parts = [f"{len(finished) - failed} completed"] + ([f"{failed} failed"] if failed else [])
+        return f"{len(finished)}/{len(self._entries)}", f"finished ({', '.join(parts)})"
+
+    def _summary_text(self) -> str:
+        return " ".join(self._summary_parts())
+
+    def snapshot_html(self) -> str:
+        """The table as static HTML, with the selected row's plot (PNG) below it."""
+        figure = ""
+        if self.figure is not None:
+            png = base64.b64encode(figure_png(self.figure)).decode()
+            figure = f"<br><img src='data:image/png;base64,{png}' alt='plot of the selected result'>"
+        return (f"<div class='matcalc-results'><b>{html.escape(self._summary_text())}</b>"
+                f"{_frame_html(self.frame())}{figure}</div>")
+
+    def snapshot_text(self) -> str:
+        return f"matcalc results: {self._summary_text()}"
+
     def _render(self) -> None:
         df = self.frame()
-        finished = [e for e in self._entries if e.result is not None or e.error is not None]
-        self.summary.value = f"<b>{len(finished)}/{len(self._entries)}</b> finished"
+        count, rest = self._summary_parts()
+        self.summary.value = f"<b>{count}</b> {html.escape(rest)}"
         self.table.value = _frame_html(df)
         options = [("—", None)] + [(f"{e.label()} · {e.result.kind}", e.key)
                                    for e in self._entries if e.result is not None]
@@ -198,6 +223,8 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
             self.selector.options = options
             self.selector.value = current if current in [k for _, k in options] else None
             self.selector.observe(self._on_select, names="value")
+        if all(e.result is not None or e.error is not None for e in self._entries) and not self._final_published:
+            self._final_published = self.publish_snapshot()  # the saved notebook shows the whole table
 
     def _on_select(self, change: dict[str, Any]) -> None:
         self.show(change["new"])
@@ -219,6 +246,7 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
             return None
         self.figure = fig
         self.plot_output.append_display_data(Image(figure_png(fig)))
+        self.publish_snapshot()  # the static copy shows the plot too
         return fig
 
     def refresh(self) -> None:
@@ -230,9 +258,13 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
         super().close()
 
 
+SCROLL_ROWS = 15
+"""Tables with more rows than this scroll (at most ~480 px high); smaller ones show every row at once."""
+
+
 def _frame_html(df: pd.DataFrame, max_rows: int = 200) -> str:
-    """The table as HTML: label, status, model and property first; ids and duplicates left out
-    (``frame()`` keeps every column)."""
+    """The table as HTML: label, status, model, property and error first; ids and duplicates left out
+    (``frame()`` keeps every column). Every row shows without scrolling up to :data:`SCROLL_ROWS` rows."""
     if df.empty:
         return "<i>no finished results yet</i>"
     drop = [c for c in ("structure_hash", "task_id") if c in df.columns]
@@ -246,7 +278,8 @@ def _frame_html(df: pd.DataFrame, max_rows: int = 200) -> str:
     text = view.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="",
                                        escape=True, border=0)
     more = f"<br><i>… {len(view) - max_rows} more rows</i>" if len(view) > max_rows else ""
-    return f"<div style='max-height:320px;overflow:auto;font-size:12px'>{text}{more}</div>"
+    height = "max-height:480px;" if len(view) > SCROLL_ROWS else ""
+    return f"<div style='{height}overflow-x:auto;font-size:12px'>{text}{more}</div>"
 
 
 __all__ = ["ResultsWidget", "figure_png", "results", "results_table"]
