@@ -90,6 +90,9 @@ def test_eight_tasks_through_slurm_jobs_equal_in_process(jobs_cluster):
     assert frame["status"].tolist() == ["COMPLETED"] * 8, frame[["label", "status", "error"]]
     assert frame["label"].tolist() == [a.info["label"] for a in structures]
     assert {cl.job_of(t.worker) for t in tasks} == jobs  # both jobs did work
+    from matcalc.widgets import results_table  # the notebook's table reads these Tasks as any others
+
+    assert results_table(tasks)["label"].tolist() == frame["label"].tolist()
     for t, atoms in zip(tasks, structures, strict=True):
         local = mc.relax(atoms, "emt", **params)
         remote = t.result()
