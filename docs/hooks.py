@@ -2,7 +2,7 @@
 
 ``<!-- matcalc:params NAME -->`` becomes the parameter table of property NAME and
 ``<!-- matcalc:reference NAME -->`` its API reference entry (signature, description, parameters,
-result), so the docs can never disagree with the code (:mod:`matcalc.calculations.contract`);
+result), so the docs can never disagree with the code (`matcalc.calculations.contract`);
 ``<!-- matcalc:client options -->`` the task options every client method takes (``matcalc.client.TASK_OPTIONS``).
 """
 

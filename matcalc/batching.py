@@ -1,18 +1,18 @@
 """The batching engine: fuse force requests from many concurrent calculations into batched model calls.
 
-One :class:`BatchingEngine` exists per loaded potential (and so per device), created lazily and shared
-by the whole process (:func:`engine_for`). It has the same ``evaluate(list[Atoms]) -> list[Evaluation]``
-interface as :class:`~matcalc.models.Potential`, so ``potential.calculator(engine)`` is an ordinary ASE
+One `BatchingEngine` exists per loaded potential (and so per device), created lazily and shared
+by the whole process (`engine_for`). It has the same ``evaluate(list[Atoms]) -> list[Evaluation]``
+interface as `Potential`, so ``potential.calculator(engine)`` is an ordinary ASE
 calculator and ASE's optimizers, filters and integrators run unchanged on top of it. The batched stepping of
-:mod:`matcalc.batched` sends one request per step for all the structures it advances, through
-:meth:`BatchingEngine.evaluate_partial` (a structure whose evaluation fails gets its exception, the others
+`matcalc.batched` sends one request per step for all the structures it advances, through
+`BatchingEngine.evaluate_partial` (a structure whose evaluation fails gets its exception, the others
 their results).
 
 How it works
 ------------
-Any number of threads call :meth:`BatchingEngine.evaluate`; each call becomes a *request* and the
+Any number of threads call `BatchingEngine.evaluate`; each call becomes a *request* and the
 calling thread blocks. One daemon *dispatcher* thread takes whatever is pending, packs it into one
-batch of at most :attr:`~BatchingEngine.budget_atoms` atoms, runs **one** model call, and hands every
+batch of at most `budget_atoms` atoms, runs **one** model call, and hands every
 caller its slice. While the model runs, new requests queue up for the next batch.
 
 Coalescing policy (documented, tested): the engine remembers the *active callers* — threads that
@@ -39,7 +39,7 @@ is split across batches. A single structure larger than the budget is evaluated 
 Atom budget: ``budget_atoms=`` or ``MATCALC_BATCH_ATOMS``; otherwise on CUDA it is derived from free
 device memory (``torch.cuda.mem_get_info``) as ``free GiB x GPU_MEMORY_FRACTION x atoms_per_gb``
 (``ATOMS_PER_GB`` = 90 by default, i.e. ~11 MiB of activations per atom, measured for CHGNet with forces
-and stress on MOF graphs; override with ``MATCALC_ATOMS_PER_GB``); on CPU it is :data:`CPU_BUDGET_ATOMS`.
+and stress on MOF graphs; override with ``MATCALC_ATOMS_PER_GB``); on CPU it is `CPU_BUDGET_ATOMS`.
 Either default is capped by the potential's own ``max_batch_atoms`` (the adapter's limit).
 
 Memory safety: a batch never exceeds the budget (except one oversize structure alone). An out-of-memory
@@ -54,11 +54,11 @@ takes its own batches from the same queue, and a call runs with ``threads // bus
 one calculation alone still uses every core (intra-op), several run side by side (one core each), which
 on a CPU beats intra-op parallelism for MOF-sized graphs. GPUs and other potentials have one lane.
 
-Energies only: :meth:`BatchingEngine.energies` queues an energy-only request (``Potential.energies``: no
+Energies only: `BatchingEngine.energies` queues an energy-only request (``Potential.energies``: no
 forces or stress where the model can skip them, e.g. CHGNet's forward pass without the backward one); batches
 hold requests of one kind, so energy-only requests are fused with each other, under the same budget and lanes.
 
-Disable batching (A/B comparisons) with ``MATCALC_BATCHING=0`` or :func:`set_enabled` / :func:`disabled`;
+Disable batching (A/B comparisons) with ``MATCALC_BATCHING=0`` or `set_enabled` / `disabled`;
 calculations then call the potential directly.
 """
 
@@ -205,7 +205,7 @@ class _Request:
     def __init__(self, atoms: Sequence[Atoms], thread: int, energy_only: bool = False) -> None:
         self.atoms = list(atoms)
         self.energy_only = energy_only
-        """Energies only (:meth:`BatchingEngine.energies`): fused only with other energy-only requests."""
+        """Energies only (`BatchingEngine.energies`): fused only with other energy-only requests."""
         self.sizes = [len(a) for a in self.atoms]
         self.results: list[Evaluation | None] = [None] * len(self.atoms)
         self.failed: set[int] = set()
@@ -313,7 +313,7 @@ class BatchingEngine:
             self.stats = EngineStats(budget_atoms=self._budget)
 
     def stats_snapshot(self) -> EngineStats:
-        """A consistent copy of :attr:`stats`."""
+        """A consistent copy of `stats`."""
         with self._cond:
             s = self.stats
             return EngineStats(**{**asdict(s), "structures_per_call": list(s.structures_per_call),
@@ -337,7 +337,7 @@ class BatchingEngine:
         return [r for r in req.results if r is not None]
 
     def evaluate_partial(self, atoms_list: Sequence[Atoms]) -> list[Evaluation | BaseException]:
-        """Like :meth:`evaluate`, but a structure whose evaluation raised gets its exception in its slot
+        """Like `evaluate`, but a structure whose evaluation raised gets its exception in its slot
         (the others still get their results): one request for many independent calculations."""
         atoms_list = list(atoms_list)
         if not atoms_list:
@@ -356,7 +356,7 @@ class BatchingEngine:
 
     def energies(self, atoms_list: Sequence[Atoms]) -> list[float]:
         """Total energies (eV) of ``atoms_list`` (input order) without forces or stress where the model can skip
-        them (``Potential.energies``), in fused batches of energy-only requests; raises like :meth:`evaluate`."""
+        them (``Potential.energies``), in fused batches of energy-only requests; raises like `evaluate`."""
         atoms_list = list(atoms_list)
         if not atoms_list:
             return []
@@ -643,7 +643,7 @@ _ENABLED: bool | None = None
 
 
 def enabled() -> bool:
-    """Whether calculations go through the engine: :func:`set_enabled`, else ``MATCALC_BATCHING`` (default on)."""
+    """Whether calculations go through the engine: `set_enabled`, else ``MATCALC_BATCHING`` (default on)."""
     if _ENABLED is not None:
         return _ENABLED
     return os.environ.get(ENV_ENABLED, "1").strip().lower() not in {"0", "false", "no", "off"}

@@ -1,24 +1,24 @@
 """A content-addressed result cache: a result computed once is served again, identical, from the store.
 
-The key (:func:`cache_key`) is the sha256 of
+The key (`cache_key`) is the sha256 of
 
-* the structure: its :func:`~matcalc.structures.structure_hash` and an exact digest (:func:`structure_digest`:
+* the structure: its `structure_hash` and an exact digest (`structure_digest`:
   atom order, positions, cell, pbc, tags, initial moments and charges, constraints) - the canonical hash
   alone ignores atom order, but per-atom results (forces, guest indices) depend on it;
 * the property and the protocol name;
 * every resolved parameter (defaults included; a guest structure by its digest, a guest file by its bytes);
-* the model identity (:class:`~matcalc.models.identity.ModelIdentity`: name, family, version, package
+* the model identity (`ModelIdentity`: name, family, version, package
   version, weights sha256, dtype, loader options - not the device);
-* :data:`CACHE_VERSION` (bumped whenever a property's numbers change).
+* `CACHE_VERSION` (bumped whenever a property's numbers change).
 
-Entries live in the ``result_cache`` table of the SQLAlchemy store (:class:`matcalc.store.models.CacheEntry`):
+Entries live in the ``result_cache`` table of the SQLAlchemy store (`matcalc.store.models.CacheEntry`):
 ``$MATCALC_CACHE_URL``, else ``$MATCALC_DB_URL``, else ``~/.matcalc/matcalc.db`` (SQLite, WAL); a server
 keeps them in its own database (PostgreSQL or SQLite). The cache is on by default; ``cache=False`` on a
 call or ``MATCALC_CACHE=0`` turns it off. A hit is the stored result with ``provenance["cached"] = True``
 (and its original timestamps); the label is the caller's.
 
 Safety: each entry stores the sha256 of its JSON text; an entry that does not verify or does not parse
-is dropped with a :class:`CacheWarning` and computed again; an unreadable database is a warning and the
+is dropped with a `CacheWarning` and computed again; an unreadable database is a warning and the
 calculation runs uncached. Writers insert-or-ignore on the unique key, so threads, processes and dask
 workers writing the same key leave one entry; within a process, two calls with the same key compute once
 (the second waits for the first and is served from the cache).
@@ -88,7 +88,7 @@ def cache_url() -> str:
 # ============================================================================ the key
 def structure_digest(atoms: Atoms) -> str:
     """sha256 of ``atoms`` exactly as given, to 1e-8: species and positions in order, cell, pbc, tags, initial
-    magnetic moments and charges, constraints (unlike :func:`~matcalc.structures.structure_hash`)."""
+    magnetic moments and charges, constraints (unlike `structure_hash`)."""
     h = hashlib.sha256(b"matcalc-structure-v1")
 
     def add(array: Any, dtype: str = "<f8") -> None:
@@ -184,7 +184,7 @@ class CacheStats:
     size_bytes: int
     hits: int
     stale: int
-    """Entries of an older :data:`CACHE_VERSION` (never served; ``matcalc cache clear --stale``)."""
+    """Entries of an older `CACHE_VERSION` (never served; ``matcalc cache clear --stale``)."""
     by_property: dict[str, int] = field(default_factory=dict)
     by_model: dict[str, int] = field(default_factory=dict)
     oldest: datetime | None = None
@@ -201,10 +201,10 @@ class ResultCache:
     """The cache table of one database (see the module docstring).
 
     Args:
-        url: database URL (default :func:`cache_url`); ignored when ``engine`` is given.
+        url: database URL (default `cache_url`); ignored when ``engine`` is given.
         engine: an existing engine (the server passes its store's).
         migrate: bring the schema to the newest migration first (serialised across processes on SQLite).
-        warn: called with a message when an entry is dropped (default: :class:`CacheWarning`).
+        warn: called with a message when an entry is dropped (default: `CacheWarning`).
     """
 
     def __init__(self, url: str | None = None, *, engine: Engine | None = None, migrate: bool = True,
@@ -398,7 +398,7 @@ class ResultCache:
                        "key_data": row["key_data"], "result": json.loads(text)}
 
     def export(self, out: str | PathLike[str] | TextIO, *, prop: str | None = None, model: str | None = None) -> int:
-        """Write the entries as JSON lines (see :meth:`entries`) to a file or stream; returns how many."""
+        """Write the entries as JSON lines (see `entries`) to a file or stream; returns how many."""
         with contextlib.ExitStack() as stack:
             fh = out if hasattr(out, "write") else stack.enter_context(Path(out).open("w"))  # type: ignore[arg-type]
             n = 0
@@ -412,7 +412,7 @@ class ResultCache:
 
 
 def _table() -> Table:
-    """The ``result_cache`` table (:class:`matcalc.store.models.CacheEntry`)."""
+    """The ``result_cache`` table (`matcalc.store.models.CacheEntry`)."""
     from matcalc.store.models import CacheEntry
 
     return typing.cast("Table", CacheEntry.__table__)
@@ -469,7 +469,7 @@ _OPEN_LOCK = threading.Lock()
 
 
 def open_cache(url: str | None = None) -> ResultCache:
-    """The process-wide :class:`ResultCache` of ``url`` (default :func:`cache_url`), opened once."""
+    """The process-wide `ResultCache` of ``url`` (default `cache_url`), opened once."""
     url = url or cache_url()
     with _OPEN_LOCK:
         cache = _OPEN.get(url)
@@ -479,7 +479,7 @@ def open_cache(url: str | None = None) -> ResultCache:
 
 
 def close_all() -> None:
-    """Close every cache :func:`open_cache` opened (e.g. after the cache URL changed)."""
+    """Close every cache `open_cache` opened (e.g. after the cache URL changed)."""
     with _OPEN_LOCK:
         for cache in _OPEN.values():
             cache.close()
@@ -558,7 +558,7 @@ def run(prop: Property[Any], structure: Any, model: str | Potential, protocol: s
         flag: bool | None, compute: Callable[[Any, str | None, Plan | None], Result]) -> Result:
     """Serve a call from the cache, or ``compute(structure, label, plan)`` it and store the result.
 
-    What :meth:`Property.run` calls: ``flag`` is its ``cache`` keyword (``None``: ``$MATCALC_CACHE``).
+    What `Property.run` calls: ``flag`` is its ``cache`` keyword (``None``: ``$MATCALC_CACHE``).
     """
     p = plan(prop, structure, model, protocol, params) if enabled(flag) else None
     cache = _open_or_warn() if p is not None else None
@@ -583,7 +583,7 @@ def run(prop: Property[Any], structure: Any, model: str | Potential, protocol: s
 
 
 def model_key(model: dict[str, Any]) -> dict[str, Any]:
-    """The key part of a provenance ``model`` entry (:meth:`ModelIdentity.key`: no device, no file path)."""
+    """The key part of a provenance ``model`` entry (`ModelIdentity.key`: no device, no file path)."""
     out = {k: v for k, v in model.items() if k not in ("weights_file", "device", "components")}
     if model.get("components"):
         out["components"] = [model_key(c) for c in model["components"]]

@@ -1,6 +1,6 @@
 """The ``matcalc`` console script.
 
-Each sub-command lives in a small ``_cmd_*`` function registered in :data:`COMMANDS`;
+Each sub-command lives in a small ``_cmd_*`` function registered in `COMMANDS`;
 heavy imports happen inside them so ``matcalc --help`` stays instant.
 """
 

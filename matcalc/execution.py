@@ -2,18 +2,18 @@
 ``matcalc serve``, a thread of the server in its in-process mode). Everything around the calculation
 is here once:
 
-* stop requests (:func:`request_stop`, by task id, remembered briefly when they come before the
-  task starts) and the timeout, both through :mod:`matcalc.progress`'s stop event: ASE loops end at
+* stop requests (`request_stop`, by task id, remembered briefly when they come before the
+  task starts) and the timeout, both through `matcalc.progress`'s stop event: ASE loops end at
   their next step;
 * the progress sink, throttled to one event per ``progress_interval_s`` (the last one always sent);
 * log capture: records of the ``matcalc`` loggers emitted while a task runs go to that task
   (threads started by the calculation inherit the context);
-* the current task: one context variable (:func:`current_task`);
-* a plain :class:`Outcome` returned, never raised: COMPLETED with the result, or FAILED / CANCELLED /
+* the current task: one context variable (`current_task`);
+* a plain `Outcome` returned, never raised: COMPLETED with the result, or FAILED / CANCELLED /
   TIMEOUT with the error.
 
-:func:`plan_concurrency` sizes the workers of both the server's executor and ``matcalc.cluster.start``.
-:mod:`matcalc.progress` stays the low-level module calculations call (``report``, ``should_stop``).
+`plan_concurrency` sizes the workers of both the server's executor and ``matcalc.cluster.start``.
+`matcalc.progress` stays the low-level module calculations call (``report``, ``should_stop``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Job:
     task_id: str
     model: str
     prop: str | None = None
-    """Property name (``relax``, ``bulk_modulus``...; see :func:`matcalc.calculations.property_function`)."""
+    """Property name (``relax``, ``bulk_modulus``...; see `matcalc.calculations.property_function`)."""
     fn: Callable[..., Any] | None = None
     """Any ``fn(structure, model=..., **params)`` instead of a property (then ``prop`` is only a label)."""
     params: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +73,7 @@ class Outcome:
     attempt: int
     status: TaskStatus
     result: Any = None
-    """The result dataclass (:class:`~matcalc.calculations.results.Result`) when COMPLETED."""
+    """The result dataclass (`Result`) when COMPLETED."""
     error: str | None = None
     """``"Type: message"`` unless COMPLETED."""
     exception: BaseException | None = None
@@ -237,7 +237,7 @@ def prepare(job: Job) -> tuple[Callable[..., Any], Any, dict[str, Any]]:
 
 def run_job(job: Job, publish: Publish | None = None, *, worker: str | None = None,
             progress_interval_s: float = 0.1) -> Outcome:
-    """Run ``job`` here and return its :class:`Outcome` (never raises for the calculation's errors).
+    """Run ``job`` here and return its `Outcome` (never raises for the calculation's errors).
 
     ``publish`` gets a ``running`` message first, then progress events (at most one per
     ``progress_interval_s``; the last one is always sent) and log records. A stop request or the
@@ -385,9 +385,9 @@ def plan_concurrency(gpus: Sequence[int] = (), *, workers: int | None = None, sl
                      memory: int | None = None) -> Concurrency:
     """Size the workers for this machine (explicit values win).
 
-    * GPUs: one worker per GPU with :data:`GPU_SLOTS` concurrent tasks sharing that GPU's batching
+    * GPUs: one worker per GPU with `GPU_SLOTS` concurrent tasks sharing that GPU's batching
       engine (one lane), and the CPUs split among the workers for torch.
-    * CPU: one worker process per CPU (at most one per :data:`MEMORY_PER_CPU_WORKER_GIB` of memory),
+    * CPU: one worker process per CPU (at most one per `MEMORY_PER_CPU_WORKER_GIB` of memory),
       one task each, one torch thread each. The batching engine still fuses the structures of one task
       (the EOS points, the phonon displacements); its CPU lanes follow the torch threads, so there is one
       lane per worker. One task alone then uses one core: throughput over latency, as a server and a
@@ -511,7 +511,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def worker_main(fd: int) -> None:
     """Entry point of a worker process (``python -c "from matcalc.execution import worker_main; worker_main(fd)"``):
     run the jobs an executor sends over the connection ``fd``, one thread per job, and answer its
-    :data:`WORKER_CALLS`. Exits when the executor's end of the connection closes."""
+    `WORKER_CALLS`. Exits when the executor's end of the connection closes."""
     from multiprocessing.connection import Connection
 
     t0 = time.monotonic()

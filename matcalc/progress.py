@@ -1,13 +1,13 @@
 """Progress reporting and cooperative stopping for long calculations.
 
-Calculations call :func:`report` at each step; whoever runs them (a notebook widget, a
-dask worker, the server) installs a sink with :func:`reporting`. The sink lives in a
+Calculations call `report` at each step; whoever runs them (a notebook widget, a
+dask worker, the server) installs a sink with `reporting`. The sink lives in a
 ``contextvars.ContextVar``, so concurrent calculations in threads each report to their own.
-:func:`should_stop` lets a caller end a long run early (e.g. a cancelled task).
+`should_stop` lets a caller end a long run early (e.g. a cancelled task).
 
-A call made with no :func:`reporting` block around it, from the main thread, goes to the *fallback sink*
-(:func:`set_fallback_sink`), if one is set: in a Jupyter kernel, ``import matcalc`` sets one that shows a
-light progress line under the cell (:mod:`matcalc.widgets.call`), so a single ``mc.relax(...)`` in a notebook
+A call made with no `reporting` block around it, from the main thread, goes to the *fallback sink*
+(`set_fallback_sink`), if one is set: in a Jupyter kernel, ``import matcalc`` sets one that shows a
+light progress line under the cell (`matcalc.widgets.call`), so a single ``mc.relax(...)`` in a notebook
 shows its progress; plain scripts set none and print nothing.
 """
 
@@ -62,7 +62,7 @@ _fallback: Sink | None = None
 
 
 def set_fallback_sink(sink: Sink | None) -> Sink | None:
-    """Send the events of calls made outside any :func:`reporting` block, from the main thread, to ``sink``
+    """Send the events of calls made outside any `reporting` block, from the main thread, to ``sink``
     (``None``: drop them, the default outside notebooks); returns the sink it replaces. Threads of
     ``relax_many``, cluster workers and the server always report to their own sinks, never to this one."""
     global _fallback
@@ -71,7 +71,7 @@ def set_fallback_sink(sink: Sink | None) -> Sink | None:
 
 
 def fallback_sink() -> Sink | None:
-    """The sink :func:`set_fallback_sink` set (``None`` when none is)."""
+    """The sink `set_fallback_sink` set (``None`` when none is)."""
     return _fallback
 
 
@@ -81,7 +81,7 @@ def reporting(sink: Sink | None = None, *, stop: threading.Event | None = None,
     """Send progress events of calculations run inside the block to ``sink``.
 
     Args:
-        sink: called with each :class:`ProgressEvent` (exceptions in it are logged, not raised).
+        sink: called with each `ProgressEvent` (exceptions in it are logged, not raised).
         stop: set this event to ask running calculations to stop early.
         every: forward only every n-th step of a stage (first and last always pass).
 

@@ -1,5 +1,5 @@
 """Provenance of a result: everything needed to reproduce it months later (filled once, by the property
-skeleton :meth:`matcalc.calculations.contract.Property.run`, into ``Result.provenance``)."""
+skeleton `matcalc.calculations.contract.Property.run`, into ``Result.provenance``)."""
 
 from __future__ import annotations
 

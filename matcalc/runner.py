@@ -9,11 +9,11 @@ Files written for ``--out results.parquet``:
   (temporary file + ``os.replace``) at most every ``flush_s`` seconds and at the end;
 * ``results_structures/<label>.cif`` — the final structure of each finished structure whose result has one
   (``RelaxResult.final_structure``, the pre-relaxed ``relaxed_structure`` of the other properties...;
-  :meth:`~matcalc.calculations.results.Result.write_structure`), in the format ``structures`` names
+  `write_structure`), in the format ``structures`` names
   (``.xyz`` for a structure without a periodic cell); the row's ``structure_file`` says which.
 
 One table is one calculation (property, model, protocol, parameters): an ``--out`` that holds another
-calculation's rows is refused (:func:`check_same_calculation`) rather than replaced.
+calculation's rows is refused (`check_same_calculation`) rather than replaced.
 
 Resume: a structure whose key (sha256 of structure hash + property + model + protocol +
 parameters) has a COMPLETED line in the journal (or a COMPLETED row in an existing table
@@ -64,7 +64,7 @@ STRUCTURE_FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "vasp": ".vasp", "none"
 
 @dataclass
 class BatchSummary:
-    """What :func:`run_batch` did."""
+    """What `run_batch` did."""
 
     out: Path
     journal: Path
@@ -261,20 +261,20 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
         prop: property name (``relax``, ``single_point``, ``bulk_modulus``...).
         inputs: files, folders (searched recursively for structure files) or builtin names.
         cluster: ``"inprocess"`` (default: threads in this process), ``"local"`` (start a local
-            dask cluster: GPUs if possible), a scheduler address, or a :class:`Cluster`.
+            dask cluster: GPUs if possible), a scheduler address, or a `Cluster`.
         protocol, params: passed to the calculation (part of the resume key).
         workers: in-process: concurrent threads (default 1); ``local``: worker processes.
         flush_s: the table is rewritten at most this often (the journal at every result).
         on_result: called with each new row (after it is journaled).
-        cache: the result cache (:mod:`matcalc.cache`): ``None`` = on unless ``MATCALC_CACHE=0``; ``False``
+        cache: the result cache (`matcalc.cache`): ``None`` = on unless ``MATCALC_CACHE=0``; ``False``
             computes every structure (the journal's resume still applies). Each row's ``result`` carries its
             provenance.
         structures: format of the final structures written to ``<out stem>_structures/<label>.<suffix>``
-            (:data:`STRUCTURE_FORMATS`: ``cif`` (default), ``extxyz``, ``vasp``, or ``none``).
+            (`STRUCTURE_FORMATS`: ``cif`` (default), ``extxyz``, ``vasp``, or ``none``).
 
     Raises:
         ValueError: a bad argument or parameter, an unknown model, or an ``out`` that holds the rows of another
-            calculation (:func:`check_same_calculation`), all before any file is written.
+            calculation (`check_same_calculation`), all before any file is written.
     """
     from tqdm.auto import tqdm
 

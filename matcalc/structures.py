@@ -1,15 +1,15 @@
 """Read and validate crystal structures from any common input into ``ase.Atoms``.
 
-Accepted inputs (:func:`load_structure`):
+Accepted inputs (`load_structure`):
 
-* a path (``str`` or :class:`pathlib.Path`) to a CIF, POSCAR/CONTCAR, XYZ or extended-XYZ file;
+* a path (``str`` or `pathlib.Path`) to a CIF, POSCAR/CONTCAR, XYZ or extended-XYZ file;
 * the *contents* of such a file as a string;
-* an :class:`ase.Atoms` (copied, never modified);
-* a :class:`pymatgen.core.Structure`;
-* the name of a structure shipped with matcalc (:func:`list_builtins`), e.g. ``"CALF-20"``.
+* an `ase.Atoms` (copied, never modified);
+* a `pymatgen.core.Structure`;
+* the name of a structure shipped with matcalc (`list_builtins`), e.g. ``"CALF-20"``.
 
-Every problem raises :class:`StructureError` (a ``ValueError``) whose message names it.
-A structure's identity is :func:`structure_hash`: sha256 of a canonical form that does not
+Every problem raises `StructureError` (a ``ValueError``) whose message names it.
+A structure's identity is `structure_hash`: sha256 of a canonical form that does not
 depend on atom order, on periodic images or on float noise below 1e-5 Å.
 """
 
@@ -38,7 +38,7 @@ MIN_DISTANCE_A = 0.5
 FORMATS = ("cif", "vasp", "extxyz")
 """Structure text formats read (canonical names)."""
 FORMAT_ALIASES = {"poscar": "vasp", "xyz": "extxyz"}
-"""Other names of :data:`FORMATS` that are accepted too."""
+"""Other names of `FORMATS` that are accepted too."""
 INPUT_FORMATS = (*FORMATS, *FORMAT_ALIASES)
 """Every accepted format name."""
 SUFFIX_FORMATS: dict[str, str] = {
@@ -472,9 +472,9 @@ def _looks_like_path(s: str) -> bool:
 
 
 def read_structure(source: Any, *, fmt: str | None = None, max_atoms: int | None = None) -> Atoms:
-    """Read ``source`` into a fresh :class:`ase.Atoms` without validating it.
+    """Read ``source`` into a fresh `ase.Atoms` without validating it.
 
-    With ``max_atoms``, file text whose atom count exceeds it is refused with :class:`TooManyAtomsError`
+    With ``max_atoms``, file text whose atom count exceeds it is refused with `TooManyAtomsError`
     *before* it is expanded or allocated: a CIF by its sites x symmetry operations, a POSCAR by its
     counts line, an XYZ by its frame headers.
     """
@@ -527,7 +527,7 @@ def validate_structure(
     min_distance_A: float = MIN_DISTANCE_A,
     elements: Iterable[str] | None = None,
 ) -> Atoms:
-    """Check ``atoms`` and return it; raise :class:`StructureError` naming the first problem.
+    """Check ``atoms`` and return it; raise `StructureError` naming the first problem.
 
     Args:
         require_cell: the calculation needs a 3D periodic cell.
@@ -655,7 +655,7 @@ MULTI_IMAGE_FORMATS = ("extxyz", "traj", "cif")
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
-    """The format of a structure file to write, from its suffix (:data:`OUTPUT_SUFFIXES`); ``ValueError`` when
+    """The format of a structure file to write, from its suffix (`OUTPUT_SUFFIXES`); ``ValueError`` when
     the suffix says none."""
     p = Path(path)
     fmt = OUTPUT_SUFFIXES.get(p.suffix.lower())
@@ -669,7 +669,7 @@ def output_format(path: str | os.PathLike[str]) -> str:
 
 def write_structures(path: str | os.PathLike[str], images: Atoms | Sequence[Atoms]) -> Path:
     """Write one structure or several (one file, in order) to ``path``, the format from its suffix
-    (:func:`output_format`: CIF, POSCAR, extended XYZ, ASE trajectory). Returns the path.
+    (`output_format`: CIF, POSCAR, extended XYZ, ASE trajectory). Returns the path.
 
     Raises:
         ValueError: the suffix names no format, several structures for a one-structure format (POSCAR), or a
@@ -702,7 +702,7 @@ TRAJECTORY_SUFFIXES: dict[str, str] = {".traj": "traj", ".xyz": "extxyz", ".extx
 
 
 def trajectory_format(path: str | os.PathLike[str]) -> str:
-    """The format of a trajectory file from its suffix (:data:`TRAJECTORY_SUFFIXES`); ``ValueError`` otherwise."""
+    """The format of a trajectory file from its suffix (`TRAJECTORY_SUFFIXES`); ``ValueError`` otherwise."""
     fmt = TRAJECTORY_SUFFIXES.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"trajectory must end in {', '.join(TRAJECTORY_SUFFIXES)} (ASE trajectory or extended "
@@ -763,7 +763,7 @@ def atoms_to_dict(atoms: Atoms) -> dict[str, Any]:
 
 
 def atoms_from_dict(data: dict[str, Any]) -> Atoms:
-    """Inverse of :func:`atoms_to_dict`."""
+    """Inverse of `atoms_to_dict`."""
     return Atoms(
         symbols=data["symbols"],
         positions=data["positions_A"],

@@ -1,8 +1,8 @@
 """What every task submission takes besides the property's own parameters, declared once.
 
-:data:`TASK_OPTIONS` (a :class:`~matcalc.calculations.contract.Param` table, like a property's) is the
+`TASK_OPTIONS` (a `Param` table, like a property's) is the
 source of the shared fields of every REST task request (``matcalc.server.schemas``) and of the keywords
-every client submit method takes (``matcalc.client``); :data:`TASK_EVENTS` are the webhook events.
+every client submit method takes (``matcalc.client``); `TASK_EVENTS` are the webhook events.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ Lifecycle (DESIGN §5)::
     PENDING -> QUEUED -> ASSIGNED -> RUNNING -> COMPLETED | FAILED | CANCELLED | TIMEOUT
 
 A task only moves forward, may skip steps (an executor without an ASSIGNED step goes from QUEUED
-to RUNNING), and never leaves a terminal status. The one way back is :meth:`TaskState.retry`: a
+to RUNNING), and never leaves a terminal status. The one way back is `TaskState.retry`: a
 new attempt after the execution died (or a transient error), back to PENDING.
 
 In the spirit of dask's ``Future``/``FutureState``, the *handle* a user holds (a cluster
-:class:`~matcalc.cluster.Task`, a REST ``RemoteTask``) is apart from the *state*
-(:class:`TaskState`) that executors move through public transitions.
+`Task`, a REST ``RemoteTask``) is apart from the *state*
+(`TaskState`) that executors move through public transitions.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ class TaskState:
             return self.attempts
 
     def advance(self, status: TaskStatus, worker: str | None = None, at: float | None = None) -> bool:
-        """Move forward to the non-terminal ``status`` (see :func:`can_advance`); False when not allowed.
+        """Move forward to the non-terminal ``status`` (see `can_advance`); False when not allowed.
         ``at``: when it happened (UNIX s; RUNNING sets ``started_at``)."""
         if status.terminal:
             raise ValueError(f"advance() takes a non-terminal status, got {status}; use finish()")
@@ -349,7 +349,7 @@ class TaskState:
 
     def retry(self, *, crashed: bool = False) -> bool:
         """Back to PENDING for a new attempt (``crashed``: the last execution died, counted in
-        :attr:`crashes`); False when the task had finished already."""
+        `crashes`); False when the task had finished already."""
         with self.lock:
             if self._done.is_set():
                 return False

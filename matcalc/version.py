@@ -20,8 +20,8 @@ UNKNOWN_VERSION = "0+unknown"
 
 
 def distribution_version() -> str:
-    """The installed version of :data:`DISTRIBUTION` (``importlib.metadata``); from a source tree that is not
-    installed, the ``version`` of its ``pyproject.toml``; else :data:`UNKNOWN_VERSION`."""
+    """The installed version of `DISTRIBUTION` (``importlib.metadata``); from a source tree that is not
+    installed, the ``version`` of its ``pyproject.toml``; else `UNKNOWN_VERSION`."""
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:

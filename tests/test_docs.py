@@ -47,6 +47,23 @@ def test_strict_build_and_api_reference(site):
     assert (site / "img" / "progress_widget.png").is_file()
 
 
+SPHINX_ROLE = re.compile(r":(?:py:)?(?:func|class|mod|data|meth|attr|exc|obj|const):(?:`|<code>)")
+"""A Sphinx role in a docstring (``:func:`x```), or as markdown renders it (``:func:<code>x</code>``)."""
+
+
+def test_no_sphinx_roles_left(site):
+    """mkdocstrings reads the docstrings as markdown: a Sphinx role (:func:`x`) would show as literal text in the
+    API reference. None is left in the built site, nor in the docstrings it is built from."""
+    pages = {p.relative_to(site): p.read_text(encoding="utf-8") for p in site.rglob("*.html")}
+    assert len(pages) > 10
+    found = {str(page): SPHINX_ROLE.findall(text)[:3] for page, text in pages.items() if SPHINX_ROLE.search(text)}
+    assert not found, found
+    sources = [p for p in (ROOT / "matcalc").rglob("*.py") if SPHINX_ROLE.search(p.read_text(encoding="utf-8"))]
+    assert not sources, sources
+    # the converted references still render as code in the API reference
+    assert "<code>matcalc.load_structure</code>" in (site / "reference" / "calculations" / "index.html").read_text()
+
+
 def test_parameter_tables_are_the_declarations(site):
     """The docs' parameter tables are rendered from the declarations (docs/hooks.py), never typed by hand."""
     sys.path.insert(0, str(DOCS))

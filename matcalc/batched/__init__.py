@@ -6,18 +6,18 @@ round-off; tested side by side against ASE in ``tests/test_batched.py``):
 ==================  ===========================================  ==========================================
 module              class                                        ASE reference
 ==================  ===========================================  ==========================================
-``fire``            :class:`~matcalc.batched.fire.BatchedFIRE`    ``ase.optimize.FIRE``
-``lbfgs``           :class:`~matcalc.batched.lbfgs.BatchedLBFGS`  ``ase.optimize.LBFGS``
-``bfgs``            :class:`~matcalc.batched.bfgs.BatchedBFGS`    ``ase.optimize.BFGS``
-``targets``         :class:`~matcalc.batched.targets.FrechetCellTarget`  ``ase.filters.FrechetCellFilter``
-``langevin``        :class:`~matcalc.batched.langevin.BatchedLangevin`  ``ase.md.langevin.Langevin``
-``mtk``             :class:`~matcalc.batched.mtk.BatchedIsotropicMTKNPT`  ``ase.md.nose_hoover_chain.IsotropicMTKNPT``
+``fire``            `BatchedFIRE`    ``ase.optimize.FIRE``
+``lbfgs``           `BatchedLBFGS`  ``ase.optimize.LBFGS``
+``bfgs``            `BatchedBFGS`    ``ase.optimize.BFGS``
+``targets``         `FrechetCellTarget`  ``ase.filters.FrechetCellFilter``
+``langevin``        `BatchedLangevin`  ``ase.md.langevin.Langevin``
+``mtk``             `BatchedIsotropicMTKNPT`  ``ase.md.nose_hoover_chain.IsotropicMTKNPT``
 ==================  ===========================================  ==========================================
 
-:mod:`matcalc.batched.runner` (optimisers) and :mod:`matcalc.batched.md` (integrators) own the loop: one
+`matcalc.batched.runner` (optimisers) and `matcalc.batched.md` (integrators) own the loop: one
 evaluator call per step for every running structure, per-structure convergence and step limits, jobs from
 any number of threads joining one batch. ASE's classes stay the reference and the fallback: set
-``MATCALC_BATCHED=0`` (or :func:`set_enabled`/:func:`disabled`) and calculations run ASE's own loops.
+``MATCALC_BATCHED=0`` (or `set_enabled`/`disabled`) and calculations run ASE's own loops.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _ENABLED: bool | None = None
 
 
 def enabled() -> bool:
-    """Whether optimisations and MD use the batched algorithms: :func:`set_enabled`, else ``MATCALC_BATCHED``
+    """Whether optimisations and MD use the batched algorithms: `set_enabled`, else ``MATCALC_BATCHED``
     (default on)."""
     if _ENABLED is not None:
         return _ENABLED

@@ -1,15 +1,15 @@
-"""Base class of the batched optimizers: per-structure state over a :class:`~matcalc.batched.layout.Layout`.
+"""Base class of the batched optimizers: per-structure state over a `Layout`.
 
 A batched optimizer holds the state of *one* ASE algorithm for every structure of a batch and advances all
-of them with one :meth:`BatchedOptimizer.step` (numpy over the stacked rows). The loop around it (evaluate,
+of them with one `BatchedOptimizer.step` (numpy over the stacked rows). The loop around it (evaluate,
 check convergence per structure, drop finished ones, admit new ones) lives in
-:mod:`matcalc.batched.runner`; subclasses only implement the step and declare their state:
+`matcalc.batched.runner`; subclasses only implement the step and declare their state:
 
 * ``structure_fields``: arrays with one entry per structure along axis 0 (time step, mixing, counters);
 * ``row_fields``: arrays with one entry per row along ``row_axis`` (velocities, history vectors);
 * ``list_fields``: Python lists with one object per structure (e.g. BFGS Hessians of different sizes).
 
-:meth:`keep` (structures leave) and :meth:`add` (structures join) work on those fields generically, so a
+`keep` (structures leave) and `add` (structures join) work on those fields generically, so a
 structure's state never depends on which other structures share its batch.
 """
 
@@ -28,7 +28,7 @@ class BatchedOptimizer(ABC):
     """One optimizer algorithm stepping every structure of a batch at once.
 
     Coordinates ``x`` and forces ``f`` (minus the gradient) are ``(rows, 3)`` arrays laid out by
-    :attr:`layout`; ASE's optimizers see the same numbers flattened per structure.
+    `layout`; ASE's optimizers see the same numbers flattened per structure.
     """
 
     name: ClassVar[str] = ""

@@ -17,7 +17,7 @@ from matcalc.batched.base import BatchedOptimizer
 class BatchedBFGS(BatchedOptimizer):
     """BFGS with ASE's step (``-V (g V / |w|)`` from the Hessian's eigenpairs, longest row <= ``maxstep``).
 
-    Same parameters and defaults as :class:`ase.optimize.BFGS`: ``maxstep`` (Å), ``alpha`` (eV/Å², the
+    Same parameters and defaults as `ase.optimize.BFGS`: ``maxstep`` (Å), ``alpha`` (eV/Å², the
     initial Hessian ``alpha I``).
     """
 

@@ -12,7 +12,7 @@ from matcalc.batched.base import BatchedOptimizer
 class BatchedFIRE(BatchedOptimizer):
     """FIRE (Bitzek et al. 2006) as ASE implements it: one ``dt``, mixing ``a`` and counter per structure.
 
-    Same parameters and defaults as :class:`ase.optimize.FIRE` (``maxstep`` in Å, caps the norm of each
+    Same parameters and defaults as `ase.optimize.FIRE` (``maxstep`` in Å, caps the norm of each
     structure's whole step vector).
     """
 

@@ -1,13 +1,13 @@
 """Base class of the batched MD integrators: positions, momenta and cells of a batch as stacked arrays.
 
-An integrator step is split around its one force evaluation: :meth:`BatchedIntegrator.pre_step` (everything
-before it: kicks with the current forces, drift, cell update) and :meth:`BatchedIntegrator.post_step`
-(everything after: kicks with the new forces, thermostat). The loop (:mod:`matcalc.batched.md`) evaluates all
+An integrator step is split around its one force evaluation: `BatchedIntegrator.pre_step` (everything
+before it: kicks with the current forces, drift, cell update) and `BatchedIntegrator.post_step`
+(everything after: kicks with the new forces, thermostat). The loop (`matcalc.batched.md`) evaluates all
 structures between the two, so structures that join a running batch get their first evaluation in the same
 model request as the others' mid-step one.
 
 Constraints: ``FixAtoms`` (fixed positions, zero momenta) and ``FixCom`` (centre of mass fixed), applied as
-ASE's ``Atoms.set_positions`` / ``set_momenta`` do; :func:`supported_constraints` says whether a structure's
+ASE's ``Atoms.set_positions`` / ``set_momenta`` do; `supported_constraints` says whether a structure's
 constraints are covered.
 """
 

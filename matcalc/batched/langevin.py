@@ -18,7 +18,7 @@ from matcalc.batched.integrator import BatchedIntegrator
 
 @dataclass
 class LangevinParams:
-    """One structure's Langevin parameters, in ASE units (as :class:`ase.md.langevin.Langevin` takes them)."""
+    """One structure's Langevin parameters, in ASE units (as `ase.md.langevin.Langevin` takes them)."""
 
     timestep: float
     temperature_K: float

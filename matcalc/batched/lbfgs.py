@@ -17,7 +17,7 @@ from matcalc.batched.base import BatchedOptimizer
 class BatchedLBFGS(BatchedOptimizer):
     """Limited-memory BFGS as ASE implements it (inverse Hessian ``I / alpha``, step capped per atom row).
 
-    Same parameters and defaults as :class:`ase.optimize.LBFGS`: ``maxstep`` (Å, the longest row of a
+    Same parameters and defaults as `ase.optimize.LBFGS`: ``maxstep`` (Å, the longest row of a
     structure's step), ``memory`` (pairs kept), ``damping``, ``alpha`` (eV/Å², initial curvature).
     """
 

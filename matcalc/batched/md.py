@@ -1,15 +1,15 @@
 """The loop around the batched MD integrators, shared by every thread of the process.
 
-Like :mod:`matcalc.batched.runner` for optimisers: :func:`run_md` runs :class:`MDJob` s in the process-wide
+Like `matcalc.batched.runner` for optimisers: `run_md` runs `MDJob` s in the process-wide
 group of their evaluator and integrator kind; each tick makes ONE evaluator call for every running structure,
-finishes their step (:meth:`~matcalc.batched.integrator.BatchedIntegrator.post_step`), shows each job its
-:class:`MDFrame` (in the job's own context: progress, stop requests, logs), drops finished jobs and starts the
-next step of the others (:meth:`~matcalc.batched.integrator.BatchedIntegrator.pre_step`). Jobs that join start
+finishes their step (`post_step`), shows each job its
+`MDFrame` (in the job's own context: progress, stop requests, logs), drops finished jobs and starts the
+next step of the others (`pre_step`). Jobs that join start
 with the evaluation of their initial state in the same request.
 
 Per job, the semantics of ASE's ``MolecularDynamics.irun(steps)``: ``steps`` steps of the integrator, the
 observer after each (``frame.step`` = 1..steps); a job ends early when its observer returns True (stop) or
-when its structure's model call raised (:attr:`MDJob.error`).
+when its structure's model call raised (`MDJob.error`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class MDFrame:
     """A structure's state after one MD step (ASE units: Å, eV, amu·Å/ASE time; temperature K)."""
 
     structure: Atoms
-    """The run's ``Atoms`` (brought up to date by :meth:`atoms`)."""
+    """The run's ``Atoms`` (brought up to date by `atoms`)."""
     step: int
     energy_eV: float
     forces_eV_per_A: np.ndarray

@@ -19,7 +19,7 @@ from matcalc.batched.integrator import BatchedIntegrator
 
 @dataclass
 class MTKParams:
-    """One structure's parameters, in ASE units (as :class:`~ase.md.nose_hoover_chain.IsotropicMTKNPT`)."""
+    """One structure's parameters, in ASE units (as `IsotropicMTKNPT`)."""
 
     timestep: float
     temperature_K: float

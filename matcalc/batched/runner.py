@@ -1,6 +1,6 @@
 """The loop around the batched optimizers, shared by every thread of the process.
 
-:func:`run_optimizations` steps a list of :class:`OptimizationJob` together: each *tick* makes ONE evaluator
+`run_optimizations` steps a list of `OptimizationJob` together: each *tick* makes ONE evaluator
 call for every structure still running, turns the results into optimizer forces (the target), lets every
 job observe its step (energy, fmax; in the job's own ``contextvars`` context, so progress reports, stop
 requests and log capture reach whoever started that job), drops the jobs that finished (converged, step
@@ -16,7 +16,7 @@ instead of serialising their per-structure Python work on the GIL.
 Semantics per job are those of ASE's ``Optimizer.irun``: the step-0 evaluation is observed, then
 ``converged = fmax < job.fmax`` (fmax: the largest row norm of the optimizer forces, cell rows included), and
 a job stops when converged, when ``steps == max_steps``, when its observer asks it to stop, or when its
-structure's model call raised (then :attr:`OptimizationJob.error` holds the exception).
+structure's model call raised (then `OptimizationJob.error` holds the exception).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def work_copy(atoms: Atoms) -> Atoms:
 
 
 class Target(ABC):
-    """Stacked structures of a batch and their optimizer coordinates (``(rows, 3)``, :attr:`rows`)."""
+    """Stacked structures of a batch and their optimizer coordinates (``(rows, 3)``, `rows`)."""
 
     def __init__(self) -> None:
         self.atoms_layout = Layout([])
@@ -125,7 +125,7 @@ class FrechetCellTarget(Target):
     Coordinates per structure: ``n`` atom rows ``r F^-T`` and three cell rows ``n log(n F)``, with ``F`` the
     deformation gradient from the cell at the start (``orig_cell``). The matrix logarithm is carried as state
     (ASE recomputes it from the cell every step: the same number up to round-off); the exponential and the
-    Fréchet derivative of the cell forces are batched 3x3 algebra (:mod:`matcalc.batched.linalg`).
+    Fréchet derivative of the cell forces are batched 3x3 algebra (`matcalc.batched.linalg`).
     """
 
     def __init__(self) -> None:

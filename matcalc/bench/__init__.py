@@ -1,6 +1,6 @@
 """Benchmark runners over the same calculations and execution as everything else (the layer above them).
 
-:func:`mofsimbench` runs MOFSimBench (Kraß, Huang, Moosavi, npj Comput. Mater. 2025) with any model:
+`mofsimbench` runs MOFSimBench (Kraß, Huang, Moosavi, npj Comput. Mater. 2025) with any model:
 ``mc.bench.mofsimbench("chgnet", "structures/", "out/")`` or ``matcalc bench mofsimbench --model chgnet
 --structures structures/ --out out/``.
 """

@@ -11,7 +11,7 @@ references shipped in the package.
 * ``structures.yaml`` (optional): MOFSimBench's list of which files form each set. A listed file that is
   absent is reported and skipped; without the yaml every structure file of the folder is used.
 
-Each task runs through :func:`matcalc.runner.run_batch` (its journal makes a rerun skip finished
+Each task runs through `matcalc.runner.run_batch` (its journal makes a rerun skip finished
 structures). Written to ``out``: ``runs/<task>.csv`` (+ journal; every result field), ``<task>.csv``
 (per structure vs DFT), ``<task>.png`` (parity plot), ``summary.json`` and ``leaderboard.txt``.
 """
@@ -246,15 +246,15 @@ def mofsimbench(model: str, structures: str | Path, out: str | Path, *, tasks: s
             interaction_energy``; default: every task whose structure folder exists.
         protocol: ``"mofsimbench"`` (default: MOFSimBench's scripts) or ``"fast"``.
         cluster: ``"inprocess"`` (default), ``"local"`` (one dask cluster for all tasks), a scheduler address
-            or a :class:`matcalc.cluster.Cluster`.
+            or a `matcalc.cluster.Cluster`.
         limit: at most this many structures per task (the first ones of each set, or with ``smallest`` the
             smallest cells); not for ``interaction_energy`` (each complex needs its framework and gas).
         params: per-task keyword overrides, ``{"stability": {"npt_steps": 5000}}`` (part of the resume key).
-        device, workers, cache: as :func:`matcalc.runner.run_batch` (``cache=False``: always compute).
+        device, workers, cache: as `matcalc.runner.run_batch` (``cache=False``: always compute).
         golddac_reference: GoldDAC's ``test.xyz`` with the DFT energies (default: looked for in ``structures``).
 
     Returns:
-        :class:`BenchSummary` (also ``out/summary.json``).
+        `BenchSummary` (also ``out/summary.json``).
 
     Raises:
         ValueError: an unknown task, a bad protocol or parameter, a model that cannot load.

@@ -1,4 +1,4 @@
-"""``matcalc bench mofsimbench``: the command-line face of :func:`matcalc.bench.mofsimbench`."""
+"""``matcalc bench mofsimbench``: the command-line face of `matcalc.bench.mofsimbench`."""
 
 from __future__ import annotations
 

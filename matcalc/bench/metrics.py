@@ -1,7 +1,7 @@
 """MOFSimBench's metrics, from per-structure results and the DFT reference tables shipped in the package.
 
 Every function takes the finished rows of one task (``{"label", "status", "result": Result.to_dict()}``,
-as :mod:`matcalc.runner` journals them) and returns ``(per-structure table, metrics)``. Reference
+as `matcalc.runner` journals them) and returns ``(per-structure table, metrics)``. Reference
 names follow MOFSimBench's analysis scripts: the file stem with ``"_primitive"`` removed.
 
 Tables in ``matcalc/data/reference`` (MOFSimBench's own data, see its README there):
@@ -152,7 +152,7 @@ def bulk_modulus_exclusion(res: dict[str, Any]) -> str:
 
 def bulk_modulus(rows: Sequence[dict[str, Any]]) -> TaskMetrics:
     """B from the model's E(V) fit vs DFT B₀: MAE (GPa) and MAPE (%) over the structures with a DFT
-    reference and a good model fit (:func:`bulk_modulus_exclusion`); ``*_all`` keep every finite fit."""
+    reference and a good model fit (`bulk_modulus_exclusion`); ``*_all`` keep every finite fit."""
     ref = reference_table("dft_bulk_modulus").set_index("structure")
     out = []
     for r in _completed(rows):

@@ -1,8 +1,8 @@
-"""One module per property; each declares its parameters once (:mod:`matcalc.calculations.contract`) and
+"""One module per property; each declares its parameters once (`matcalc.calculations.contract`) and
 exposes one function returning a typed result dataclass.
 
-Adding a property is one module (a :class:`~matcalc.calculations.contract.Property` named ``PROPERTY``
-and the function it makes) plus one line in :data:`PROPERTIES`.
+Adding a property is one module (a `Property` named ``PROPERTY``
+and the function it makes) plus one line in `PROPERTIES`.
 """
 
 from __future__ import annotations

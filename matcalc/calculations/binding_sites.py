@@ -2,11 +2,11 @@
 
 1. The isolated guest is relaxed in its cubic vacuum box (same model and optimizer): the reference.
 2. Candidates: the lowest-energy Widom insertions of the relaxed guest (rigid, the random stream of
-   :mod:`matcalc.calculations.henry`), taken greedily so that no two guest centres are closer than
+   `matcalc.calculations.henry`), taken greedily so that no two guest centres are closer than
    ``site_distance_A``; or, with ``positions``, the guest at each given point in the lowest of
    ``n_orientations`` random orientations.
 3. Every candidate complex is relaxed with the framework atoms fixed (``FixAtoms``), all of them stepped
-   together (:func:`matcalc.calculations.optimize.optimize_many`: one batched model request per step).
+   together (`matcalc.calculations.optimize.optimize_many`: one batched model request per step).
 4. E_int = E(relaxed complex) − E(framework) − E(relaxed isolated guest); the relaxed candidates are sorted by
    E_int and clustered by the distance between guest centres of mass (minimum image): a candidate within
    ``site_distance_A`` of a lower one is the same site.

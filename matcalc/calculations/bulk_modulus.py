@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 EOS_TYPES = ("birchmurnaghan", "murnaghan", "vinet", "sj")
-"""Equations of state accepted by :func:`bulk_modulus` (names as in ``ase.eos``)."""
+"""Equations of state accepted by `bulk_modulus` (names as in ``ase.eos``)."""
 MAX_MINIMUM_OFFSET = 0.01
 """Warn when the fitted minimum volume lies further than this fraction from the relaxed volume."""
 
@@ -59,7 +59,7 @@ class BulkModulusResult(PreRelaxedResult):
 
     @property
     def fit_residual(self) -> float:
-        """Alias of :attr:`fit_residual_eV` (the issue's name)."""
+        """Alias of `fit_residual_eV` (the issue's name)."""
         return self.fit_residual_eV
 
     @property

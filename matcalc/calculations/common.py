@@ -38,7 +38,7 @@ class Prepared:
         return self.potential.calculator(self.evaluator)
 
     def common(self, protocol: str, parameters: dict[str, Any], warnings: list[str] | None = None) -> dict[str, Any]:
-        """The :class:`~matcalc.calculations.results.Result` base fields."""
+        """The `Result` base fields."""
         return {
             "model": self.potential.name,
             "formula": formula(self.atoms),
@@ -54,8 +54,8 @@ class Prepared:
 
 def evaluator_for(potential: Potential) -> Evaluator:
     """The evaluator calculations send force requests to: the process-wide batching engine of
-    ``potential`` (:func:`matcalc.batching.engine_for`), or the potential itself when batching is
-    disabled (``MATCALC_BATCHING=0`` or :func:`matcalc.batching.set_enabled`)."""
+    ``potential`` (`matcalc.batching.engine_for`), or the potential itself when batching is
+    disabled (``MATCALC_BATCHING=0`` or `matcalc.batching.set_enabled`)."""
     from matcalc import batching
 
     return batching.engine_for(potential) if batching.enabled() else potential

@@ -1,19 +1,19 @@
 """The property contract: every property declares its parameters once, and runs through one skeleton.
 
-A property module builds one :class:`Property` from
+A property module builds one `Property` from
 
-* a table of :class:`Param` (name with its unit, a :class:`Kind` giving type and bounds, the default of
+* a table of `Param` (name with its unit, a `Kind` giving type and bounds, the default of
   each protocol, a one-line doc),
 * its result dataclass, and
 * ``compute(run) -> dict``: the property's own step.
 
 Everything else is derived from that declaration, with no second copy: the public function (its
-signature and docstring), argument validation, the protocol presets (:func:`presets`), the REST
+signature and docstring), argument validation, the protocol presets (`presets`), the REST
 request models and their OpenAPI schema (``matcalc.server.schemas``), the client methods' keywords,
-the ``matcalc run`` options, and the parameter tables in the docs (:meth:`Property.markdown`).
+the ``matcalc run`` options, and the parameter tables in the docs (`Property.markdown`).
 
-The skeleton (:meth:`Property.run`): resolve the protocol and validate every keyword -> load the model
-and read the structure -> structure-dependent checks -> optional pre-relaxation (:class:`PreRelax`, the
+The skeleton (`Property.run`): resolve the protocol and validate every keyword -> load the model
+and read the structure -> structure-dependent checks -> optional pre-relaxation (`PreRelax`, the
 one place it lives, with its warning and result fields) -> ``compute`` -> the result dataclass.
 """
 
@@ -76,7 +76,7 @@ class Kind(Protocol):
         """Type and range in words, for docstrings and docs tables."""
 
     def from_text(self, name: str, text: str) -> Any:
-        """The value of a command-line word (``matcalc run --name TEXT``); checked by :meth:`coerce`."""
+        """The value of a command-line word (``matcalc run --name TEXT``); checked by `coerce`."""
 
 
 def _fmt(x: float) -> str:
@@ -417,8 +417,8 @@ class Param:
 
     Attributes:
         name: the keyword (units in the name where it has one, e.g. ``temperature_K``).
-        kind: type and bounds (:class:`Number`, :class:`Choice`, ...).
-        doc: one line: what it is (the unit is :attr:`unit`).
+        kind: type and bounds (`Number`, `Choice`, ...).
+        doc: one line: what it is (the unit is `unit`).
         default: the ``"mofsimbench"`` value; ``None`` = not set unless given.
         presets: other protocols' values where they differ (``{"fast": 0.05}``).
         unit: unit for the docs (``"eV/Å"``), ``""`` when dimensionless.
@@ -474,7 +474,7 @@ class PreRelax:
     """The optional pre-relaxation before a property's own step (declared once, used by every property).
 
     Its parameters: ``relax_first``, ``fmax``, ``relax_max_steps`` and (when ``choose_optimizer``)
-    ``relax_optimizer``; its result fields: :class:`matcalc.calculations.results.PreRelaxedResult`.
+    ``relax_optimizer``; its result fields: `matcalc.calculations.results.PreRelaxedResult`.
     """
 
     max_steps: int
@@ -570,7 +570,7 @@ class PropertyFunction(Protocol[R]):  # type: ignore[misc]
 
 @dataclass(frozen=True, eq=False)
 class Property(Generic[R]):
-    """The declaration of one property; :attr:`function` is its public function.
+    """The declaration of one property; `function` is its public function.
 
     Attributes:
         name: property name (``"bulk_modulus"``; also the function's name).
@@ -664,8 +664,8 @@ class Property(Generic[R]):
     # ---------------------------------------------------------------- the skeleton
     def run(self, structure: Any, model: str | Potential = "chgnet", *, protocol: str | None = None,
             device: str | None = None, cache: bool | None = None, **given: Any) -> R:
-        """Compute the property (what the public function does; see :attr:`function`): served from the result
-        cache when the same call was computed before (:mod:`matcalc.cache`; ``cache=False`` skips it)."""
+        """Compute the property (what the public function does; see `function`): served from the result
+        cache when the same call was computed before (`matcalc.cache`; ``cache=False`` skips it)."""
         from matcalc import cache as result_cache
 
         name, params = self.resolve(protocol, given)

@@ -6,7 +6,7 @@ for each of the six Voigt strain components ``n_strains`` cells strained from �
 every fit). Each strained cell is the reference deformed by the symmetric deformation gradient
 F = I + ε (fractional positions kept), its atomic positions relaxed at fixed cell (``relax_strained``:
 the relaxed-ion tensor MOFs need), all cells of the structure stepped together through the batching
-engine (:func:`matcalc.calculations.optimize.optimize_many`), then one batched request for their stresses.
+engine (`matcalc.calculations.optimize.optimize_many`), then one batched request for their stresses.
 
 Conventions (documented choices):
 
@@ -138,7 +138,7 @@ def strain_values(strain_max: float, n_strains: int) -> np.ndarray:
 
 @dataclass
 class ElasticFit:
-    """The straight-line fits of one stress–strain data set (see :func:`fit_elastic`)."""
+    """The straight-line fits of one stress–strain data set (see `fit_elastic`)."""
 
     C_fit_GPa: np.ndarray
     r2: np.ndarray

@@ -115,7 +115,7 @@ MAX_TEMPERATURES = 100_001
 
 
 def check_temperatures(params: dict[str, Any]) -> None:
-    """``t_max >= t_min`` and at most :data:`MAX_TEMPERATURES` temperatures."""
+    """``t_max >= t_min`` and at most `MAX_TEMPERATURES` temperatures."""
     if params["t_max"] < params["t_min"]:
         raise ValueError(f"t_max must be >= t_min ({params['t_min']} K), got {params['t_max']!r}")
     n = (params["t_max"] - params["t_min"]) / params["t_step"] + 1
@@ -203,7 +203,7 @@ def set_forces(phonon: Phonopy, forces: Sequence[np.ndarray], *, symmetrize: boo
 
 
 def thermal_fields(phonon: Phonopy, atoms: Atoms, params: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """The harmonic thermal fields of :class:`HeatCapacityResult` from ``phonon`` with force constants:
+    """The harmonic thermal fields of `HeatCapacityResult` from ``phonon`` with force constants:
     q-point mesh ``params["mesh"]``, temperatures ``t_min``..``t_max`` step ``t_step`` (K), the imaginary-mode
     count (a warning appended to ``warnings``), Cv per mole of ``atoms`` and per gram. Leaves the mesh on
     ``phonon`` (``phonon.mesh``) for further use (DOS)."""

@@ -3,7 +3,7 @@
 A rigid guest is inserted into a rigid framework at uniformly random positions (its centre of mass uniform
 in the cell) with uniformly random orientations (uniform on SO(3)). For each insertion
 E_int = E(framework + guest) − E(framework) − E(isolated guest), the two references computed once (the
-isolated guest in a cubic vacuum box, as :mod:`matcalc.calculations.interaction` does). With the Boltzmann
+isolated guest in a cubic vacuum box, as `matcalc.calculations.interaction` does). With the Boltzmann
 weight w = exp(−E_int / k_B T):
 
 * K_H = ⟨w⟩ / (ρ_framework R T), in mol/(kg·Pa): ρ_framework in kg/m³, R in J/(mol·K), T in K
@@ -139,7 +139,7 @@ class HenryResult(Result):
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Convergence of K_H (left) and the histogram of insertion energies (right); with ``ax``, the
-        convergence alone on it (:meth:`plot_histogram` draws the other panel)."""
+        convergence alone on it (`plot_histogram` draws the other panel)."""
         if ax is not None:
             return super().plot(ax)
         from matplotlib.figure import Figure
@@ -427,7 +427,7 @@ def progress_note(est: WidomEstimate) -> str:
 # ---------------------------------------------------------------------------------------------- Widom run
 @dataclass
 class WidomRun:
-    """What :func:`widom` returns: the insertions made and their energies."""
+    """What `widom` returns: the insertions made and their energies."""
 
     insertions: Insertions
     energies_eV: np.ndarray

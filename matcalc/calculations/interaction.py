@@ -86,8 +86,8 @@ class InteractionEnergyResult(Result):
 
 
 def guest_molecule(guest: Any) -> Atoms:
-    """The guest as non-periodic Atoms: a name in :data:`GUEST_MOLECULES` (case-insensitive),
-    Atoms, or anything :func:`matcalc.load_structure` reads (non-periodic allowed)."""
+    """The guest as non-periodic Atoms: a name in `GUEST_MOLECULES` (case-insensitive),
+    Atoms, or anything `matcalc.load_structure` reads (non-periodic allowed)."""
     if isinstance(guest, str) and "\n" not in guest.strip() and not Path(guest.strip()).is_file():
         lookup = {g.lower(): g for g in GUEST_MOLECULES}
         key = guest.strip().lower()

@@ -1,9 +1,9 @@
-"""Many structures at once, in-process: :func:`relax_many` and :func:`map_property` for any property.
+"""Many structures at once, in-process: `relax_many` and `map_property` for any property.
 
 Each structure's calculation runs in its own thread. Their optimisations (and MD runs) join one batched
-stepper per model and algorithm (:mod:`matcalc.batched`): all structures advance with one vectorised step and
+stepper per model and algorithm (`matcalc.batched`): all structures advance with one vectorised step and
 one model request per step, so the threads mostly wait and their per-structure Python work does not
-serialise on the GIL. The model's batching engine (:mod:`matcalc.batching`) fuses the requests into model
+serialise on the GIL. The model's batching engine (`matcalc.batching`) fuses the requests into model
 calls within its atom budget. Results come back in input order; a structure that fails yields its exception
 object in its slot instead of sinking the rest.
 """
@@ -47,7 +47,7 @@ ASSUMED_ATOMS = 100
 
 def default_workers(potential: Potential, structures: list[Any]) -> int:
     """Threads for ``len(structures)`` concurrent calculations with ``potential``: never more than the
-    structures, otherwise :func:`recommended_concurrency` for their median size."""
+    structures, otherwise `recommended_concurrency` for their median size."""
     n = len(structures)
     if n == 0:
         return 1
@@ -58,12 +58,12 @@ def default_workers(potential: Potential, structures: list[Any]) -> int:
 def recommended_concurrency(potential: Potential, atoms_per_structure: int = ASSUMED_ATOMS) -> int:
     """How many calculations one process should run at once with ``potential`` (the number the engine wants).
 
-    With batched stepping (:func:`matcalc.batched.enabled`, the default): enough concurrent structures to
+    With batched stepping (`matcalc.batched.enabled`, the default): enough concurrent structures to
     fill one model call of the batching engine (``budget_atoms // atoms_per_structure``), at least
-    :data:`BATCHED_MIN_WORKERS` and at most :data:`BATCHED_MAX_WORKERS` (the threads wait while one of them
+    `BATCHED_MIN_WORKERS` and at most `BATCHED_MAX_WORKERS` (the threads wait while one of them
     steps all their structures, so more of them cost little). Without it: with batching (enabled and a
     batching model) ``budget_atoms // atoms_per_structure`` clamped to ``[2, MAX_WORKERS]`` (more threads only
-    add GIL contention), else 1 (the model serialises calls anyway). Used by :func:`map_property`; the server's
+    add GIL contention), else 1 (the model serialises calls anyway). Used by `map_property`; the server's
     in-process executor and ``matcalc.cluster`` workers size their task concurrency with it too.
     """
     fused = batching.enabled() and potential.supports_batching
@@ -103,9 +103,9 @@ def map_property(
     Args:
         prop: a property name (``"relax"``, ``"bulk_modulus"``, ``"heat_capacity"``, ``"single_point"``...)
             or any callable ``fn(structure, model=potential, **kwargs)``.
-        structures: anything :func:`matcalc.load_structure` reads, one per item (a list, not one path).
+        structures: anything `matcalc.load_structure` reads, one per item (a list, not one path).
         model: model name or loaded Potential; loaded once and shared by all threads.
-        max_workers: threads; default :func:`default_workers` (fills the batching engine's atom budget).
+        max_workers: threads; default `default_workers` (fills the batching engine's atom budget).
         progress: show a tqdm progress bar (``tqdm.auto``: a widget in notebooks).
         device: ``"cpu"``, ``"cuda"``...; default a GPU if torch sees one.
         **kwargs: passed to the property function (e.g. ``protocol="fast"``, ``fmax=0.01``).
@@ -185,9 +185,9 @@ def relax_many(
     device: str | None = None,
     **relax_kwargs: Any,
 ) -> list[RelaxResult | Exception]:
-    """:func:`matcalc.relax` on every structure concurrently (batched); results or exceptions in input order.
+    """`matcalc.relax` on every structure concurrently (batched); results or exceptions in input order.
 
-    ``relax_kwargs`` are :func:`matcalc.relax` keywords (``protocol="fast"``, ``fmax``, ``optimizer``...).
+    ``relax_kwargs`` are `matcalc.relax` keywords (``protocol="fast"``, ``fmax``, ``optimizer``...).
     """
     return map_property("relax", structures, model, max_workers=max_workers, progress=progress, device=device,
                         **relax_kwargs)

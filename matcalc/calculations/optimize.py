@@ -2,13 +2,13 @@
 ``relax`` and the pre-relaxation step of every other property, and MD stepping (Langevin NVT, isotropic MTK
 NPT) for the MD properties.
 
-:func:`optimize` (one structure) and :func:`optimize_many` (a list) run the batched versions of ASE's
-algorithms (:mod:`matcalc.batched`: same trajectories to float round-off) when they can: every structure
+`optimize` (one structure) and `optimize_many` (a list) run the batched versions of ASE's
+algorithms (`matcalc.batched`: same trajectories to float round-off) when they can: every structure
 being optimised in the process with the same model and algorithm, from any thread, steps in one batch with
 one model request per step. ASE's own loop is the fallback (``MATCALC_BATCHED=0``, MDMin, an arbitrary ASE
 calculator, constraints other than ``FixAtoms``) and the reference.
 
-:func:`run_md` / :func:`run_md_many` do the same for MD (:mod:`matcalc.batched.md`: ``ase.md.langevin.Langevin``
+`run_md` / `run_md_many` do the same for MD (`matcalc.batched.md`: ``ase.md.langevin.Langevin``
 and ``ase.md.nose_hoover_chain.IsotropicMTKNPT``, same trajectories and, for Langevin, the same random stream).
 """
 
@@ -117,7 +117,7 @@ def optimize(
 
     Converged means max |F| < ``fmax`` (eV/Å) on every degree of freedom the optimizer sees
     (for the cell, ``FrechetCellFilter``'s virial-derived forces). Each step is reported to
-    :func:`matcalc.progress.report` and a stop request ends the run after the current step.
+    `matcalc.progress.report` and a stop request ends the run after the current step.
     Afterwards ``atoms.calc`` is ``calculator`` holding the final energy, forces and stress.
     A model error is raised. ``trajectory``: a file (``.traj``, ``.xyz``/``.extxyz``) receiving the structure
     with its energy, forces and stress after every step (step 0 = the start); ASE's own loop then runs (the
@@ -148,9 +148,9 @@ def optimize_many(
     contexts: Sequence[contextvars.Context] | None = None,
     return_exceptions: bool = False,
 ) -> list[Any]:
-    """:func:`optimize` on every structure of ``atoms_list`` (each in place), stepped together as one batch.
+    """`optimize` on every structure of ``atoms_list`` (each in place), stepped together as one batch.
 
-    Same outcome per structure as calling :func:`optimize` on it alone (same trace, progress reports and
+    Same outcome per structure as calling `optimize` on it alone (same trace, progress reports and
     stop requests), with one model request per step for all structures still running.
 
     Args:
@@ -164,7 +164,7 @@ def optimize_many(
         return_exceptions: put a structure's exception in its slot instead of raising the first one.
 
     Returns:
-        One :class:`OptimizationTrace` per structure (or exception, with ``return_exceptions``).
+        One `OptimizationTrace` per structure (or exception, with ``return_exceptions``).
     """
     n = len(atoms_list)
     fmaxes = _per_structure(fmax, n, "fmax")
@@ -331,13 +331,13 @@ def _optimize_ase(atoms: Atoms, calculator: Calculator, *, fmax: float, max_step
 
 # ---------------------------------------------------------------------- molecular dynamics
 MDParams = LangevinParams | MTKParams
-"""One structure's integrator and its parameters in ASE units: :class:`~matcalc.batched.langevin.LangevinParams`
+"""One structure's integrator and its parameters in ASE units: `LangevinParams`
 (``ase.md.langevin.Langevin(atoms, timestep, temperature_K=, friction=, fixcm=False, rng=)``) or
-:class:`~matcalc.batched.mtk.MTKParams` (``IsotropicMTKNPT(atoms, timestep, temperature_K, pressure_au, tdamp,
+`MTKParams` (``IsotropicMTKNPT(atoms, timestep, temperature_K, pressure_au, tdamp,
 pdamp)``, chains of 3)."""
 
 MDObserver = Callable[[MDFrame], bool]
-"""Called after every MD step with the structure's :class:`~matcalc.batched.md.MDFrame`; return True to stop."""
+"""Called after every MD step with the structure's `MDFrame`; return True to stop."""
 
 
 @dataclass
@@ -356,7 +356,7 @@ def run_md(atoms: Atoms, calculator: Calculator, params: MDParams, steps: int, *
 
     ``observer(frame)`` sees the state after every step (energy, forces, temperature, volume...;
     ``frame.atoms()`` for the ``Atoms`` itself) and returns True to stop. Concurrent runs with the same model
-    and integrator in other threads step together in one batch (:mod:`matcalc.batched.md`); ASE's own
+    and integrator in other threads step together in one batch (`matcalc.batched.md`); ASE's own
     integrator is the fallback (module doc). A model error is raised, with ``atoms`` at the failing step.
     Afterwards ``atoms.calc`` is ``calculator`` holding the final results.
     """
@@ -370,9 +370,9 @@ def run_md_many(atoms_list: Sequence[Atoms], calculator: Calculator | Evaluator,
                 steps: int | Sequence[int], *, observers: Sequence[MDObserver | None] | None = None,
                 contexts: Sequence[contextvars.Context] | None = None,
                 return_exceptions: bool = False) -> list[Any]:
-    """:func:`run_md` on every structure (one set of parameters and one observer each), stepped as one batch.
+    """`run_md` on every structure (one set of parameters and one observer each), stepped as one batch.
 
-    All structures must use the same integrator kind. Returns one :class:`MDOutcome` per structure (or its
+    All structures must use the same integrator kind. Returns one `MDOutcome` per structure (or its
     exception, with ``return_exceptions``; otherwise the first exception is raised once all ended).
     """
     n = len(atoms_list)

@@ -3,7 +3,7 @@
 Pre-relax (BFGS + ``FrechetCellFilter``), then phonopy's finite displacements of the input cell, every
 displaced supercell evaluated in one batched request, force constants (optionally symmetrised), and from
 them: frequencies along a band path, the total density of states and the harmonic thermal properties on a
-q-point mesh (exactly as :func:`matcalc.calculations.heat_capacity.heat_capacity` computes them).
+q-point mesh (exactly as `matcalc.calculations.heat_capacity.heat_capacity` computes them).
 
 Conventions (documented choices):
 
@@ -101,7 +101,7 @@ class BandPath:
 @dataclass(kw_only=True)
 class PhononResult(HeatCapacityResult):
     """Phonon band structure (THz along a path in 1/Å), total DOS (states/THz per input cell) and the
-    harmonic thermal properties of :class:`HeatCapacityResult` (K; per mole of the input cell; per gram)."""
+    harmonic thermal properties of `HeatCapacityResult` (K; per mole of the input cell; per gram)."""
 
     kind: ClassVar[str] = "phonons"
 
@@ -118,7 +118,7 @@ class PhononResult(HeatCapacityResult):
     band_labels: list[str] = field(default_factory=list)
     """Special-point labels along the path (Γ written out; ``"K|U"`` at a break of the path)."""
     band_label_distances_per_A: list[float] = field(default_factory=list)
-    """Distance (1/Å) of each label in :attr:`band_labels`."""
+    """Distance (1/Å) of each label in `band_labels`."""
     band_lowest_frequency_THz: float = float("nan")
     """Lowest frequency on the path, Γ acoustic modes excluded (negative = imaginary)."""
     band_imaginary_modes: int = 0
@@ -129,16 +129,16 @@ class PhononResult(HeatCapacityResult):
     imaginary_qpoints: np.ndarray = field(repr=False)
     """Irreducible mesh q-points (reduced coordinates) with an imaginary mode, lowest first (at most 1000)."""
     imaginary_qpoint_frequencies_THz: np.ndarray = field(repr=False)
-    """Lowest frequency (THz, negative) at each of :attr:`imaginary_qpoints`."""
+    """Lowest frequency (THz, negative) at each of `imaginary_qpoints`."""
     supercell: list[int] = field(default_factory=list)
     symmetrized_force_constants: bool = False
     force_constants_eV_per_A2: np.ndarray = field(repr=False)
     """phonopy's compact force constants (input-cell atoms × supercell atoms × 3 × 3, eV/Å²); empty when too
-    large to keep (:data:`MAX_STORED_FORCE_CONSTANTS`)."""
+    large to keep (`MAX_STORED_FORCE_CONSTANTS`)."""
 
     @property
     def band_distances(self) -> np.ndarray:
-        """Alias of :attr:`band_distances_per_A` (the issue's name)."""
+        """Alias of `band_distances_per_A` (the issue's name)."""
         return self.band_distances_per_A
 
     def to_phonopy(self) -> Phonopy:
@@ -240,7 +240,7 @@ def check_phonons(params: dict[str, Any], atoms: Atoms, model: ModelInfo | None 
 def run_bands(phonon: Phonopy, pieces: list[list[str]], special: dict[str, np.ndarray],
               band_points: int) -> dict[str, Any]:
     """Band structure of ``phonon`` (force constants set) along the labelled path: the band fields of
-    :class:`PhononResult`."""
+    `PhononResult`."""
     from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
 
     coords = [[special[lab] for lab in piece] for piece in pieces]
@@ -282,7 +282,7 @@ def run_bands(phonon: Phonopy, pieces: list[list[str]], special: dict[str, np.nd
 def imaginary_qpoints(qpoints: np.ndarray, frequencies: np.ndarray,
                       tolerance_THz: float = IMAGINARY_TOLERANCE_THZ) -> tuple[np.ndarray, np.ndarray]:
     """(q-points, lowest frequency at each) of the q-points with a mode below −tolerance (Γ acoustic modes
-    excluded, as :func:`count_imaginary`), lowest first, at most :data:`MAX_IMAGINARY_QPOINTS`."""
+    excluded, as `count_imaginary`), lowest first, at most `MAX_IMAGINARY_QPOINTS`."""
     q = np.asarray(qpoints, dtype=float)
     f = np.asarray(frequencies, dtype=float)
     found = []

@@ -1,8 +1,8 @@
 """Named protocol presets: ``"mofsimbench"`` (the default) and ``"fast"`` (screening).
 
 A calculation's keyword left at ``None`` takes its value from the protocol; an explicit keyword always
-wins. The values are declared once, in each property's parameter table (:mod:`matcalc.calculations.contract`);
-:func:`presets` (and ``PROTOCOLS``) is derived from those tables. ``"mofsimbench"`` follows MOFSimBench
+wins. The values are declared once, in each property's parameter table (`matcalc.calculations.contract`);
+`presets` (and ``PROTOCOLS``) is derived from those tables. ``"mofsimbench"`` follows MOFSimBench
 (Kraß, Huang, Moosavi, npj Comput. Mater. 2025).
 """
 

@@ -35,7 +35,7 @@ describe the structure (or an input far from its minimum). The same threshold as
 
 def volume_warning(what: str, v0_A3: float, v1_A3: float) -> str | None:
     """The warning when the volume went from ``v0_A3`` to ``v1_A3`` (Å³) by more than
-    :data:`VOLUME_WARNING_PERCENT`; ``None`` otherwise."""
+    `VOLUME_WARNING_PERCENT`; ``None`` otherwise."""
     dv = 100.0 * (v1_A3 - v0_A3) / v0_A3
     if not abs(dv) > VOLUME_WARNING_PERCENT:
         return None

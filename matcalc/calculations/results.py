@@ -1,6 +1,6 @@
 """Result dataclasses: units in field names, JSON-safe ``to_dict()``, pandas rows, plots.
 
-Every property's result derives from :class:`Result`. ``Result.from_dict(d)`` rebuilds the
+Every property's result derives from `Result`. ``Result.from_dict(d)`` rebuilds the
 same dataclass from ``to_dict()`` output (this is how the REST client returns the same types).
 """
 
@@ -93,7 +93,7 @@ class Result:
     formula: str
     n_atoms: int
     structure_hash: str
-    """sha256 of the canonical input structure (:func:`matcalc.structures.structure_hash`)."""
+    """sha256 of the canonical input structure (`matcalc.structures.structure_hash`)."""
     protocol: str = "mofsimbench"
     parameters: dict[str, Any] = field(default_factory=dict)
     """Every protocol parameter actually used (units in the names)."""
@@ -107,7 +107,7 @@ class Result:
     ``device``; ``versions`` of python, numpy, torch, ase, phonopy, pymatgen and the model's package;
     ``property``, ``protocol`` and every resolved ``parameters``; ``structure_hash``; ``started_at`` and
     ``finished_at`` (UTC, ISO 8601); ``host``; ``cached`` (True when served from the result cache, with the
-    original timestamps) and ``cache_key`` (see :mod:`matcalc.cache`)."""
+    original timestamps) and ``cache_key`` (see `matcalc.cache`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -123,7 +123,7 @@ class Result:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Rebuild a result from :meth:`to_dict` output; on ``Result`` it dispatches on ``kind``."""
+        """Rebuild a result from `to_dict` output; on ``Result`` it dispatches on ``kind``."""
         target: type[Result] = cls
         if cls is Result or "kind" not in cls.__dict__:
             kind = data.get("kind")
@@ -149,7 +149,7 @@ class Result:
         return out
 
     def to_frame(self) -> pd.DataFrame:
-        """A one-row pandas DataFrame of :meth:`row`."""
+        """A one-row pandas DataFrame of `row`."""
         import pandas as pd
 
         return pd.DataFrame([self.row()])
@@ -171,7 +171,7 @@ class Result:
         return out
 
     def default_structure_field(self) -> str | None:
-        """What :meth:`write_structure` writes without ``which``: ``final_structure`` when the result has one,
+        """What `write_structure` writes without ``which``: ``final_structure`` when the result has one,
         else its only structure field; ``None`` when it has none or several."""
         held = self.structures()
         if "final_structure" in held:
@@ -185,7 +185,7 @@ class Result:
 
         Args:
             path: the file to write (its folder must exist).
-            which: the field to write (see :meth:`structures`; default: :meth:`default_structure_field`:
+            which: the field to write (see `structures`; default: `default_structure_field`:
                 ``final_structure``, else the result's only structure). Results with several structures and no
                 final one (e.g. binding sites: ``sites`` and ``relaxed_guest``) need it.
             index: one structure of a field holding several (``sites``, ``lowest_structures``); default all of
@@ -196,7 +196,7 @@ class Result:
 
         Raises:
             ValueError: no such structure, several candidates without ``which``, or a format that cannot hold
-                what is written (see :func:`matcalc.structures.write_structures`).
+                what is written (see `matcalc.structures.write_structures`).
         """
         held = self.structures()
         if which is None:
@@ -230,7 +230,7 @@ class Result:
 
 @dataclass(kw_only=True)
 class PreRelaxedResult(Result):
-    """The fields of a property with a pre-relaxation (:class:`matcalc.calculations.contract.PreRelax`)."""
+    """The fields of a property with a pre-relaxation (`matcalc.calculations.contract.PreRelax`)."""
 
     relax_converged: bool | None = None
     """Pre-relaxation converged (``None`` when it was skipped: ``relax_first=False``)."""

@@ -57,7 +57,7 @@ single_point = PROPERTY.function
 
 def single_point_fields(n_atoms: int, energy_eV: float, forces: np.ndarray,
                         stress_eV_per_A3: np.ndarray | None) -> dict[str, Any]:
-    """The :class:`SinglePointResult` fields of one evaluation (stress converted to GPa)."""
+    """The `SinglePointResult` fields of one evaluation (stress converted to GPa)."""
     forces = np.asarray(forces, dtype=float)
     stress = None if stress_eV_per_A3 is None else np.asarray(stress_eV_per_A3, dtype=float) * EV_PER_A3_TO_GPA
     return {

@@ -220,7 +220,7 @@ class _Run:
     def run_stage(self, params: MDParams, stage: str, n_steps: int, last_step: int) -> bool:
         """Run ``n_steps`` of the integrator ``params``; False when the run must end (blow-up or stop request).
 
-        Runs through :func:`matcalc.calculations.optimize.run_md`: concurrent stability runs with the same
+        Runs through `matcalc.calculations.optimize.run_md`: concurrent stability runs with the same
         model step together in one batch (ASE's integrators are the fallback, same trajectories)."""
         interval = self.p["interval"]
         first = self.step

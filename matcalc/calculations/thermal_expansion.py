@@ -2,7 +2,7 @@
 
 Pre-relax (BFGS + ``FrechetCellFilter``), then ``n_volumes`` cells evenly spaced in volume between
 ``volume_range`` × V₀ (cell scaled by s^(1/3), fractional positions kept), atomic positions relaxed at each
-fixed cell (all volumes stepped together: :func:`matcalc.calculations.optimize.optimize_many`), phonopy's
+fixed cell (all volumes stepped together: `matcalc.calculations.optimize.optimize_many`), phonopy's
 finite displacements at every volume, and **all displaced supercells of all volumes (and the relaxed cells
 themselves, for E(V)) in one batched request**. ``phonopy.run_qha`` then fits F(V; T) = E(V) + F_ph(V; T)
 (+ pV) to an equation of state at each temperature.

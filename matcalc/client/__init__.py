@@ -1,7 +1,7 @@
-"""Python SDK of a matcalc server: :class:`Client` (sync) and :class:`AsyncClient` (asyncio), both on
-httpx, with the same methods (written once, in :mod:`matcalc.client._core`; one method per declared
-property, with that property's keywords); tasks come back as :class:`RemoteTask` /
-:class:`AsyncRemoteTask` whose ``result()`` is the same result dataclass as the local function's.
+"""Python SDK of a matcalc server: `Client` (sync) and `AsyncClient` (asyncio), both on
+httpx, with the same methods (written once, in `matcalc.client._core`; one method per declared
+property, with that property's keywords); tasks come back as `RemoteTask` /
+`AsyncRemoteTask` whose ``result()`` is the same result dataclass as the local function's.
 
 >>> from matcalc.client import Client
 >>> with Client("http://127.0.0.1:8000", api_key="...") as c:          # doctest: +SKIP
@@ -9,7 +9,7 @@ property, with that property's keywords); tasks come back as :class:`RemoteTask`
 ...     mc.widgets.progress(task)          # live, like a local cluster Task
 ...     task.result().bulk_modulus_GPa
 
-Errors are :class:`MatcalcError` subclasses mapped from the server's 5-digit codes.
+Errors are `MatcalcError` subclasses mapped from the server's 5-digit codes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The asyncio surface: :class:`AsyncClient` (``httpx.AsyncClient``) and :class:`AsyncRemoteTask`.
+"""The asyncio surface: `AsyncClient` (``httpx.AsyncClient``) and `AsyncRemoteTask`.
 
-Every method comes from the one core (:mod:`matcalc.client._core`) as a coroutine (log streams as
+Every method comes from the one core (`matcalc.client._core`) as a coroutine (log streams as
 async iterators); what is here is only the transport and the closing.
 """
 
@@ -21,14 +21,14 @@ class AsyncRemoteTask(AsyncSide, TaskCore["AsyncClient"]):
     """Handle of a task on a matcalc server, for asyncio code (``await task.result()``).
 
     Attribute reads never do I/O here: ``status``/``progress``/``info`` are the last snapshot;
-    ``await task.refresh()`` (or :meth:`wait`) updates it. For a live progress widget use the sync
-    :class:`~matcalc.client.RemoteTask` (``Client(url).get_task(task.id)``), whose callbacks run on a
+    ``await task.refresh()`` (or `wait`) updates it. For a live progress widget use the sync
+    `RemoteTask` (``Client(url).get_task(task.id)``), whose callbacks run on a
     poller thread.
     """
 
 
 class AsyncClient(AsyncSide, ClientCore[AsyncRemoteTask]):
-    """Asyncio client of a matcalc server: :class:`~matcalc.client.Client`'s methods as coroutines.
+    """Asyncio client of a matcalc server: `Client`'s methods as coroutines.
 
     >>> async with AsyncClient("http://127.0.0.1:8000") as c:            # doctest: +SKIP
     ...     tasks = [await c.single_point(s, model="chgnet") for s in structures]

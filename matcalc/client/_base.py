@@ -1,7 +1,7 @@
 """What every request and response of the client goes through: URL and headers, structure
-encoding, the :class:`ApiRequest` description of a call, envelope parsing and error mapping, the
+encoding, the `ApiRequest` description of a call, envelope parsing and error mapping, the
 retry policy and the SSE decoder. The endpoints themselves are written once, in
-:mod:`matcalc.client._core`, on top of these.
+`matcalc.client._core`, on top of these.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ USER_AGENT = "matcalc-client"
 
 StructureLike: TypeAlias = Any
 """A path, file text (CIF, POSCAR, XYZ/extXYZ), ``ase.Atoms``, pymatgen ``Structure``, builtin name,
-uploaded structure id (64 hex digits) or :class:`StructureInfo` — everything
-:func:`matcalc.load_structure` accepts, plus the server's own references."""
+uploaded structure id (64 hex digits) or `StructureInfo` — everything
+`matcalc.load_structure` accepts, plus the server's own references."""
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -269,7 +269,7 @@ def _error_from(response: httpx.Response, body: Any) -> MatcalcError:
 
 
 def parse_response(response: httpx.Response) -> Any:
-    """``data`` of a success envelope; the mapped :class:`MatcalcError` otherwise."""
+    """``data`` of a success envelope; the mapped `MatcalcError` otherwise."""
     try:
         body = response.json()
     except ValueError:
@@ -297,7 +297,7 @@ class RetryPolicy:
 
     Retried: connection errors and timeouts, HTTP 503 (database, executor or server briefly
     unavailable) and 429 (rate limited). A POST is retried only when it carries an
-    ``Idempotency-Key`` (task submissions always do: :meth:`ApiRequest.submission`): without one, a
+    ``Idempotency-Key`` (task submissions always do: `ApiRequest.submission`): without one, a
     lost answer could mean the server acted on it, and a retry would do it twice.
     """
 

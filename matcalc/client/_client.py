@@ -1,8 +1,8 @@
-"""The synchronous surface: :class:`Client` (``httpx.Client``) and :class:`RemoteTask`.
+"""The synchronous surface: `Client` (``httpx.Client``) and `RemoteTask`.
 
-Every method comes from the one core (:mod:`matcalc.client._core`); what is here is what only a
+Every method comes from the one core (`matcalc.client._core`); what is here is what only a
 synchronous program has: the blocking transport, a status that refreshes itself when read, and the
-callback poller thread that drives :func:`matcalc.widgets.progress`.
+callback poller thread that drives `matcalc.widgets.progress`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ StatusCallback = Callable[["RemoteTask", str], None]
 
 class RemoteTask(SyncSide, TaskCore["Client"]):
     """Handle of a task on a matcalc server; the same task-like protocol as
-    :class:`matcalc.cluster.Task`, so :func:`matcalc.widgets.progress` shows it live.
+    `matcalc.cluster.Task`, so `matcalc.widgets.progress` shows it live.
 
-    ``status`` asks the server when the snapshot is older than :data:`FRESH_S` (terminal states are
+    ``status`` asks the server when the snapshot is older than `FRESH_S` (terminal states are
     final); ``info`` is the last snapshot. Callbacks (``add_done_callback``, ``add_progress_callback``,
     ``add_status_callback``) are driven by one background poller thread per client, started on the
     first registration, polling every ``client.poll_interval`` s each task that has callbacks and is
@@ -165,7 +165,7 @@ class Client(SyncSide, ClientCore[RemoteTask]):
     ``heat_capacity``, ``stability``, ``interaction_energy``, and every property declared later),
     generated from the property's declaration: its keywords, checked here before anything is sent,
     and the task options (priority, timeout_s, label, notify_*, idempotency_key). The arguments are
-    those of :class:`~matcalc.client._core.ClientCore`.
+    those of `ClientCore`.
     """
 
     handle_name: ClassVar[str] = "RemoteTask"

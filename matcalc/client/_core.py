@@ -1,8 +1,8 @@
-"""The one client core: every endpoint of :class:`~matcalc.client.Client` and
-:class:`~matcalc.client.AsyncClient`, and the state logic of their task handles, written once.
+"""The one client core: every endpoint of `Client` and
+`AsyncClient`, and the state logic of their task handles, written once.
 
-Each endpoint is an operation (:mod:`matcalc.client._io`): it builds its :class:`ApiRequest`,
-hands it to :meth:`ClientCore._exchange` (the one place where requests are built with their
+Each endpoint is an operation (`matcalc.client._io`): it builds its `ApiRequest`,
+hands it to `ClientCore._exchange` (the one place where requests are built with their
 headers and retried) and turns the envelope's ``data`` into the typed answer. The sync and async
 clients only perform the effects. The per-property methods (``bulk_modulus``, ``optimization``...)
 are generated from the property declarations, so a new property gets them with no client code.
@@ -81,7 +81,7 @@ def _page(data: Any, item: Any) -> Page[Any]:
 
 
 class ClientCore(Generic[H]):
-    """Configuration and every endpoint of both clients (see :class:`~matcalc.client.Client`).
+    """Configuration and every endpoint of both clients (see `Client`).
 
     Args:
         base_url: the server (``http://host:port``; ``/api/v1`` is appended when missing).
@@ -128,8 +128,8 @@ class ClientCore(Generic[H]):
 
     # ------------------------------------------------------------------ the one exchange
     def _exchange(self, req: ApiRequest, *, stream: bool = False) -> Op[Any]:
-        """Send ``req`` (headers: the client's, then the request's), retried by :attr:`retry`; the
-        envelope's ``data``, or the mapped :class:`MatcalcError`. With ``stream``, a successful
+        """Send ``req`` (headers: the client's, then the request's), retried by `retry`; the
+        envelope's ``data``, or the mapped `MatcalcError`. With ``stream``, a successful
         event stream comes back as the open response instead."""
         attempt = 0
         while True:
@@ -275,7 +275,7 @@ class ClientCore(Generic[H]):
     def upload_structure(self, structure: StructureLike, *, name: str | None = None,
                          format: str | None = None) -> Op[StructureInfo]:  # noqa: A002
         """Store a structure on the server (deduplicated by content); pass the returned
-        :class:`StructureInfo` (or its ``id``) as a task's structure."""
+        `StructureInfo` (or its ``id``) as a task's structure."""
         return StructureInfo.from_json((yield from self._exchange(
             ApiRequest.post("/structures", upload_body(structure, name, format)))))
 
@@ -337,7 +337,7 @@ class ClientCore(Generic[H]):
 
         ``options`` go to the family loader (e.g. ``dtype``, ``elements``, ``cutoff_A``). The model runs
         tasks only once validated: pass ``validate=True`` to validate at once and wait (see
-        :meth:`validate_model`). Refused files raise :class:`ValidationError` (unsafe, corrupt, wrong format).
+        `validate_model`). Refused files raise `ValidationError` (unsafe, corrupt, wrong format).
         """
         meta = {"format": format, "description": description or None, "options": dict(options) if options else None}
         req, fh = model_upload(path, name, family, meta)
@@ -363,7 +363,7 @@ class ClientCore(Generic[H]):
                         poll: float = 1.0) -> Op[CustomModelInfo]:
         """Validate an uploaded model on the server (in an isolated process: finite results, forces =
         -dE/dx, stress = dE/dstrain, rotation invariance, batch = one by one). With ``wait``, poll every
-        ``poll`` s until it is VALIDATED or FAILED (:class:`TimeoutError` after ``timeout`` s)."""
+        ``poll`` s until it is VALIDATED or FAILED (`TimeoutError` after ``timeout`` s)."""
         if poll <= 0:
             raise ValueError(f"poll must be > 0 seconds, got {poll!r}")
         info = CustomModelInfo.from_json((yield from self._custom(model_id, "validate", "POST")))
@@ -416,7 +416,7 @@ class ClientCore(Generic[H]):
     def alerts(self, which: Literal["active", "rules", "history"] = "active", *, page: int = 1,
                page_size: int = 50) -> Op[list[dict[str, Any]]]:
         """Alerts: ``active`` ones, the ``rules``, or the ``history`` (newest first, paged);
-        :class:`NotFoundError` on a server without alerting."""
+        `NotFoundError` on a server without alerting."""
         if which not in ("active", "rules", "history"):
             raise ValueError(f"which must be 'active', 'rules' or 'history', got {which!r}")
         params = {"page": page, "page_size": page_size} if which == "history" else None
@@ -427,8 +427,8 @@ class ClientCore(Generic[H]):
 
 # ----------------------------------------------------------------------------- the per-property methods
 def property_endpoint(spec: Property[Any]) -> Endpoint[..., Any]:
-    """The client method of a property: its signature (:func:`method_signature`) and docstring
-    (:func:`method_doc`) from the declaration; it submits ``POST /tasks/{spec.task_type}``."""
+    """The client method of a property: its signature (`method_signature`) and docstring
+    (`method_doc`) from the declaration; it submits ``POST /tasks/{spec.task_type}``."""
     sig = method_signature(spec)
 
     def op(self: ClientCore[Any], *args: Any, **kwargs: Any) -> Op[Any]:
@@ -458,7 +458,7 @@ install_property_methods(ClientCore)
 # ----------------------------------------------------------------------------- task handles
 class TaskCore(Generic[C]):
     """The state of a task handle and its calls, for both surfaces: the last snapshot
-    (:attr:`info`), which never backs out of a terminal status, and the operations on the task."""
+    (`info`), which never backs out of a terminal status, and the operations on the task."""
 
     def __init__(self, client: C, info: TaskInfo) -> None:
         self._client = client
@@ -483,7 +483,7 @@ class TaskCore(Generic[C]):
             self._fetched_at = time.monotonic()
 
     def _freshen(self) -> None:
-        """Called before :attr:`status` is read (the sync handle refreshes a stale snapshot here)."""
+        """Called before `status` is read (the sync handle refreshes a stale snapshot here)."""
 
     @property
     def status(self) -> str:
@@ -539,7 +539,7 @@ class TaskCore(Generic[C]):
         return self._info.property
 
     def snapshot(self) -> TaskSnapshot:
-        """The shared task snapshot (:class:`matcalc.tasks.TaskSnapshot`), as fresh as :attr:`status`."""
+        """The shared task snapshot (`matcalc.tasks.TaskSnapshot`), as fresh as `status`."""
         self._freshen()
         info = self._info
         return TaskSnapshot.of({"id": info.id, "status": info.status, "property": info.property,
@@ -571,7 +571,7 @@ class TaskCore(Generic[C]):
 
     def _wait(self, timeout: float | None = None, poll: float = 1.0) -> Op[TaskInfo]:
         """Poll every ``poll`` s until the task finishes; returns the final snapshot (whatever the
-        outcome). Raises :class:`matcalc.client.TimeoutError` after ``timeout`` s (the task goes on)."""
+        outcome). Raises `matcalc.client.TimeoutError` after ``timeout`` s (the task goes on)."""
         if poll <= 0:
             raise ValueError(f"poll must be > 0 seconds, got {poll!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -590,7 +590,7 @@ class TaskCore(Generic[C]):
     @endpoint
     def result(self, timeout: float | None = None, poll: float = 1.0) -> Op[Result]:
         """Wait (at most ``timeout`` s) and return the same result dataclass as the local function
-        (``RelaxResult``...). Raises :class:`TaskFailed` when it FAILED, was CANCELLED or TIMED OUT."""
+        (``RelaxResult``...). Raises `TaskFailed` when it FAILED, was CANCELLED or TIMED OUT."""
         if self._result is None:
             info = yield from self._wait(timeout, poll)
             if info.status != "COMPLETED":
@@ -610,7 +610,7 @@ class TaskCore(Generic[C]):
 
     @endpoint
     def exception(self, timeout: float | None = None) -> Op[BaseException | None]:
-        """Wait like :meth:`result`; the :class:`TaskFailed` it would raise, or ``None`` when COMPLETED."""
+        """Wait like `result`; the `TaskFailed` it would raise, or ``None`` when COMPLETED."""
         info = yield from self._wait(timeout)
         return None if info.status == "COMPLETED" else (yield from self._failure(info))
 

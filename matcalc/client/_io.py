@@ -1,16 +1,16 @@
 """The sans-I/O machinery under both clients: operations, effects, and the two thin drivers.
 
-Every endpoint is written once, as an *operation*: a generator that ``yield``\\ s :class:`Effect`\\ s
+Every endpoint is written once, as an *operation*: a generator that ``yield``\\ s `Effect`\\ s
 (send this request, sleep this long, read the next line of this stream) and receives each outcome
 back (the response, or the exception, thrown in where the effect was yielded). An operation never
 touches the network or the clock itself, so the same code serves both surfaces:
 
-* :class:`SyncSide` performs the effects with an ``httpx.Client`` and ``time.sleep``;
-* :class:`AsyncSide` performs them with an ``httpx.AsyncClient`` and ``asyncio.sleep``.
+* `SyncSide` performs the effects with an ``httpx.Client`` and ``time.sleep``;
+* `AsyncSide` performs them with an ``httpx.AsyncClient`` and ``asyncio.sleep``.
 
-:class:`Endpoint` turns an operation into the public method of both: on a :class:`SyncSide`
-object it returns the result, on an :class:`AsyncSide` object it returns a coroutine (and
-:class:`Stream` an iterator or an async iterator). This is httpx's own layout (one request model,
+`Endpoint` turns an operation into the public method of both: on a `SyncSide`
+object it returns the result, on an `AsyncSide` object it returns a coroutine (and
+`Stream` an iterator or an async iterator). This is httpx's own layout (one request model,
 sync and async twins) carried through to every call, with the layout of the ``h11``/sans-I/O
 libraries: protocol logic apart from I/O.
 """
@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 
 class Effect:
-    """One piece of I/O an operation asks for; :meth:`run` performs it synchronously, :meth:`arun`
+    """One piece of I/O an operation asks for; `run` performs it synchronously, `arun`
     asynchronously (the only two places where it happens)."""
 
     def run(self, http: httpx.Client) -> Any:
@@ -50,7 +50,7 @@ Op: TypeAlias = Generator[Effect, Any, T]
 
 @dataclass(frozen=True)
 class Transmit(Effect):
-    """Send a built request; the response (read, or with ``stream`` left open for :class:`NextLine`)."""
+    """Send a built request; the response (read, or with ``stream`` left open for `NextLine`)."""
 
     request: httpx.Request
     stream: bool = False
@@ -90,7 +90,7 @@ class ReadBody(Effect):
 
 @dataclass(frozen=True)
 class Lines(Effect):
-    """The line iterator of a streamed response (for :class:`NextLine`)."""
+    """The line iterator of a streamed response (for `NextLine`)."""
 
     response: httpx.Response
 
@@ -103,7 +103,7 @@ class Lines(Effect):
 
 @dataclass(frozen=True)
 class NextLine(Effect):
-    """The next text line from :class:`Lines`, ``None`` at the end of the stream."""
+    """The next text line from `Lines`, ``None`` at the end of the stream."""
 
     lines: Any
 
@@ -135,10 +135,10 @@ class Emit(Effect):
 
 
 class Steps(Generic[T]):
-    """Walks an operation: iterating gives the effects to perform; :meth:`settle` hands an outcome
-    back (a value, or the exception it raised); :attr:`value` is the operation's result.
+    """Walks an operation: iterating gives the effects to perform; `settle` hands an outcome
+    back (a value, or the exception it raised); `value` is the operation's result.
 
-    As a context manager it closes the operation when left early, and :meth:`leftovers` names the
+    As a context manager it closes the operation when left early, and `leftovers` names the
     streamed responses still open then (the driver closes them)."""
 
     def __init__(self, op: Op[T]) -> None:
@@ -270,7 +270,7 @@ def _public_signature(op: Callable[..., Any], handle: str, bound: bool = True) -
 
 
 class _Method:
-    """What :class:`Endpoint` and :class:`Stream` share: the operation, and the public method's
+    """What `Endpoint` and `Stream` share: the operation, and the public method's
     name, docstring and signature taken from it (``__signature__`` when it has one)."""
 
     def __init__(self, op: Callable[..., Any]) -> None:
@@ -296,8 +296,8 @@ class _Method:
 class Endpoint(_Method, Generic[P, T]):
     """A public method of both surfaces, from one operation returning ``T``.
 
-    ``obj.method(...)`` runs ``op(obj, ...)``: to its result on a :class:`SyncSide` object, as a
-    coroutine on an :class:`AsyncSide` one. On the class, the endpoint itself.
+    ``obj.method(...)`` runs ``op(obj, ...)``: to its result on a `SyncSide` object, as a
+    coroutine on an `AsyncSide` one. On the class, the endpoint itself.
     """
 
     def __init__(self, op: Callable[Concatenate[Any, P], Op[T]]) -> None:
@@ -327,8 +327,8 @@ class Endpoint(_Method, Generic[P, T]):
 
 
 class Stream(_Method, Generic[P, T]):
-    """An endpoint whose operation emits items of type ``T``: an iterator on a :class:`SyncSide`
-    object, an async iterator on an :class:`AsyncSide` one."""
+    """An endpoint whose operation emits items of type ``T``: an iterator on a `SyncSide`
+    object, an async iterator on an `AsyncSide` one."""
 
     def __init__(self, op: Callable[Concatenate[Any, P], Op[None]], item: type[T]) -> None:
         super().__init__(op)

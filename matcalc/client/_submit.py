@@ -1,4 +1,4 @@
-"""Task submissions, derived from the property declarations (:mod:`matcalc.calculations.contract`).
+"""Task submissions, derived from the property declarations (`matcalc.calculations.contract`).
 
 Each property's client method takes the property's remote parameters (``Property.remote_params``)
 plus the task options every task type shares (``matcalc.submission.TASK_OPTIONS``, declared once for the
@@ -43,7 +43,7 @@ else:
 
 
 def options_markdown() -> str:
-    """The docs table of :data:`TASK_OPTIONS` (rendered by ``docs/hooks.py``)."""
+    """The docs table of `TASK_OPTIONS` (rendered by ``docs/hooks.py``)."""
     rows = ["| keyword | unit | type / range | meaning |", "|---|---|---|---|"]
     rows += [f"| `{o.name}` | {o.unit or '–'} | {o.kind.describe()} | {o.doc} |" for o in TASK_OPTIONS]
     return "\n".join(rows)
@@ -118,7 +118,7 @@ def _check_model(model: Any) -> str:
 def submission_parts(spec: Property[Any], structure: StructureLike, model: Any,
                      given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """``(body, headers)`` of a submission of ``spec``, every value checked first: the task options
-    against :data:`TASK_OPTIONS`, the parameters with ``spec.resolve`` (``None`` = unset).
+    against `TASK_OPTIONS`, the parameters with ``spec.resolve`` (``None`` = unset).
 
     Raises:
         ValidationError: a value out of its declared range (a ``ValueError``; the message names the
@@ -148,7 +148,7 @@ def submission_parts(spec: Property[Any], structure: StructureLike, model: Any,
 
 
 def submission(spec: Property[Any], structure: StructureLike, model: Any, given: Mapping[str, Any]) -> ApiRequest:
-    """``POST /tasks/{type}`` for ``spec`` (see :func:`submission_parts`), with its Idempotency-Key."""
+    """``POST /tasks/{type}`` for ``spec`` (see `submission_parts`), with its Idempotency-Key."""
     body, headers = submission_parts(spec, structure, model, given)
     return ApiRequest.submission(f"/tasks/{spec.task_type}", body, headers.get(IDEMPOTENCY_HEADER))
 

@@ -1,6 +1,6 @@
 """Execution on dask: ``start()`` a local (GPU or CPU) cluster or one in SLURM/PBS jobs
 (``kind="slurm"|"pbs"``), or ``connect()`` to one, then
-``submit``/``map`` calculations as :class:`Task` objects with priorities, live progress, logs,
+``submit``/``map`` calculations as `Task` objects with priorities, live progress, logs,
 timeouts, retries and cancellation. ``gpus()`` reports the GPUs through NVML.
 
 >>> import matcalc as mc

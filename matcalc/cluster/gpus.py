@@ -3,7 +3,7 @@ dask path may not use GPUs.
 
 Packaging trap: ``chgnet`` depends on ``nvidia-ml-py3``, an old package that installs its own
 ``pynvml`` module; ``dask-cuda`` needs the maintained ``nvidia-ml-py``. Both provide ``pynvml``,
-whichever was installed last wins. :func:`cuda_status` names the clash.
+whichever was installed last wins. `cuda_status` names the clash.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def pynvml_providers() -> list[str]:
 
 
 def cuda_status() -> tuple[bool, str]:
-    """``(usable, reason)``: whether :func:`matcalc.cluster.start` can build a GPU cluster here.
+    """``(usable, reason)``: whether `matcalc.cluster.start` can build a GPU cluster here.
 
     The reason says what is missing (no GPU, no torch CUDA, no ``dask_cuda``, the pynvml clash).
     """

@@ -1,12 +1,12 @@
 """Workers in SLURM or PBS batch jobs, through dask-jobqueue (``pip install 'matcalc-mof[hpc]'``).
 
-:func:`jobqueue_cluster` builds the ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` that
-:func:`matcalc.cluster.start` (``kind="slurm"|"pbs"``) connects to. The scheduler runs in the calling process
+`jobqueue_cluster` builds the ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` that
+`matcalc.cluster.start` (``kind="slurm"|"pbs"``) connects to. The scheduler runs in the calling process
 (a login node, a notebook, ``matcalc serve``); each job runs ``dask worker`` processes sized as on one machine
-(:func:`matcalc.execution.plan_concurrency` applied to the job's cores, memory and GPUs):
+(`matcalc.execution.plan_concurrency` applied to the job's cores, memory and GPUs):
 
 * GPU jobs (``gpus_per_job=G``): ``G`` worker processes per job, one per GPU (each keeps one GPU in its
-  ``CUDA_VISIBLE_DEVICES``, see :func:`matcalc.cluster.worker.gpu_for_worker`), each with the worker resource
+  ``CUDA_VISIBLE_DEVICES``, see `matcalc.cluster.worker.gpu_for_worker`), each with the worker resource
   ``GPU=1`` and 4 task threads sharing the GPU's batching engine; the job asks for the GPUs (SLURM
   ``--gres=gpu:G``, PBS ``ngpus=G``);
 * CPU jobs: one worker process per core (at most one per 2 GiB of the job's memory), one task thread and one
@@ -85,7 +85,7 @@ def plan_job(cores: int, memory: str, gpus_per_job: int = 0, *, processes: int |
 
 def worker_environment(torch_threads: int) -> dict[str, str | None]:
     """What a worker process must (not) inherit: dask's ``MALLOC_TRIM_THRESHOLD_`` unset, OpenMP (torch)
-    threads = ``torch_threads``, one OpenBLAS/MKL thread (the same as :func:`matcalc.cluster.start` uses)."""
+    threads = ``torch_threads``, one OpenBLAS/MKL thread (the same as `matcalc.cluster.start` uses)."""
     from matcalc.cluster.worker import MALLOC_TRIM
 
     return {MALLOC_TRIM: None, "OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": "1",
@@ -108,8 +108,8 @@ def jobqueue_cluster(kind: str, *, jobs: int = 1, cores: int | None = None, memo
                      torch_threads: int | None = None, interface: str | None = None,
                      job_extra_directives: Sequence[str] = (), job_script_prologue: Sequence[str] = (),
                      worker_extra_args: Sequence[str] = (), **jobqueue_kwargs: Any) -> tuple[Any, JobPlan]:
-    """A dask-jobqueue cluster of ``kind`` (``"slurm"``/``"pbs"``) laid out by :func:`plan_job`, with ``jobs``
-    jobs submitted (``0``: none yet; use :meth:`Cluster.scale` or :meth:`Cluster.adapt`).
+    """A dask-jobqueue cluster of ``kind`` (``"slurm"``/``"pbs"``) laid out by `plan_job`, with ``jobs``
+    jobs submitted (``0``: none yet; use `Cluster.scale` or `Cluster.adapt`).
 
     Args:
         kind: ``"slurm"`` or ``"pbs"``.
@@ -120,9 +120,9 @@ def jobqueue_cluster(kind: str, *, jobs: int = 1, cores: int | None = None, memo
         queue: partition (SLURM) or queue (PBS).
         account: project to charge.
         gpus_per_job: GPUs per job; one worker per GPU.
-        processes: worker processes per job (overrides :func:`plan_job`).
-        threads_per_worker: task threads per worker (overrides :func:`plan_job`).
-        torch_threads: torch threads per worker (overrides :func:`plan_job`).
+        processes: worker processes per job (overrides `plan_job`).
+        threads_per_worker: task threads per worker (overrides `plan_job`).
+        torch_threads: torch threads per worker (overrides `plan_job`).
         interface: network interface the scheduler and the workers use (``"ib0"``; ``"lo"`` on one machine).
         job_extra_directives: added to dask-jobqueue's (``#SBATCH``/``#PBS`` lines).
         job_script_prologue: shell lines run before the workers start (``module load ...``).
@@ -130,7 +130,7 @@ def jobqueue_cluster(kind: str, *, jobs: int = 1, cores: int | None = None, memo
         **jobqueue_kwargs: passed on (``local_directory``, ``log_directory``, ``python``, ``job_name``...).
 
     Returns:
-        The dask-jobqueue cluster and the :class:`JobPlan` of its jobs.
+        The dask-jobqueue cluster and the `JobPlan` of its jobs.
     """
     import dask
     from dask.utils import parse_bytes

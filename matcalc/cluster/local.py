@@ -4,11 +4,11 @@
 resource ``GPU=1``) when GPUs, torch CUDA and ``dask_cuda`` are all present, otherwise a
 ``distributed.LocalCluster`` of CPU worker processes; ``connect(address)`` attaches to any running
 scheduler (dask-jobqueue, Kubernetes, ``dask scheduler`` + ``dask worker``). Both return a
-:class:`Cluster`.
+`Cluster`.
 
 Scheduling choices (DESIGN §5):
 
-* priority names map to dask priorities (:func:`~matcalc.cluster.tasks.dask_priority`): the level
+* priority names map to dask priorities (`dask_priority`): the level
   first, then submission time, because dask alone does not keep submission order among equal
   priorities. FIFO within a level; no preemption.
 * every task carries a loose worker hint (``workers=..., allow_other_workers=True``): the workers
@@ -16,7 +16,7 @@ Scheduling choices (DESIGN §5):
   affinity, and it also makes dask send tasks straight to a worker queue (where they are ordered by
   priority) instead of its "root task" queue, so priorities hold for every task.
 * progress events, log records and state changes travel from the worker through dask's event
-  stream (``Worker.log_event`` -> ``Client.subscribe_topic``), one topic per :class:`Cluster`.
+  stream (``Worker.log_event`` -> ``Client.subscribe_topic``), one topic per `Cluster`.
 """
 
 from __future__ import annotations
@@ -67,17 +67,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOSING_NOISE = DropLogRecords(r"Worker process still alive after .* seconds, killing")
-"""dask's nanny warns when a worker takes more than a few seconds to exit and kills it: while :meth:`Cluster.close`
+"""dask's nanny warns when a worker takes more than a few seconds to exit and kills it: while `Cluster.close`
 shuts down a cluster it started, that is routine (its tasks are finished or cancelled), not a warning for the
 notebook."""
 
 DEFAULT_THREADS_GPU = 4
 """Concurrent tasks per GPU worker (their force requests are fused by the batching engine);
-:data:`matcalc.execution.GPU_SLOTS`."""
+`matcalc.execution.GPU_SLOTS`."""
 DEFAULT_THREADS_CPU = 1
 """On a CPU, fusing MOF-sized CHGNet calls does not pay (benchmarks/README.md) and a second task thread
 per worker made one-at-a-time tasks wait for the batching engine's idle "active caller" (~40 ms);
-:data:`matcalc.execution.CPU_SLOTS`."""
+`matcalc.execution.CPU_SLOTS`."""
 WORKER_REFRESH_S = 2.0
 LOST_WORKER_TIMEOUT_S = 600.0
 """How long a local cluster waits for a crashed worker's restart before giving up on it (s)."""
@@ -126,7 +126,7 @@ def _prepare_structure(structure: Any) -> tuple[Any, str, str | None]:
 
 @dataclass
 class _Submission:
-    """What the cluster keeps of one task while dask runs it (the :class:`Task` is the user's handle)."""
+    """What the cluster keeps of one task while dask runs it (the `Task` is the user's handle)."""
 
     task: Task
     fn: Callable[..., Any] | None
@@ -145,12 +145,12 @@ class _Submission:
 class Cluster:
     """A dask client plus matcalc task handling; use as a context manager.
 
-    Build with :func:`start` or :func:`connect`. ``close()`` shuts down a cluster that
-    :func:`start` created and only disconnects from one given to :func:`connect`.
+    Build with `start` or `connect`. ``close()`` shuts down a cluster that
+    `start` created and only disconnects from one given to `connect`.
 
     Worker deaths: when a worker dies, its tasks are sent again (new dask keys, fresh worker hints);
     the task it was *running* counts a crash and, after ``max_crashes`` of them, is FAILED with
-    :class:`~matcalc.tasks.WorkerCrashedError` ("worker crashed: ..."), so a task that kills its worker
+    `WorkerCrashedError` ("worker crashed: ..."), so a task that kills its worker
     never stays RUNNING and never loops. A task that crashed once runs alone on its next GPU worker.
     """
 
@@ -162,8 +162,8 @@ class Cluster:
         self.client = client
         self.cluster = cluster
         self.kind = kind
-        """``local`` (a cluster :func:`start` made on this machine), ``slurm``/``pbs`` (batch jobs through
-        dask-jobqueue) or ``connected`` (:func:`connect`)."""
+        """``local`` (a cluster `start` made on this machine), ``slurm``/``pbs`` (batch jobs through
+        dask-jobqueue) or ``connected`` (`connect`)."""
         self.gpu = gpu
         """True when tasks request the worker resource ``GPU``."""
         self.gpu_reason = gpu_reason
@@ -248,7 +248,7 @@ class Cluster:
     @property
     def batching_link(self) -> str | None:
         """URL of the page of the workers' batching counters on the scheduler's dashboard server
-        (:mod:`matcalc.cluster.scheduler`; None without a dashboard)."""
+        (`matcalc.cluster.scheduler`; None without a dashboard)."""
         link = self.dashboard_link
         if not link:
             return None
@@ -268,7 +268,7 @@ class Cluster:
         return pd.DataFrame(self.client.run_on_scheduler(scheduler_batching_rows))
 
     def scale(self, n: int | None = None, *, jobs: int | None = None) -> None:
-        """Ask for ``n`` workers (or, for SLURM/PBS, ``jobs`` batch jobs) on a cluster :func:`start` made."""
+        """Ask for ``n`` workers (or, for SLURM/PBS, ``jobs`` batch jobs) on a cluster `start` made."""
         if self.cluster is None:
             raise RuntimeError("scale() needs a cluster started by matcalc.cluster.start(), not one connected to")
         if jobs is not None:
@@ -326,7 +326,7 @@ class Cluster:
         return worker_job(self.cluster, name)
 
     def close(self) -> None:
-        """Stop timers, unsubscribe, disconnect; shut the cluster down when :func:`start` made it.
+        """Stop timers, unsubscribe, disconnect; shut the cluster down when `start` made it.
         Tasks still unfinished become CANCELLED ("cluster closed")."""
         if self._closed:
             return
@@ -381,7 +381,7 @@ class Cluster:
         return out
 
     def share_custom_models(self) -> None:
-        """Register this process's user models (:func:`matcalc.register_model_file`) on every worker,
+        """Register this process's user models (`matcalc.register_model_file`) on every worker,
         including workers that join later; models unregistered here are dropped there too."""
         from matcalc.cluster.worker import CustomModelsPlugin
         from matcalc.models.custom import custom_models
@@ -464,7 +464,7 @@ class Cluster:
     def map(self, fn: str | Callable[..., Any], structures: Iterable[Any], model: str = "chgnet", *,
             priority: str = "NORMAL", timeout_s: float | None = None, retries: int = 0,
             task_id: Sequence[str] | None = None, **params: Any) -> list[Task]:
-        """:meth:`submit` for each structure (in order, so FIFO holds); ``task_id`` may list one id
+        """`submit` for each structure (in order, so FIFO holds); ``task_id`` may list one id
         per structure."""
         structures = list(structures)
         ids: list[str | None] = [None] * len(structures)
@@ -570,7 +570,7 @@ class Cluster:
         return True
 
     def _on_future_done(self, sub: _Submission, future: Future) -> None:
-        """dask's done-callback (its callback thread); a thread in :meth:`_wait_future` takes precedence."""
+        """dask's done-callback (its callback thread); a thread in `_wait_future` takes precedence."""
         with self._lock:
             if sub.waiters:
                 return
@@ -828,7 +828,7 @@ def _cancel_reason(future: Future) -> BaseException | None:
 
 
 def tasks_frame(tasks: Sequence[Task], timeout: float | None = None) -> pd.DataFrame:
-    """One row per task (see :meth:`Cluster.gather_frame`)."""
+    """One row per task (see `Cluster.gather_frame`)."""
     import pandas as pd
 
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -869,7 +869,7 @@ def _gpu_devices(n_gpus: int | str | Sequence[int]) -> list[int]:
 
 
 def _env_config(torch_threads: int) -> dict[str, Any]:
-    """dask config for the worker environment (:func:`matcalc.cluster.hpc.worker_environment`): no
+    """dask config for the worker environment (`matcalc.cluster.hpc.worker_environment`): no
     MALLOC_TRIM_THRESHOLD_; OpenMP (torch) threads = the worker's CPU share; OpenBLAS/MKL for numpy stay at 1
     thread (ASE's small linear algebra, e.g. FrechetCellFilter's expm: an EMT Cu32 cell relaxation took 43 s
     with OpenBLAS' default 2 threads vs 6.6 s with 1 on a busy 2-core machine here; torch sets its own MKL
@@ -887,7 +887,7 @@ waiting forever)."""
 
 def install_setup(client: Client, plugin: MatcalcWorkerPlugin) -> None:
     """Install matcalc's setup through ``client``: the worker plugin on every worker, present and future, and
-    :class:`~matcalc.cluster.scheduler.MatcalcSchedulerPlugin` on the scheduler (when the scheduler cannot
+    `MatcalcSchedulerPlugin` on the scheduler (when the scheduler cannot
     load it, e.g. matcalc is not installed there, the batching counters are not served: a warning says so)."""
     from matcalc.cluster.scheduler import MatcalcSchedulerPlugin
 
@@ -920,14 +920,14 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
     (``verbose=False``: only logged).
 
     ``kind="local"`` (default): workers on this machine. Sizes come from
-    :func:`matcalc.execution.plan_concurrency` (the server's executor uses the same): with GPUs (torch CUDA +
+    `matcalc.execution.plan_concurrency` (the server's executor uses the same): with GPUs (torch CUDA +
     ``dask_cuda``), one worker per selected GPU (``CUDA_VISIBLE_DEVICES`` pinned by dask-cuda), each with
     resource ``GPU=1`` and ``threads_per_worker`` concurrent tasks (default 4) sharing that GPU's batching
     engine. Otherwise one CPU worker process per CPU (at most one per 2 GiB of memory), one task and one torch
     thread each (a warning says why GPUs are not used).
 
     ``kind="slurm"`` or ``"pbs"``: workers in batch jobs through dask-jobqueue (``matcalc-mof[hpc]``), the
-    scheduler in this process; each job is laid out as one machine (:mod:`matcalc.cluster.hpc`): one worker per
+    scheduler in this process; each job is laid out as one machine (`matcalc.cluster.hpc`): one worker per
     GPU with ``gpus_per_job``, else one per core. The same Tasks, widgets and ``gather_frame``; a job that is
     cancelled or killed under a running task is handled as any worker death (the task is sent again).
 
@@ -939,7 +939,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         preload: model names each worker loads at start (a model that cannot load is skipped
             with a warning).
         kind: ``"local"``, ``"slurm"`` or ``"pbs"``.
-        jobs: SLURM/PBS: batch jobs submitted now (``0``: none; see :meth:`Cluster.scale`, :meth:`Cluster.adapt`).
+        jobs: SLURM/PBS: batch jobs submitted now (``0``: none; see `Cluster.scale`, `Cluster.adapt`).
         cores: SLURM/PBS: CPU cores booked per job.
         memory: SLURM/PBS: memory booked per job (``"32GB"``).
         walltime: SLURM/PBS: job time limit, ``"HH:MM:SS"``.
@@ -947,7 +947,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         account: SLURM/PBS: project to charge.
         gpus_per_job: SLURM/PBS: GPUs per job (one worker per GPU, resource ``GPU=1``).
         minimum_jobs: SLURM/PBS: adapt the number of jobs to the work, at least this many
-            (:meth:`Cluster.adapt`), instead of keeping ``jobs``.
+            (`Cluster.adapt`), instead of keeping ``jobs``.
         maximum_jobs: SLURM/PBS: adapt, at most this many jobs.
         torch_threads: torch intra-op threads per worker (default: CPUs // workers).
         memory_limit: local: per worker, as dask takes it.
@@ -955,7 +955,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
         max_crashes: a task whose worker died this many times while running it is FAILED.
         verbose: print the dashboard line.
         **cluster_kwargs: passed on to ``LocalCluster`` / ``LocalCUDACluster``, or to
-            :func:`matcalc.cluster.hpc.jobqueue_cluster` (``processes``, ``interface``, ``job_extra_directives``,
+            `matcalc.cluster.hpc.jobqueue_cluster` (``processes``, ``interface``, ``job_extra_directives``,
             ``job_script_prologue``, ``local_directory``, ``log_directory``, ``python``...).
     """
     from distributed import Client
@@ -1049,7 +1049,7 @@ def start(n_gpus: int | str | Sequence[int] = "all", n_workers: int | None = Non
 def _start_jobqueue(kind: str, *, jobs: int, minimum_jobs: int | None, maximum_jobs: int | None,
                     preload: Iterable[str], dashboard: bool, log_level: str, max_crashes: int, verbose: bool,
                     **options: Any) -> Cluster:
-    """:func:`start` for ``kind`` ``"slurm"``/``"pbs"`` (see :mod:`matcalc.cluster.hpc`)."""
+    """`start` for ``kind`` ``"slurm"``/``"pbs"`` (see `matcalc.cluster.hpc`)."""
     import dask
     from distributed import Client
 
@@ -1082,13 +1082,13 @@ def connect(address: str, *, preload: Iterable[str] = (), torch_threads: int | N
     """Attach to a running dask scheduler at ``address`` (e.g. ``"tcp://host:8786"``, started with
     ``dask scheduler``, workers with ``dask worker ADDRESS``).
 
-    matcalc's setup is installed through this client (:func:`install_setup`): the worker plugin on its
+    matcalc's setup is installed through this client (`install_setup`): the worker plugin on its
     workers, present and future (torch threads, the model plugins of ``MATCALC_PLUGINS``, log capture,
     batching counters; matcalc must be installed there), and the scheduler plugin. ``torch_threads`` reaches
     only worker threads that have not run torch yet, so give it to the first client that connects (or start
     the workers with ``OMP_NUM_THREADS`` set). Workers that carry the resource ``GPU`` make tasks request a
     share of it. ``close()`` disconnects without stopping the cluster. Worker deaths are handled as with
-    :func:`start` (the scheduler plugin stops the scheduler from rerunning a dead worker's task on its own).
+    `start` (the scheduler plugin stops the scheduler from rerunning a dead worker's task on its own).
 
     Raises:
         ConnectionError: no scheduler answered at ``address`` within ``timeout_s``.

@@ -1,8 +1,8 @@
-"""What matcalc adds to a dask scheduler (:class:`MatcalcSchedulerPlugin`, registered by every
-:class:`~matcalc.cluster.Cluster` client: :func:`~matcalc.cluster.start`, :func:`~matcalc.cluster.connect`,
+"""What matcalc adds to a dask scheduler (`MatcalcSchedulerPlugin`, registered by every
+`Cluster` client: `start`, `connect`,
 SLURM/PBS).
 
-* The workers' batching counters (:func:`matcalc.cluster.worker.batching_counters`, sent with each heartbeat)
+* The workers' batching counters (`matcalc.cluster.worker.batching_counters`, sent with each heartbeat)
   on the scheduler's HTTP server, the one that serves the dashboard:
 
   - ``/metrics`` (dask's Prometheus endpoint): ``matcalc_worker_batching_*`` per worker, model and device
@@ -54,7 +54,7 @@ _LOCK = threading.Lock()
 
 def batching_rows(scheduler: Any) -> list[dict[str, Any]]:
     """One row per worker and engine from the counters the workers' heartbeats brought: worker (address),
-    name, then the fields of :func:`~matcalc.cluster.worker.batching_counters`."""
+    name, then the fields of `batching_counters`."""
     rows = []
     for addr, ws in sorted(getattr(scheduler, "workers", {}).items()):
         for row in (getattr(ws, "metrics", None) or {}).get(BATCHING_METRIC, None) or []:
@@ -63,13 +63,13 @@ def batching_rows(scheduler: Any) -> list[dict[str, Any]]:
 
 
 def scheduler_batching_rows(dask_scheduler: Any = None) -> list[dict[str, Any]]:
-    """:func:`batching_rows` of the scheduler this runs on (``Client.run_on_scheduler``)."""
+    """`batching_rows` of the scheduler this runs on (``Client.run_on_scheduler``)."""
     return batching_rows(dask_scheduler)
 
 
 class BatchingCollector:
     """Prometheus collector (registered once per process in ``prometheus_client.REGISTRY``, the registry dask's
-    ``/metrics`` serves) over the schedulers of this process that run :class:`MatcalcSchedulerPlugin`."""
+    ``/metrics`` serves) over the schedulers of this process that run `MatcalcSchedulerPlugin`."""
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

@@ -1,7 +1,7 @@
-"""Tasks on a dask cluster: the :class:`Task` handle a user holds for one submitted calculation.
+"""Tasks on a dask cluster: the `Task` handle a user holds for one submitted calculation.
 
-The lifecycle (statuses, transitions, priorities) is :mod:`matcalc.tasks`; a Task keeps its
-:class:`~matcalc.tasks.TaskState` in :attr:`Task.state`, which the :class:`~matcalc.cluster.Cluster`
+The lifecycle (statuses, transitions, priorities) is `matcalc.tasks`; a Task keeps its
+`TaskState` in `Task.state`, which the `Cluster`
 moves through its public transitions as dask reports progress, logs and outcomes from the workers.
 """
 
@@ -65,7 +65,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class TaskRunner(Protocol):
-    """What a :class:`Task` asks of the cluster that runs it."""
+    """What a `Task` asks of the cluster that runs it."""
 
     def wait_for(self, task: Task, timeout: float | None) -> bool:
         """Block until ``task`` is finished (True) or ``timeout`` s passed (False)."""
@@ -84,7 +84,7 @@ class Task:
         params: keyword arguments passed to the calculation.
         timeout_s, retries: limits given at submission.
         created_at: UNIX time (s).
-        state: the lifecycle state (:class:`matcalc.tasks.TaskState`): status, attempts, crashes, worker,
+        state: the lifecycle state (`matcalc.tasks.TaskState`): status, attempts, crashes, worker,
             start and end times, result or error, progress, logs.
     """
 
@@ -168,7 +168,7 @@ class Task:
         return self.state.result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """Wait like :meth:`result`; the task's error, or None when it completed."""
+        """Wait like `result`; the task's error, or None when it completed."""
         self._wait_or_raise(timeout)
         return self.state.exception
 

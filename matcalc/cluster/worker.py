@@ -1,9 +1,9 @@
-"""What runs on a dask worker: the task function (:func:`run_task`, over the one job runner of
-:mod:`matcalc.execution`) and :class:`MatcalcWorkerPlugin` (torch threads, model preload, log capture,
+"""What runs on a dask worker: the task function (`run_task`, over the one job runner of
+`matcalc.execution`) and `MatcalcWorkerPlugin` (torch threads, model preload, log capture,
 assignment events).
 
-Models are cached per process by :func:`matcalc.models.get_model`, and every calculation asks
-:func:`matcalc.calculations.common.evaluator_for` for its evaluator, so all tasks on one worker
+Models are cached per process by `matcalc.models.get_model`, and every calculation asks
+`matcalc.calculations.common.evaluator_for` for its evaluator, so all tasks on one worker
 share one loaded model and one batching engine without anything here.
 """
 
@@ -33,7 +33,7 @@ from matcalc.execution import (
 log = logging.getLogger(__name__)
 
 TASK_KEY_BODY = r"[A-Za-z][A-Za-z0-9_]*(?:-\[[A-Za-z0-9._+=-]*\])?-[0-9a-f]{12}"
-"""The shape of a matcalc task's dask key (:func:`task_key`): ``relax-[CALF-20]-3f2a9c1b0d4e``."""
+"""The shape of a matcalc task's dask key (`task_key`): ``relax-[CALF-20]-3f2a9c1b0d4e``."""
 TASK_KEY = re.compile(rf"^{TASK_KEY_BODY}$")
 LABEL_CHARS = 40
 """Longest structure label kept in a dask key (characters)."""
@@ -57,7 +57,7 @@ class DropLogRecords(logging.Filter):
 
 def key_label(label: str | None) -> str:
     """``label`` made safe for a dask key and the dashboard: letters, digits and ``. _ + = -`` kept, runs of
-    anything else become one ``_``, at most :data:`LABEL_CHARS` characters (``"MOF-5 (prim)"`` ->
+    anything else become one ``_``, at most `LABEL_CHARS` characters (``"MOF-5 (prim)"`` ->
     ``"MOF-5_prim"``)."""
     text = re.sub(r"[^A-Za-z0-9._+=-]+", "_", str(label or "")).strip("_")
     return text[:LABEL_CHARS].rstrip("_")
@@ -81,18 +81,18 @@ def task_key(prop: str, label: str | None = None, token: str | None = None) -> s
 
 
 def is_task_key(key: Any) -> bool:
-    """True for a dask key made by :func:`task_key`."""
+    """True for a dask key made by `task_key`."""
     return isinstance(key, str) and TASK_KEY.match(key) is not None
 
 
 EXPECTED_FAILURE = DropLogRecords(rf"Compute Failed\s+Key:\s+{TASK_KEY_BODY}(?:\s|$)")
 """dask's worker logs a task whose function raised as "Compute Failed" with its traceback, at ERROR. For a
 matcalc task that failure is the task's own outcome (FAILED, with its error, on the Task), so it is not printed
-again in the notebook: :class:`MatcalcWorkerPlugin` puts this filter on ``distributed.worker``."""
+again in the notebook: `MatcalcWorkerPlugin` puts this filter on ``distributed.worker``."""
 
 
 def quiet_expected_failures() -> None:
-    """Install :data:`EXPECTED_FAILURE` on this process' ``distributed.worker`` logger (idempotent)."""
+    """Install `EXPECTED_FAILURE` on this process' ``distributed.worker`` logger (idempotent)."""
     logger = logging.getLogger("distributed.worker")
     if EXPECTED_FAILURE not in logger.filters:
         logger.addFilter(EXPECTED_FAILURE)
@@ -100,7 +100,7 @@ def quiet_expected_failures() -> None:
 
 # ---------------------------------------------------------------------------- the task function
 async def request_stop_async(task_id: str, reason: str = "cancel") -> bool:
-    """:func:`matcalc.execution.request_stop` as a coroutine (runs in the worker's event loop via
+    """`matcalc.execution.request_stop` as a coroutine (runs in the worker's event loop via
     ``Client.run``)."""
     return request_stop(task_id, reason)
 
@@ -145,8 +145,8 @@ def worker_address() -> str | None:
 
 
 def run_task(job: Job, topic: str | None = None, progress_interval_s: float = 0.1) -> Outcome:
-    """What a dask worker runs for one task: :func:`matcalc.execution.run_job`, its messages published
-    on ``topic``; the :class:`~matcalc.execution.Outcome` comes back as the future's result."""
+    """What a dask worker runs for one task: `matcalc.execution.run_job`, its messages published
+    on ``topic``; the `Outcome` comes back as the future's result."""
     outcome = run_job(job, _dask_publisher(topic) if topic else None, worker=worker_address(),
                       progress_interval_s=progress_interval_s)
     if outcome.exception is not None:
@@ -195,13 +195,13 @@ class MatcalcWorkerPlugin(WorkerPlugin):
     * ``plugins``: model plugin modules (``MATCALC_PLUGINS``; default: the client's) added to the worker's
       ``MATCALC_PLUGINS`` and imported, so user models registered by them resolve on every worker;
     * ``pin_gpu``: a worker that is one of several in a job with several GPUs (dask-jobqueue's ``--nworkers``)
-      keeps one of them in ``CUDA_VISIBLE_DEVICES`` (:func:`gpu_for_worker`), as dask-cuda does on one machine;
+      keeps one of them in ``CUDA_VISIBLE_DEVICES`` (`gpu_for_worker`), as dask-cuda does on one machine;
     * ``preload``: model names loaded once at start (kept in the per-process model cache);
-    * announces tasks arriving on the worker's queue (status ASSIGNED) on :data:`ASSIGNED_TOPIC`;
+    * announces tasks arriving on the worker's queue (status ASSIGNED) on `ASSIGNED_TOPIC`;
     * sends the batching engines' counters to the scheduler with every heartbeat (metric
-      :data:`BATCHING_METRIC`: :func:`batching_counters`);
+      `BATCHING_METRIC`: `batching_counters`);
     * warns when the process runs with dask's ``MALLOC_TRIM_THRESHOLD_`` (it slows CHGNet 2.5×);
-    * a matcalc task that fails is not logged again by dask (:data:`EXPECTED_FAILURE`).
+    * a matcalc task that fails is not logged again by dask (`EXPECTED_FAILURE`).
     """
 
     name = "matcalc"
@@ -285,7 +285,7 @@ def gpu_for_worker(name: str, visible: str | None) -> str | None:
 
 
 def pin_worker_gpu(name: str) -> str | None:
-    """Restrict this worker process to its GPU (:func:`gpu_for_worker`) before CUDA starts; returns it."""
+    """Restrict this worker process to its GPU (`gpu_for_worker`) before CUDA starts; returns it."""
     choice = gpu_for_worker(name, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if choice is None:
         return None
@@ -320,7 +320,7 @@ def batching_counters(dask_worker: Any = None) -> list[dict[str, Any]]:
 
 
 class CustomModelsPlugin(WorkerPlugin):
-    """Registers validated user models (:class:`matcalc.models.custom.CustomModel`) on every worker, present
+    """Registers validated user models (`matcalc.models.custom.CustomModel`) on every worker, present
     and future; registering a new plugin under the same name replaces the set (models left out are dropped).
 
     The model files must be readable at the same paths on the workers (one machine, or a shared file system).
@@ -344,7 +344,7 @@ class CustomModelsPlugin(WorkerPlugin):
 
 
 def worker_info(dask_worker: Any = None) -> dict[str, Any]:
-    """What :meth:`Cluster.workers` reports about one worker (runs on that worker)."""
+    """What `Cluster.workers` reports about one worker (runs on that worker)."""
     import torch
 
     info: dict[str, Any] = {

@@ -1,8 +1,8 @@
-"""The model contract: a :class:`Potential` evaluates a *batch* of structures at once.
+"""The model contract: a `Potential` evaluates a *batch* of structures at once.
 
 Units everywhere: energy eV, forces eV/Å, stress eV/Å³ in ASE's Voigt order
 (xx, yy, zz, yz, xz, xy) and ASE's sign convention (positive = tensile).
-:meth:`Potential.calculator` gives an ordinary ASE calculator over any *evaluator*
+`Potential.calculator` gives an ordinary ASE calculator over any *evaluator*
 (an object with ``evaluate(list[Atoms]) -> list[Evaluation]``), so ASE optimizers,
 filters and MD integrators run unchanged on top of a batched engine.
 """
@@ -71,8 +71,8 @@ class ModelStats:
 class Potential(ABC):
     """A loaded interatomic potential on one device.
 
-    Subclasses implement :meth:`_evaluate_batch`; :meth:`evaluate` splits the request into
-    chunks of at most :attr:`max_batch_atoms` atoms and keeps :attr:`stats`.
+    Subclasses implement `_evaluate_batch`; `evaluate` splits the request into
+    chunks of at most `max_batch_atoms` atoms and keeps `stats`.
     """
 
     family: str = "generic"
@@ -82,7 +82,7 @@ class Potential(ABC):
     """True when ``evaluate`` may run in several threads at once (the batching engine then runs one call
     per CPU core side by side); False serialises calls."""
     package: str = ""
-    """Import name of the package implementing the model (its version goes into :meth:`identity`)."""
+    """Import name of the package implementing the model (its version goes into `identity`)."""
 
     def __init__(
         self,
@@ -105,11 +105,11 @@ class Potential(ABC):
         self.version: str = getattr(self, "version", "")
         """The model's own version or checkpoint name, when it has one."""
         self.weights_path: Path | None = None
-        """The weights file the model was loaded from (``None``: shipped in :attr:`package`, or none)."""
+        """The weights file the model was loaded from (``None``: shipped in `package`, or none)."""
         self.options: dict[str, Any] = {}
         """Loader options that change the model (set by the registry for catalogue and user models)."""
         self.registered: bool = False
-        """Loaded through the registry (:func:`matcalc.models.get_model`): its name identifies it."""
+        """Loaded through the registry (`matcalc.models.get_model`): its name identifies it."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device!r})"
@@ -158,7 +158,7 @@ class Potential(ABC):
 
     def energies(self, atoms_list: Sequence[Atoms]) -> list[float]:
         """Total energies (eV) of ``atoms_list`` (input order), skipping forces and stress where the model can
-        (:meth:`_energies_batch`); same chunks and :attr:`stats` as :meth:`evaluate`. For work that needs
+        (`_energies_batch`); same chunks and `stats` as `evaluate`. For work that needs
         energies only (e.g. Widom insertions)."""
         out: list[float] = [0.0] * len(atoms_list)
         for group in self.chunks(atoms_list):
@@ -179,7 +179,7 @@ class Potential(ABC):
         return out
 
     def _energies_batch(self, atoms_list: Sequence[Atoms]) -> list[float]:
-        """Energies (eV) of ``atoms_list`` in one model call. Default: :meth:`_evaluate_batch`'s; a model that
+        """Energies (eV) of ``atoms_list`` in one model call. Default: `_evaluate_batch`'s; a model that
         can skip the backward pass (forces, stress) overrides it with the same numbers to round-off."""
         return [float(e.energy_eV) for e in self._evaluate_batch(atoms_list)]
 
@@ -247,7 +247,7 @@ class ASECalculatorPotential(Potential):
     """A potential backed by an ordinary ASE calculator, evaluated one structure at a time, under a lock
     (ASE calculators keep state).
 
-    A structure object that comes back call after call (the batched stepping of :mod:`matcalc.batched` sends
+    A structure object that comes back call after call (the batched stepping of `matcalc.batched` sends
     the same ``Atoms`` every step) gets a calculator of its own from the second call on, so calculators that
     keep neighbour lists between calls (EMT, Lennard-Jones) update them instead of rebuilding them for every
     structure of an alternating batch; other structures share one calculator.

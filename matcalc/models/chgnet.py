@@ -32,7 +32,7 @@ _QUIET_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence :data:`CHGNET_NOISE` inside this block only (not process-wide). ``warnings.catch_warnings``
+    """Silence `CHGNET_NOISE` inside this block only (not process-wide). ``warnings.catch_warnings``
     swaps the process's filter list, so concurrent blocks take turns: the block covers CHGNet's graph batching
     (host work under the GIL), never the model's forward or backward pass."""
     with _QUIET_LOCK, warnings.catch_warnings():
@@ -68,7 +68,7 @@ class CHGNetPotential(Potential):
         self.version = model_version
         self._lock = threading.Lock()
         self._fast = True
-        """One-backward inference (see :meth:`_efs_one_backward`); thread-safe, so calls may overlap."""
+        """One-backward inference (see `_efs_one_backward`); thread-safe, so calls may overlap."""
         self.concurrent_calls = str(device).startswith("cpu")  # on a GPU one queue serves the device
 
     def _evaluate_batch(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
@@ -95,7 +95,7 @@ class CHGNetPotential(Potential):
 
     def _energies_batch(self, atoms_list: Sequence[Atoms]) -> list[float]:
         """Energies only: CHGNet's forward pass without gradients (no forces, no stress), the same forward as
-        :meth:`_efs_one_backward` (same numbers to float32 round-off); for Widom insertions."""
+        `_efs_one_backward` (same numbers to float32 round-off); for Widom insertions."""
         if not self._fast:
             return super()._energies_batch(atoms_list)
         import torch
@@ -119,7 +119,7 @@ class CHGNetPotential(Potential):
 
     def graphs(self, atoms_list: Sequence[Atoms]) -> list[Any]:
         """CHGNet's crystal graphs of ``atoms_list``, built vectorised from the arrays
-        (:func:`matcalc.models.chgnet_graph.crystal_graph`: the same tensors as CHGNet's converter, ~20x
+        (`matcalc.models.chgnet_graph.crystal_graph`: the same tensors as CHGNet's converter, ~20x
         faster); CHGNet's own converter for a structure the fast builder declines."""
         from pymatgen.io.ase import AseAtomsAdaptor
 

@@ -2,7 +2,7 @@
 
 ``CrystalGraphConverter`` goes ``Atoms -> pymatgen Structure -> neighbour list -> Python Node/Edge objects ->
 lists -> tensors``; the object graph and the line-graph loop are per-edge Python (~10 ms for a small MOF cell,
-all of it holding the GIL). :func:`crystal_graph` computes the same tensors with numpy over edge arrays, from the
+all of it holding the GIL). `crystal_graph` computes the same tensors with numpy over edge arrays, from the
 same neighbour list (pymatgen's ``find_points_in_spheres``, on coordinates rounded exactly as a ``Structure``
 rounds them), in the same order: directed edges in neighbour-list order, undirected edges in order of their
 first directed edge, angles in CHGNet's order (bond by bond, each end in turn, the centre's edges grouped by

@@ -200,8 +200,8 @@ def register_model_file(
 ) -> ModelCard:
     """Register a user model file under ``name`` so that every calculation can use it by name.
 
-    The file is inspected first (:func:`inspect_model_file`); with ``validate`` (the default) it is then
-    loaded in a separate process and checked (:func:`~matcalc.models.validation.validate_model_file`);
+    The file is inspected first (`inspect_model_file`); with ``validate`` (the default) it is then
+    loaded in a separate process and checked (`validate_model_file`);
     only a model that passes is registered. ``options`` go to the family loader (e.g. ``dtype``,
     ``elements``, ``cutoff_A`` for TorchScript; an architecture name for a weights-only checkpoint).
 

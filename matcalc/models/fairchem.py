@@ -16,7 +16,7 @@ Two file layouts load:
   Untrusted files of either layout are read with ``weights_only=True`` (the checkpoint dataclass is the one
   extra global allowed), their hydra configs are checked against an allow-list (fairchem model, head, task,
   normaliser and loss classes only; no interpolation, no fine-tune or file references), and a fresh native
-  checkpoint written from the checked content is what fairchem loads. :func:`export_weights_only` turns a
+  checkpoint written from the checked content is what fairchem loads. `export_weights_only` turns a
   trusted native checkpoint into this layout.
 
 eqV2 and the OMat24 eSEN-30M-OAM checkpoints are fairchem-core 1.x files (``OCPCalculator``); fairchem-core 2.x
@@ -231,7 +231,7 @@ def _resolves_to_fairchem_module(name: str) -> bool:
 
 
 def check_config(fields: dict[str, Any]) -> None:
-    """Raise :class:`UnsafeCheckpointError` unless the hydra configs only build allow-listed fairchem classes."""
+    """Raise `UnsafeCheckpointError` unless the hydra configs only build allow-listed fairchem classes."""
     for where, key, value in _walk({"model_config": fields["model_config"], "tasks_config": fields["tasks_config"]}):
         if key is None:  # a string value
             if "${" in value:
@@ -296,7 +296,7 @@ def load(path: Path | None, *, name: str, device: str, task: str = DEFAULT_TASK,
     A catalogue file (in the models dir, placed by the operator) goes straight to fairchem's loader; any other
     file is read weights-only and config-checked first (see the module docstring). ``legacy`` marks a
     fairchem-core 1.x checkpoint, which this adapter cannot load. ``options``: ``inference_settings``,
-    ``max_batch_atoms`` (see :class:`FAIRChemPotential`).
+    ``max_batch_atoms`` (see `FAIRChemPotential`).
     """
     if path is None:
         raise FileNotFoundError(f"{name}: fairchem ships no weights; a local checkpoint file is needed")

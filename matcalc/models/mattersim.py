@@ -38,7 +38,7 @@ SOURCE = "https://github.com/microsoft/mattersim, folder pretrained_models/"
 
 
 def _default_max_batch_atoms(device: str) -> int:
-    """Atom budget of one call on ``device`` (see :data:`CPU_MAX_BATCH_ATOMS`)."""
+    """Atom budget of one call on ``device`` (see `CPU_MAX_BATCH_ATOMS`)."""
     return CPU_MAX_BATCH_ATOMS if str(device).startswith("cpu") else GPU_MAX_BATCH_ATOMS
 
 

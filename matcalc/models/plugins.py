@@ -1,4 +1,4 @@
-"""Model plugins: user Python modules that register potentials with :func:`matcalc.register_model`.
+"""Model plugins: user Python modules that register potentials with `matcalc.register_model`.
 
 Two sources, both imported once per process on the first use of the model registry (so the
 library, ``matcalc serve``, its worker processes and every dask worker see the same models):
@@ -8,8 +8,8 @@ library, ``matcalc serve``, its worker processes and every dask worker see the s
 * installed packages exposing the entry-point group ``matcalc.models``; the entry point names
   a module (imported) or a callable (imported, then called without arguments).
 
-A plugin that fails to import never stops matcalc: it is reported as a :class:`PluginWarning`
-naming the module and the error, and listed by :func:`plugin_status` (``matcalc models``,
+A plugin that fails to import never stops matcalc: it is reported as a `PluginWarning`
+naming the module and the error, and listed by `plugin_status` (``matcalc models``,
 ``GET /api/v1/system/config`` and ``/health`` show it).
 """
 
@@ -128,7 +128,7 @@ def load_plugins(*, force: bool = False) -> list[PluginStatus]:
 
 
 def ensure_plugins() -> None:
-    """:func:`load_plugins` unless it ran already (cheap: the registry calls it on every lookup).
+    """`load_plugins` unless it ran already (cheap: the registry calls it on every lookup).
 
     Another thread waits until the plugins are imported; the importing thread itself (a plugin
     that uses the registry) goes on with what is registered so far."""
@@ -137,7 +137,7 @@ def ensure_plugins() -> None:
 
 
 def plugin_status() -> list[PluginStatus]:
-    """What :func:`load_plugins` did in this process (it runs first if it has not yet)."""
+    """What `load_plugins` did in this process (it runs first if it has not yet)."""
     return load_plugins()
 
 

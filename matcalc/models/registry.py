@@ -2,7 +2,7 @@
 
 Loading never touches the network: every built-in model loads weights shipped inside its
 package or from a local file. ``"<name>+d3"`` adds D3(BJ) dispersion to any registered model.
-Model plugins (``MATCALC_PLUGINS``, entry points ``matcalc.models``; :mod:`matcalc.models.plugins`)
+Model plugins (``MATCALC_PLUGINS``, entry points ``matcalc.models``; `matcalc.models.plugins`)
 are imported on the first lookup.
 """
 
@@ -132,7 +132,7 @@ FAMILY_MODULES = (
     "matcalc.models.fairchem",
     "matcalc.models.grace",
 )
-"""Modules that declare ``FAMILY`` (a :class:`~matcalc.models.weights.Family`); importing them is cheap:
+"""Modules that declare ``FAMILY`` (a `Family`); importing them is cheap:
 each imports its package only when a model loads."""
 
 
@@ -159,7 +159,7 @@ def register_model(
     """Register ``factory(name=..., device=...) -> Potential`` under ``name`` (lower-case).
 
     ``package``, ``version``, ``weights`` (a function returning the weights file) and ``options`` make up
-    the model's identity (:func:`model_identity`) with its name, family and dtype: results are cached
+    the model's identity (`model_identity`) with its name, family and dtype: results are cached
     under it, so give a new ``version`` (or weights file) when a factory's numbers change.
     """
     key = name.lower()
@@ -204,7 +204,7 @@ def default_device() -> str:
 
 def _device_for(base: str, with_d3: bool) -> str:
     """The default device of a model: ``"cpu"`` for CPU-only models (without importing torch), else
-    :func:`default_device`."""
+    `default_device`."""
     spec = _REGISTRY.get(base)
     return "cpu" if spec is not None and spec.cpu_only and not with_d3 else default_device()
 
@@ -311,7 +311,7 @@ def _weights_changed(key: tuple[str, str]) -> bool:
 
 def _stamp(potential: Potential, spec: ModelSpec) -> None:
     """Give a loaded potential its registered identity (package, version, weights file, options), so that
-    ``potential.identity()`` and :func:`model_identity` agree; a registered dtype that the loaded model
+    ``potential.identity()`` and `model_identity` agree; a registered dtype that the loaded model
     contradicts is corrected (with a warning)."""
     potential.registered = True
     potential.package = spec.package

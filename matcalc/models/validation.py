@@ -2,7 +2,7 @@
 
 Checks: finite energies, forces and stresses; forces = -dE/dx and stress = (1/V) dE/dstrain by central
 finite differences (ASE's); rotation invariance (energy unchanged, forces rotate with the structure);
-a batch of structures gives what each gives alone. :func:`validate_model_file` runs them in a separate
+a batch of structures gives what each gives alone. `validate_model_file` runs them in a separate
 Python process, so a model that crashes, hangs or leaks cannot take the caller down.
 Tolerances follow the model's precision (float32 or float64).
 """

@@ -35,7 +35,7 @@ class WeightsEntry:
 
     name: str
     filename: str
-    """File name inside :func:`models_dir`; an absolute path is used as is; ``""`` when the weights ship
+    """File name inside `models_dir`; an absolute path is used as is; ``""`` when the weights ship
     inside the family's package."""
     description: str = ""
     elements: str = "all"

@@ -1,12 +1,12 @@
-"""Alerts: built-in rules evaluated periodically over a :class:`Snapshot` of the system; an alert
+"""Alerts: built-in rules evaluated periodically over a `Snapshot` of the system; an alert
 opens when a rule's condition starts holding (per GPU, model, path or worker) and resolves when it
 stops. Open and resolved alerts are rows of the ``alerts`` table (``data.key`` names the subject); while
 an alert is open each evaluation updates its ``message`` and ``data.value`` to the current reading
 (``data.opened_value`` keeps the first); opened/resolved events go to the notifiers (log,
 JSON-lines file, signed webhooks).
 
-Every input comes from a replaceable provider (:class:`Providers`), GPUs through
-:func:`matcalc.cluster.gpus` (NVML), so tests drive each rule with real readings.
+Every input comes from a replaceable provider (`Providers`), GPUs through
+`matcalc.cluster.gpus` (NVML), so tests drive each rule with real readings.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def disk_free(paths: list[str]) -> dict[str, float]:
 
 
 def executor_workers(executor: Any) -> dict[str, bool]:
-    """Worker name -> online (:meth:`matcalc.server.executor.Executor.workers_online`)."""
+    """Worker name -> online (`matcalc.server.executor.Executor.workers_online`)."""
     online = getattr(executor, "workers_online", None)
     return dict(online()) if callable(online) else {}
 
@@ -282,7 +282,7 @@ def alert_dict(row: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- engine
 class AlertEngine:
-    """Evaluates the rules every ``interval_s`` in a thread (or on :meth:`evaluate`)."""
+    """Evaluates the rules every ``interval_s`` in a thread (or on `evaluate`)."""
 
     def __init__(self, store: Any, providers: Providers, rules: dict[str, Rule] | None = None, *,
                  notifiers: list[Callable[[str, dict[str, Any]], None]] | None = None, interval_s: float = 30.0,

@@ -70,7 +70,7 @@ async def require_api_key(request: Request, key: str | None = Security(api_key_s
 
 
 async def require_admin(request: Request, key: str | None = Security(api_key_scheme)) -> str:
-    """Like :func:`require_api_key`; with ``admin_api_keys`` configured the key must be one of them."""
+    """Like `require_api_key`; with ``admin_api_keys`` configured the key must be one of them."""
     client = await require_api_key(request, key)
     admins = request.app.state.settings.admin_api_keys
     if admins and not (key and _matches(key, admins)):

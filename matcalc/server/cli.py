@@ -73,7 +73,7 @@ def _flag_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None, bool, bool
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, exclude: set[str]) -> None:
-    """One flag per setting of :class:`~matcalc.server.config.Settings` not in ``exclude``, derived from
+    """One flag per setting of `Settings` not in ``exclude``, derived from
     the field (type, help from its docstring, the ``MATCALC_*`` variable named in the help)."""
     from matcalc.server.config import Settings, cli_flag, env_var
 

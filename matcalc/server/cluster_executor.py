@@ -1,11 +1,11 @@
-"""The dask executor (``matcalc serve --cluster local|slurm|pbs|ADDRESS``): tasks go to :mod:`matcalc.cluster`.
+"""The dask executor (``matcalc serve --cluster local|slurm|pbs|ADDRESS``): tasks go to `matcalc.cluster`.
 
 ``local`` starts a cluster on this machine (one worker per GPU, or CPU worker processes); ``slurm`` and
 ``pbs`` start one whose workers run in batch jobs (dask-jobqueue), laid out by the ``cluster_options``
 setting (the config file's ``[cluster]`` table: jobs, cores, memory, walltime, queue, gpus_per_job,
-minimum_jobs/maximum_jobs...); any other value is a scheduler address to :func:`matcalc.cluster.connect` to
+minimum_jobs/maximum_jobs...); any other value is a scheduler address to `matcalc.cluster.connect` to
 (``cluster_options`` then are connect's keywords, e.g. ``timeout_s``). Status changes, progress, logs and
-outcomes of the cluster's :class:`~matcalc.cluster.Task` objects are forwarded to the task service (and
+outcomes of the cluster's `Task` objects are forwarded to the task service (and
 so to the store). Worker deaths are the cluster's (it runs the task again on another worker, then
 FAILs it at ``max_crashes``); each one is recorded in the store as it happens.
 """
@@ -33,7 +33,7 @@ class ClusterExecutor:
         self.progress_interval_s = progress_interval_s
         self.address = address
         self.options = dict(options or {})
-        """Keywords of :func:`matcalc.cluster.start` (local, slurm, pbs) or :func:`matcalc.cluster.connect`."""
+        """Keywords of `matcalc.cluster.start` (local, slurm, pbs) or `matcalc.cluster.connect`."""
         self.n_workers = workers or None
         self.slots = slots
         self.device = device

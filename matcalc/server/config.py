@@ -1,7 +1,7 @@
 """Server settings: defaults < config file (TOML) < environment (``MATCALC_*``) < command-line flags.
 
 The config file is ``--config PATH``, else ``$MATCALC_CONFIG``, else ``~/.matcalc/config.toml`` if it
-exists. Keys are the field names of :class:`Settings`, at top level or in a ``[server]`` table.
+exists. Keys are the field names of `Settings`, at top level or in a ``[server]`` table.
 Environment variables are ``MATCALC_`` + the upper-case field name (``MATCALC_PORT=9000``);
 list fields take comma-separated values (``MATCALC_API_KEYS=k1,k2``; ``MATCALC_API_KEY`` adds one).
 """

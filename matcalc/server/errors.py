@@ -13,7 +13,7 @@ from typing import Any
 
 
 class ErrorCode(enum.IntEnum):
-    """``code -> (HTTP status, description)`` via :attr:`http_status` / :attr:`description`."""
+    """``code -> (HTTP status, description)`` via `http_status` / `description`."""
 
     OK = 0
     # 10xxx system

@@ -4,8 +4,8 @@ Worker threads publish; asyncio consumers (the SSE routes of the observability l
 to one task or to everything (``task_id=None``). A slow subscriber loses its oldest events rather
 than blocking a task; a closed task ends its subscribers' streams (``None`` is delivered).
 
-A :class:`Watch` is the cheap kind of subscriber: it only learns *that* something happened (an
-:class:`asyncio.Event`, set at most once per wake-up however many events came), which is all the
+A `Watch` is the cheap kind of subscriber: it only learns *that* something happened (an
+`asyncio.Event`, set at most once per wake-up however many events came), which is all the
 shared log feeds need; events with ``"stored": False`` (progress not written to the store) do not
 wake it.
 """
@@ -91,7 +91,7 @@ class EventBus:
 
     @contextlib.contextmanager
     def watch(self, task_id: str) -> Iterator[Watch]:
-        """A :class:`Watch` of one task, from a running event loop; removed on exit."""
+        """A `Watch` of one task, from a running event loop; removed on exit."""
         w = Watch(task_id, asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             self._watches.setdefault(task_id, []).append(w)

@@ -1,13 +1,13 @@
-"""Where tasks run. The server talks to an :class:`Executor`; the implementations:
+"""Where tasks run. The server talks to an `Executor`; the implementations:
 
-* :class:`~matcalc.server.pool.PoolExecutor` (default, ``--cluster process``): supervised worker
+* `PoolExecutor` (default, ``--cluster process``): supervised worker
   processes; with ``--cluster inprocess`` the same runner in threads of the API process (tests);
-* :class:`~matcalc.server.cluster_executor.ClusterExecutor` (``--cluster local|ADDRESS``): the dask
-  cluster of :mod:`matcalc.cluster`.
+* `ClusterExecutor` (``--cluster local|ADDRESS``): the dask
+  cluster of `matcalc.cluster`.
 
-All of them run :func:`matcalc.execution.run_job` on a :class:`~matcalc.execution.Job` and report back
-through :class:`ExecutorCallbacks` (the task service writes to the store). :func:`make_executor` in
-:mod:`matcalc.server.pool` builds the one ``--cluster`` names.
+All of them run `matcalc.execution.run_job` on a `Job` and report back
+through `ExecutorCallbacks` (the task service writes to the store). `make_executor` in
+`matcalc.server.pool` builds the one ``--cluster`` names.
 """
 
 from __future__ import annotations
@@ -72,6 +72,6 @@ class Executor(Protocol):
     def loaded_models(self) -> dict[str, list[str]]: ...
 
     def register_custom_model(self, model: Any) -> None:
-        """Make a validated user model (:class:`matcalc.models.custom.CustomModel`) loadable by name."""
+        """Make a validated user model (`matcalc.models.custom.CustomModel`) loadable by name."""
 
     def unregister_custom_model(self, name: str) -> None: ...

@@ -1,19 +1,19 @@
 """Structured logs: JSON records, daily log files with gzip/monthly packing, and the live streams.
 
-* :class:`JsonFormatter` turns a :class:`logging.LogRecord` into one JSON object per line with
+* `JsonFormatter` turns a `logging.LogRecord` into one JSON object per line with
   ``timestamp, level, logger, kind, message, task_id, request_id, worker, gpu`` plus every ``extra``
   field (``step``, ``energy_eV``, ``status``, ``duration_s``...). ``kind`` is ``access``, ``audit``,
   ``task`` (a record emitted while a task runs) or ``system``.
-* :class:`DailyJsonFileHandler` writes ``<dir>/matcalc.jsonl`` and rotates it at UTC midnight into
-  ``matcalc-YYYY-MM-DD.jsonl``; :func:`maintain_log_dir` gzips rotated files older than
+* `DailyJsonFileHandler` writes ``<dir>/matcalc.jsonl`` and rotates it at UTC midnight into
+  ``matcalc-YYYY-MM-DD.jsonl``; `maintain_log_dir` gzips rotated files older than
   ``compress_after_days`` and packs those older than ``pack_after_days`` into one uncompressed tar per
   month (``matcalc-YYYY-MM.tar`` holding the ``.jsonl.gz`` members). Ages come from the file names, so
   the maintenance is deterministic (and testable with an injected ``today``).
-* :class:`LogHub` keeps the last records in a ring and fans them out to ``GET /system/logs/stream``.
-* :class:`TaskLogFeeds`: one :class:`TaskLogFeed` per task that has open log streams; it reads the
+* `LogHub` keeps the last records in a ring and fans them out to ``GET /system/logs/stream``.
+* `TaskLogFeeds`: one `TaskLogFeed` per task that has open log streams; it reads the
   stored log once per new batch of lines and hands the batch to every stream of the task, so 20
   streams cost the store (and the task) what one does.
-* :func:`parse_last_event_id` and :func:`sse` for the Server-Sent Events.
+* `parse_last_event_id` and `sse` for the Server-Sent Events.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def record_dict(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record (see :func:`record_dict`)."""
+    """One JSON object per record (see `record_dict`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(record_dict(record), ensure_ascii=False, default=str)
@@ -163,7 +163,7 @@ def maintain_log_dir(directory: str | Path, *, today: date | None = None, compre
 
 class DailyJsonFileHandler(logging.handlers.TimedRotatingFileHandler):
     """``<dir>/<stem>.jsonl`` in JSON lines, rotated at UTC midnight to ``<stem>-YYYY-MM-DD.jsonl``;
-    after each rotation the directory is maintained (:func:`maintain_log_dir`)."""
+    after each rotation the directory is maintained (`maintain_log_dir`)."""
 
     def __init__(self, directory: str | Path, stem: str = "matcalc", *, compress_after_days: int = 7,
                  pack_after_days: int = 30) -> None:
@@ -274,7 +274,7 @@ MAX_LOG_ID = 2**63 - 1
 
 def parse_last_event_id(value: str | None) -> int | None:
     """The log id of a ``Last-Event-ID`` header: ``None`` when absent or empty (as EventSource sends
-    after a reset); a :class:`ValueError` unless it is a plain ASCII non-negative integer <= :data:`MAX_LOG_ID`
+    after a reset); a `ValueError` unless it is a plain ASCII non-negative integer <= `MAX_LOG_ID`
     (``"²"``, ``"-1"``, ``"1e3"`` and ``2**63`` are refused)."""
     if value is None or not value.strip():
         return None
@@ -291,7 +291,7 @@ END_OF_LOG = None
 
 @dataclass(eq=False)
 class FeedStream:
-    """One stream's end of a feed: batches of log rows (dicts with an ``id``), then :data:`END_OF_LOG`.
+    """One stream's end of a feed: batches of log rows (dicts with an ``id``), then `END_OF_LOG`.
     ``lagged`` is set when the stream fell more than ``maxsize`` batches behind (its queue was
     emptied): it must catch up from the store itself."""
 
@@ -314,7 +314,7 @@ class TaskLogFeed:
 
     ``start()`` returns ``(last log id, task ended)``; ``read(cursor, check_status)`` the rows after
     ``cursor`` and, when ``check_status``, whether the task had ended before the rows were read (one
-    query for the rows, a second only then). The feed wakes on the bus (:meth:`EventBus.watch`:
+    query for the rows, a second only then). The feed wakes on the bus (`EventBus.watch`:
     lines written, status changes, the end); without a wake-up it polls every ``poll_s``."""
 
     def __init__(self, task_id: str, bus: Any, start: Callable[[], tuple[int | None, bool]],

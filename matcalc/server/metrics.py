@@ -1,9 +1,9 @@
-"""Prometheus metrics (``GET /metrics``), one :class:`prometheus_client.CollectorRegistry` per app.
+"""Prometheus metrics (``GET /metrics``), one `prometheus_client.CollectorRegistry` per app.
 
 Counters and histograms are updated as things happen (tasks submitted/finished and their
 durations, HTTP latency, webhook attempts, alerts); gauges that describe state are read at
 scrape time (tasks by type/status and queue depth from the store, GPUs through
-:func:`matcalc.cluster.gpus`, model load times from the registry, the batching engines' counters
+`matcalc.cluster.gpus`, model load times from the registry, the batching engines' counters
 of this process, live log-stream clients, open alerts).
 """
 

@@ -28,7 +28,7 @@ class RequestIdFilter(logging.Filter):
 
 
 def install_log_filter() -> None:
-    """Attach :class:`RequestIdFilter` to the root handlers (so formatters may use %(request_id)s)."""
+    """Attach `RequestIdFilter` to the root handlers (so formatters may use %(request_id)s)."""
     root = logging.getLogger()
     for h in root.handlers:
         if not any(isinstance(f, RequestIdFilter) for f in h.filters):

@@ -1,8 +1,8 @@
 """The observability layer of one app: structured logs (files, live hub), webhooks, alerts, metrics.
 
-:class:`Observability` is created with the app (the metrics middleware needs it then), started in
+`Observability` is created with the app (the metrics middleware needs it then), started in
 the lifespan once the store and the task service exist, and told about task events by the
-service (:meth:`task_submitted`, :meth:`task_started`, :meth:`task_progress`, :meth:`task_finished`).
+service (`task_submitted`, `task_started`, `task_progress`, `task_finished`).
 Those hooks never raise and never block on the network: webhooks are only enqueued.
 """
 

@@ -1,12 +1,12 @@
 """The server's default executor: calculations run in supervised worker processes, never in the API process.
 
-:class:`PoolExecutor` keeps the queue (priority, then FIFO) in the server and hands each task to a
+`PoolExecutor` keeps the queue (priority, then FIFO) in the server and hands each task to a
 worker with a free slot (one task per worker process on a CPU, several on a GPU worker, whose force
 calls the batching engine fuses). Every worker runs the one job runner,
-:func:`matcalc.execution.run_job`, and streams its messages back over a pipe.
+`matcalc.execution.run_job`, and streams its messages back over a pipe.
 
 When a worker process dies (a native abort, a segfault, the OOM killer's SIGKILL), the task it was
-running, and only that task, counts a crash (:meth:`ExecutorCallbacks.on_crashed`): it runs again
+running, and only that task, counts a crash (`ExecutorCallbacks.on_crashed`): it runs again
 alone, and once it has died ``max_crashes`` times it is FAILED with ``worker crashed: ... killed by
 signal 6 (SIGABRT) ...``. The worker is restarted, the API keeps answering, and the next task runs.
 A cancelled or timed-out task that does not stop within ``stop_grace_s`` has its worker killed.
@@ -122,7 +122,7 @@ class PoolExecutor:
 
     Args:
         workers: worker processes (threads with ``isolated=False``); None: one per CPU, memory permitting
-            (or one per GPU), see :func:`matcalc.execution.plan_concurrency`; 0: queue only.
+            (or one per GPU), see `matcalc.execution.plan_concurrency`; 0: queue only.
         slots: concurrent tasks per worker process (default 1 on CPU, 4 on a GPU).
         device: ``cpu``, ``cuda``... for every calculation (None: the model's default).
         blas_threads: OpenBLAS/MKL threads in each worker (1: many small matrices run faster single-threaded).
@@ -531,7 +531,7 @@ class PoolExecutor:
     # -------------------------------------------------------------- worker processes
     def _spawner(self) -> None:
         """Starts (and restarts) the worker processes, from this one thread. The kernel kills them when it
-        ends, so it ends only after :meth:`shutdown` closed them."""
+        ends, so it ends only after `shutdown` closed them."""
         while True:
             with self._cond:
                 while not self._stopping and not any(t <= time.monotonic() for t, _ in self._spawn_requests):

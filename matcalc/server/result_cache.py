@@ -1,4 +1,4 @@
-"""The server's side of the result cache (:mod:`matcalc.cache`), in the server's own database.
+"""The server's side of the result cache (`matcalc.cache`), in the server's own database.
 
 * A submission whose key is cached completes at once: the task goes PENDING -> COMPLETED with the cached
   result (``provenance["cached"] = True``, original timestamps) before the POST answers.
@@ -8,7 +8,7 @@
 * A completed task's result is stored under its key; workers never write the cache themselves
   (they run with ``cache=False``).
 
-The key is the same as a local call's (:func:`matcalc.cache.cache_key`), computed from the stored
+The key is the same as a local call's (`matcalc.cache.cache_key`), computed from the stored
 structure text exactly as the worker parses it, and the model's registered identity (never loading it).
 """
 
@@ -31,7 +31,7 @@ _DIGESTS_MAX = 4096
 
 
 class ServerCache:
-    """Cache lookups, in-flight de-duplication and storage for :class:`~matcalc.server.service.TaskService`."""
+    """Cache lookups, in-flight de-duplication and storage for `TaskService`."""
 
     def __init__(self, store: Store) -> None:
         self.cache = ResultCache(engine=store.engine, migrate=False, warn=log.warning)

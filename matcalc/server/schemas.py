@@ -1,7 +1,7 @@
 """Pydantic schemas of the REST API: the envelope, task requests per type, and responses.
 
-Every response is an :class:`Envelope`. The task request models are derived from each property's
-declaration (:mod:`matcalc.calculations.contract`): the same parameters, checks, units and protocol
+Every response is an `Envelope`. The task request models are derived from each property's
+declaration (`matcalc.calculations.contract`): the same parameters, checks, units and protocol
 defaults as the Python function's keywords.
 """
 
@@ -76,7 +76,7 @@ _TaskOptions = create_model(  # type: ignore[call-overload]
 
 
 class TaskRequestBase(_TaskOptions):  # type: ignore[misc, valid-type]
-    """Fields every task type shares (the task options of :mod:`matcalc.submission`, and the structure and
+    """Fields every task type shares (the task options of `matcalc.submission`, and the structure and
     model). Give the structure in exactly one way."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={

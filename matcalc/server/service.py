@@ -52,7 +52,7 @@ class ParsedStructure:
 
 def parse_structure(content: str | bytes, fmt: str | None, *, max_atoms: int, name: str | None = None,
                     source: str = "upload", what: str = "structure") -> ParsedStructure:
-    """Read and validate uploaded structure text; errors as 40xxx :class:`ApiError` naming the problem.
+    """Read and validate uploaded structure text; errors as 40xxx `ApiError` naming the problem.
 
     Only file *contents* are accepted: a one-line string is never taken as a server path.
     """
@@ -134,7 +134,7 @@ def check_model(name: str) -> str:
 
 
 class TaskService:
-    """Owns the store and the executor; implements :class:`~matcalc.server.executor.ExecutorCallbacks`."""
+    """Owns the store and the executor; implements `ExecutorCallbacks`."""
 
     def __init__(self, store: Store, executor: Executor, *, max_atoms: int = 10_000, max_batch: int = 1000,
                  default_timeout_s: float | None = None, progress_interval_s: float = 0.5,
@@ -148,7 +148,7 @@ class TaskService:
         """The result cache in the server's database (``None``: off, ``MATCALC_CACHE=0``)."""
         self.executor = executor
         self.max_crashes = max_crashes
-        """A task whose execution died this many times is FAILED (also at start: see :meth:`start`)."""
+        """A task whose execution died this many times is FAILED (also at start: see `start`)."""
         self.max_atoms = max_atoms
         self.max_batch = max_batch
         self.default_timeout_s = default_timeout_s
@@ -157,8 +157,8 @@ class TaskService:
         self.accepting = False
         self.observer: Any = None
         self.custom_models: Any = None
-        """The :class:`~matcalc.server.custom_models.CustomModelService` (only validated models run)."""
-        """The observability layer (:class:`~matcalc.server.observability.Observability`), told of task events."""
+        """The `CustomModelService` (only validated models run)."""
+        """The observability layer (`Observability`), told of task events."""
         self._last_progress: dict[str, float] = {}
         self._lock = threading.Lock()
         self.started_at = time.time()
@@ -306,7 +306,7 @@ class TaskService:
 
     def submit_once(self, requests: Sequence[TaskRequestBase], *, batch: bool = False,
                     idempotency: IdempotencyClaim | None = None) -> tuple[str | None, list[Task], bool]:
-        """:meth:`submit`, unless ``idempotency``'s key was stored before: then ``(batch_id, tasks, True)``
+        """`submit`, unless ``idempotency``'s key was stored before: then ``(batch_id, tasks, True)``
         with the tasks that submission created (their current state) and nothing new is stored or run.
         A key used before for another endpoint or body: 422/40017."""
         from matcalc.store.repository import IdempotencyKeyReusedError, IdempotencyKeyTakenError
@@ -346,7 +346,7 @@ class TaskService:
 
     def _served_from_cache(self, row: Task, structure: Any) -> bool:
         """Complete ``row`` from the result cache, or let it wait for the identical task in flight: True when
-        it is not to be run (see :mod:`matcalc.server.result_cache`)."""
+        it is not to be run (see `matcalc.server.result_cache`)."""
         routed = self.cache.route(row, structure) if self.cache is not None else None
         if routed is None:
             return False

@@ -11,10 +11,10 @@ Each delivery is a POST of a JSON body with the headers
   ``b"<timestamp>." + body`` (only when a secret was given).
 
 A receiver recomputes the HMAC over the raw body and rejects a timestamp older than its tolerance
-(replays); :func:`verify_signature` does both.
+(replays); `verify_signature` does both.
 
-Durability: :meth:`WebhookDispatcher.enqueue` stores the delivery in the outbox
-(:mod:`matcalc.store.outbox`) before it returns; every attempt and the delivery's state are stored
+Durability: `WebhookDispatcher.enqueue` stores the delivery in the outbox
+(`matcalc.store.outbox`) before it returns; every attempt and the delivery's state are stored
 when the attempt ends; on start the dispatcher resumes every PENDING delivery (a kill -9 or SIGTERM
 loses nothing; an attempt cut off in flight is made again, with the same delivery id).
 
@@ -55,7 +55,7 @@ from matcalc.tasks import TERMINAL
 log = logging.getLogger(__name__)
 
 ALERT_EVENTS = ("alert.opened", "alert.resolved")
-"""Events of the alert webhooks (the task events are :data:`matcalc.submission.TASK_EVENTS`)."""
+"""Events of the alert webhooks (the task events are `matcalc.submission.TASK_EVENTS`)."""
 STATUS_EVENTS = {"RUNNING": "task.started", "COMPLETED": "task.completed", "FAILED": "task.failed",
                  "CANCELLED": "task.cancelled", "TIMEOUT": "task.timeout"}
 TERMINAL_EVENTS = frozenset(STATUS_EVENTS[s] for s in TERMINAL)

@@ -4,7 +4,7 @@
 * SQLite connections get WAL journaling, ``synchronous=FULL`` (an acknowledged task survives a power
   loss, not only a process crash; ``MATCALC_SQLITE_SYNCHRONOUS=NORMAL`` trades that for speed), a busy
   timeout and foreign keys on connect;
-* :func:`upgrade` runs the Alembic migrations shipped in ``matcalc/store/migrations``
+* `upgrade` runs the Alembic migrations shipped in ``matcalc/store/migrations``
   programmatically (what ``matcalc db upgrade`` and the server's start-up call).
 """
 
@@ -78,7 +78,7 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
-    """An engine for ``url`` (default :func:`default_url`); SQLite parents are created."""
+    """An engine for ``url`` (default `default_url`); SQLite parents are created."""
     url = normalize_url(url)
     u = make_url(url)
     if u.get_backend_name() == "sqlite":

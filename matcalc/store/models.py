@@ -1,7 +1,7 @@
 """SQLAlchemy 2.x ORM models of the persistent store.
 
-Timestamps are stored as UTC and always come back timezone-aware (:class:`UTCDateTime`), on
-SQLite as on PostgreSQL. JSON columns hold plain JSON (never pickles) through :class:`SafeJSON`:
+Timestamps are stored as UTC and always come back timezone-aware (`UTCDateTime`), on
+SQLite as on PostgreSQL. JSON columns hold plain JSON (never pickles) through `SafeJSON`:
 NaN and ±Infinity become ``null`` (and numpy values plain numbers) the same way on every database.
 """
 
@@ -64,7 +64,7 @@ def json_safe(value: Any) -> Any:
 
 class SafeJSON(TypeDecorator[Any]):
     """JSON that never holds NaN/Infinity (PostgreSQL refuses them, SQLite would keep them as
-    non-standard tokens): both store ``null`` instead (see :func:`json_safe`)."""
+    non-standard tokens): both store ``null`` instead (see `json_safe`)."""
 
     impl = JSON
     cache_ok = True
@@ -84,7 +84,7 @@ class Base(DeclarativeBase):
 
 
 class Structure(Base):
-    """An uploaded (or builtin) structure, deduplicated by :func:`matcalc.structure_hash`."""
+    """An uploaded (or builtin) structure, deduplicated by `matcalc.structure_hash`."""
 
     __tablename__ = "structures"
 
@@ -145,12 +145,12 @@ class Task(Base):
     notify_secret: Mapped[str | None] = mapped_column(String(256), default=None)
     batch_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
-    """The ``Idempotency-Key`` the task was submitted with (see :class:`IdempotencyKey`)."""
+    """The ``Idempotency-Key`` the task was submitted with (see `IdempotencyKey`)."""
 
     structure: Mapped[Structure] = relationship(lazy="raise")
 
     def snapshot(self) -> TaskSnapshot:
-        """The shared task snapshot (:class:`matcalc.tasks.TaskSnapshot`; ``property`` is the task type)."""
+        """The shared task snapshot (`matcalc.tasks.TaskSnapshot`; ``property`` is the task type)."""
         return TaskSnapshot.of({"id": self.id, "status": self.status, "type": self.type, "model": self.model,
                                 "priority": self.priority, "label": self.label, "attempts": self.attempts,
                                 "crashes": self.crashes, "worker": self.worker, "progress": self.progress,
@@ -277,7 +277,7 @@ class WebhookDelivery(Base):
 
 
 class CacheEntry(Base):
-    """One cached result (:mod:`matcalc.cache`): the key is the sha256 of every key component."""
+    """One cached result (`matcalc.cache`): the key is the sha256 of every key component."""
 
     __tablename__ = "result_cache"
 
@@ -291,7 +291,7 @@ class CacheEntry(Base):
     result: Mapped[str] = mapped_column(Text)
     """``Result.to_dict()`` as JSON text."""
     sha256: Mapped[str] = mapped_column(String(64))
-    """Of :attr:`result`: an entry that does not match is dropped and recomputed."""
+    """Of `result`: an entry that does not match is dropped and recomputed."""
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     hits: Mapped[int] = mapped_column(Integer, default=0)

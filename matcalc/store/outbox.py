@@ -3,7 +3,7 @@ attempt a row of ``webhook_deliveries`` (linked by ``delivery_id``).
 
 A delivery is PENDING until an attempt gets a 2xx answer (DELIVERED) or the dispatcher gives up
 (FAILED: attempts exhausted, or a 4xx other than 408/429). PENDING rows survive any restart (a
-SIGTERM or a kill -9): :meth:`Outbox.pending` hands them back, with the attempts already made and
+SIGTERM or a kill -9): `Outbox.pending` hands them back, with the attempts already made and
 the time the next one is due, so the dispatcher resumes where it stopped. An attempt whose answer
 was not recorded (killed in flight) is made again with the same delivery id: at least once.
 """
@@ -58,7 +58,7 @@ def _iso(t: datetime | None) -> str | None:
 
 
 class Outbox:
-    """Reads and writes of the outbox over a :class:`~matcalc.store.Store`."""
+    """Reads and writes of the outbox over a `Store`."""
 
     def __init__(self, store: Any) -> None:
         self.store = store

@@ -1,13 +1,13 @@
-"""Repository layer: every read and write of the store goes through :class:`Store`.
+"""Repository layer: every read and write of the store goes through `Store`.
 
 Invariants enforced here (and tested):
 
-* a task is committed before :meth:`Store.create_tasks` returns (the server acknowledges after);
+* a task is committed before `Store.create_tasks` returns (the server acknowledges after);
 * status changes are conditional updates, so a stale or duplicate worker cannot move a task that
-  already finished, and a completed result is never overwritten (:class:`ImmutableResultError`);
-* :meth:`Store.requeue_active` puts every task that was PENDING/QUEUED/ASSIGNED/RUNNING back in
+  already finished, and a completed result is never overwritten (`ImmutableResultError`);
+* `Store.requeue_active` puts every task that was PENDING/QUEUED/ASSIGNED/RUNNING back in
   the queue after a crash or restart, counting a crash for each RUNNING one, and
-  :meth:`Store.record_crash` counts one for a task whose worker died; a task that reaches the
+  `Store.record_crash` counts one for a task whose worker died; a task that reaches the
   crashes cap is FAILED instead (never requeued forever).
 
 SQLite allows one writer at a time: writes from this process are serialised by a lock (readers
@@ -70,7 +70,7 @@ class NotFoundError(StoreError, KeyError):
 
 @dataclass
 class NewTask:
-    """What :meth:`Store.create_tasks` needs to store one task."""
+    """What `Store.create_tasks` needs to store one task."""
 
     type: str
     model: str
@@ -108,7 +108,7 @@ class Page:
 
 @dataclass
 class TaskFilter:
-    """Filters of :meth:`Store.list_tasks` (``None`` = any)."""
+    """Filters of `Store.list_tasks` (``None`` = any)."""
 
     status: Sequence[str] | None = None
     type: str | None = None
@@ -142,7 +142,7 @@ class IdempotencyKeyReusedError(StoreError):
 
 
 class IdempotencyKeyTakenError(StoreError):
-    """A concurrent submission stored the same key first (look its tasks up with :meth:`Store.find_idempotent`)."""
+    """A concurrent submission stored the same key first (look its tasks up with `Store.find_idempotent`)."""
 
 
 # ----------------------------------------------------------------- ORM-level guard of completed results
@@ -168,7 +168,7 @@ def _guard_completed(session: Session, _ctx: Any, _instances: Any) -> None:
 
 
 def _before(status: TaskStatus) -> list[TaskStatus]:
-    """The statuses a task may move to ``status`` from (:func:`matcalc.tasks.can_advance`)."""
+    """The statuses a task may move to ``status`` from (`matcalc.tasks.can_advance`)."""
     return [s for s in TaskStatus if can_advance(s, status)]
 
 
@@ -190,7 +190,7 @@ def _creation_times(n: int) -> list[datetime]:
 
 
 class Store:
-    """The persistent store over one database URL (see :mod:`matcalc.store.db`)."""
+    """The persistent store over one database URL (see `matcalc.store.db`)."""
 
     def __init__(self, url: str | None = None, *, migrate: bool = True, engine: Engine | None = None) -> None:
         self.engine = engine or db.make_engine(url)
@@ -227,7 +227,7 @@ class Store:
             conn.execute(text("SELECT 1"))
 
     def _get(self, table: type[_Row], row_id: str, missing: str) -> _Row:
-        """The row of ``table`` with primary key ``row_id``; :class:`NotFoundError` (``missing``) when absent."""
+        """The row of ``table`` with primary key ``row_id``; `NotFoundError` (``missing``) when absent."""
         with self.read() as s:
             row = s.get(table, row_id)
         if row is None:
@@ -289,7 +289,7 @@ class Store:
                      structures: Sequence[NewStructure] = (), idempotency: IdempotencyClaim | None = None) -> list[Task]:
         """Insert ``structures`` (unless stored) and all ``new`` tasks (status PENDING) in one
         transaction: all or nothing. With ``idempotency`` the key is stored in the same transaction;
-        :class:`IdempotencyKeyTakenError` when a concurrent submission stored it first (nothing is stored)."""
+        `IdempotencyKeyTakenError` when a concurrent submission stored it first (nothing is stored)."""
         from sqlalchemy.exc import IntegrityError
 
         from matcalc.store.models import IdempotencyKey

@@ -7,8 +7,8 @@
 ...     mc.widgets.results(tasks)       # table of finished results, click a row to plot it
 
 Needs the ``[widgets]`` extra (ipywidgets) for the notebook views; outside a Jupyter kernel
-:func:`progress` falls back to a tqdm bar. A single call in a notebook (``mc.relax(...)``) shows a light progress
-line by itself (:mod:`matcalc.widgets.call`; :func:`notebook_progress` turns it off).
+`progress` falls back to a tqdm bar. A single call in a notebook (``mc.relax(...)``) shows a light progress
+line by itself (`matcalc.widgets.call`; `notebook_progress` turns it off).
 """
 
 from __future__ import annotations

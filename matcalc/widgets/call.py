@@ -1,7 +1,7 @@
 """A light progress line for single calls in a notebook (``mc.relax(...)`` in a cell, no task, no widget).
 
-``import matcalc`` inside a Jupyter kernel installs :class:`CallProgress` as the fallback sink of
-:mod:`matcalc.progress`: events of a call made from the notebook's main thread with no sink of its own land here,
+``import matcalc`` inside a Jupyter kernel installs `CallProgress` as the fallback sink of
+`matcalc.progress`: events of a call made from the notebook's main thread with no sink of its own land here,
 and the cell shows one line per stage (a bar, the step, energy and fmax), updated in place at most
 ``max_rate_hz`` times a second. It is plain HTML (no ipywidgets), so the saved notebook and an ``nbconvert``
 export keep the last state. Outside a kernel nothing is installed: plain scripts print nothing unless they ask
@@ -110,7 +110,7 @@ def notebook_progress(enabled: bool = True) -> bool:
 
 
 def install() -> bool:
-    """What ``import matcalc`` does: :func:`notebook_progress` unless ``MATCALC_NOTEBOOK_PROGRESS=0``."""
+    """What ``import matcalc`` does: `notebook_progress` unless ``MATCALC_NOTEBOOK_PROGRESS=0``."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return notebook_progress(True)

@@ -2,8 +2,8 @@
 
 Both are driven by the tasks' callbacks (progress events, status changes, completion), never by
 a loop in the cell: the cell returns at once and the view keeps updating. Callbacks arrive on
-other threads; they only update :class:`~matcalc.widgets.state.ProgressState` and request a
-refresh, which a :class:`~matcalc.widgets.state.Throttle` runs at most ``max_rate_hz`` times a
+other threads; they only update `ProgressState` and request a
+refresh, which a `Throttle` runs at most ``max_rate_hz`` times a
 second.
 
 Next to the live view, the cell's output carries a static snapshot (``text/html`` and ``text/plain``), replaced
@@ -66,8 +66,8 @@ def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, displa
     """Show live progress of ``tasks`` and return the view at once (the cell does not block).
 
     Args:
-        tasks: a :class:`matcalc.cluster.Task`, any task-like object (see
-            :mod:`matcalc.widgets.state`), a ``concurrent.futures``/dask future, or a list of them.
+        tasks: a `matcalc.cluster.Task`, any task-like object (see
+            `matcalc.widgets.state`), a ``concurrent.futures``/dask future, or a list of them.
         mode: ``"auto"`` (the widget inside a Jupyter kernel with ipywidgets installed, tqdm
             otherwise), ``"widget"`` or ``"tqdm"``.
         max_rate_hz: most refreshes per second of the view (callbacks in between are merged).
@@ -77,7 +77,7 @@ def progress(tasks: Any, *, mode: str = "auto", max_rate_hz: float = 5.0, displa
             first; the counts cover all).
 
     Returns:
-        A :class:`ProgressWidget` (an ``ipywidgets.VBox``) or a :class:`TqdmProgress`; both have
+        A `ProgressWidget` (an ``ipywidgets.VBox``) or a `TqdmProgress`; both have
         ``state``, ``counts()``, ``wait(timeout)``, ``cancel_all()``.
     """
     if mode not in ("auto", "widget", "tqdm"):
@@ -151,12 +151,12 @@ def _execution_count() -> int | None:
 
 
 class ShowOnce:
-    """Mixin for the widgets that :func:`progress`/:func:`~matcalc.widgets.results` display themselves
+    """Mixin for the widgets that `progress`/`results` display themselves
     and also return: the returned object, being the cell's last expression, would be displayed a
     second time. ``_ipython_display_`` skips that second display within the same cell execution.
 
     The displayed output holds the live widget view and a static snapshot of the view (``text/html``,
-    ``text/plain``: :meth:`snapshot_html`, :meth:`snapshot_text`); :meth:`publish_snapshot` replaces that output
+    ``text/plain``: `snapshot_html`, `snapshot_text`); `publish_snapshot` replaces that output
     (every place the view was shown) with the current state, which the views do once their work is finished."""
 
     _shown_in: int | None = None
@@ -208,7 +208,7 @@ class ShowOnce:
 
 
 def show_once(view: Any) -> None:
-    """Display ``view`` now (a :class:`ShowOnce` widget is then not shown again by this cell)."""
+    """Display ``view`` now (a `ShowOnce` widget is then not shown again by this cell)."""
     from IPython.display import display
 
     view._shown_in = None
@@ -304,7 +304,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     a bar, a cancel button; the error below failed rows).
 
     Attributes:
-        state: the :class:`~matcalc.widgets.state.ProgressState` (rows, counts, cancel).
+        state: the `ProgressState` (rows, counts, cancel).
         overall: ``IntProgress`` of finished tasks. summary: ``HTML`` with the counts.
         cancel_all_button: cancels every unfinished task. rows: task id -> the widgets of its row
         (the tasks shown now). more: ``HTML`` note when not every task has a row.

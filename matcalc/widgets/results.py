@@ -127,13 +127,13 @@ def results(items: Any, *, display: bool = True, max_rate_hz: float = 2.0) -> Re
     """Show the table of finished results of ``items`` and a plot of the selected row.
 
     Args:
-        items: tasks (local :class:`~matcalc.cluster.Task`, task-like, futures), results, or a
+        items: tasks (local `Task`, task-like, futures), results, or a
             list mixing them. Rows of tasks appear as they finish.
         display: show the widget now (inside Jupyter).
         max_rate_hz: most table refreshes per second.
 
     Returns:
-        The :class:`ResultsWidget`; ``.frame()`` is the current pandas table.
+        The `ResultsWidget`; ``.frame()`` is the current pandas table.
     """
     view = ResultsWidget(items, max_rate_hz=max_rate_hz)
     if display and in_kernel():
@@ -264,7 +264,7 @@ SCROLL_ROWS = 15
 
 def _frame_html(df: pd.DataFrame, max_rows: int = 200) -> str:
     """The table as HTML: label, status, model, property and error first; ids and duplicates left out
-    (``frame()`` keeps every column). Every row shows without scrolling up to :data:`SCROLL_ROWS` rows."""
+    (``frame()`` keeps every column). Every row shows without scrolling up to `SCROLL_ROWS` rows."""
     if df.empty:
         return "<i>no finished results yet</i>"
     drop = [c for c in ("structure_hash", "task_id") if c in df.columns]

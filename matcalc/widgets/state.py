@@ -3,9 +3,9 @@
 Nothing here imports ipywidgets, so the same state drives the notebook widget and the tqdm
 fallback, and tests can drive it without a kernel.
 
-The *task-like protocol* (what :func:`matcalc.widgets.progress` needs from a task):
+The *task-like protocol* (what `matcalc.widgets.progress` needs from a task):
 
-* ``id`` (str), ``status`` (a :class:`~matcalc.cluster.TaskStatus` or its string value),
+* ``id`` (str), ``status`` (a `TaskStatus` or its string value),
   ``progress`` (the latest progress event dict or ``None``);
 * ``add_done_callback(fn)`` calling ``fn(task)`` once finished (at once when already finished),
   ``add_progress_callback(fn)`` calling ``fn(task, event)``; optionally
@@ -14,9 +14,9 @@ The *task-like protocol* (what :func:`matcalc.widgets.progress` needs from a tas
 * optional descriptive attributes ``label``, ``property``, ``model``, ``error``, ``created_at``,
   ``started_at``, ``finished_at`` (UNIX s).
 
-:class:`matcalc.cluster.Task` implements it, and so will the REST client's ``RemoteTask``. Plain
+`matcalc.cluster.Task` implements it, and so will the REST client's ``RemoteTask``. Plain
 ``concurrent.futures.Future`` and dask ``distributed.Future`` objects are wrapped by
-:class:`FutureTask` (status and timing only: futures carry no progress events).
+`FutureTask` (status and timing only: futures carry no progress events).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class FutureTask:
 
 
 def as_task(obj: Any) -> Any:
-    """``obj`` itself when it is task-like, a :class:`FutureTask` for a future; ``TypeError`` otherwise."""
+    """``obj`` itself when it is task-like, a `FutureTask` for a future; ``TypeError`` otherwise."""
     if hasattr(obj, "add_progress_callback") and hasattr(obj, "status") and hasattr(obj, "id"):
         return obj
     if hasattr(obj, "add_done_callback") and hasattr(obj, "result") and hasattr(obj, "cancel"):
@@ -361,10 +361,10 @@ class ProgressState:
 
 
 class Throttle:
-    """Call ``fn`` at most once per ``min_interval_s``, on a timer thread, after :meth:`request`.
+    """Call ``fn`` at most once per ``min_interval_s``, on a timer thread, after `request`.
 
     Requests arriving while a call is scheduled merge into it, so a burst of callbacks costs one
-    refresh. :meth:`flush` runs a pending call at once (tests, final refresh).
+    refresh. `flush` runs a pending call at once (tests, final refresh).
     """
 
     def __init__(self, fn: Callable[[], None], min_interval_s: float = 0.2) -> None:

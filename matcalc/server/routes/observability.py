@@ -180,7 +180,7 @@ async def stream_system_logs(
     kind: Annotated[str | None, Query(pattern="^(system|task|access|audit)$")] = None,
     backlog: Annotated[int, Query(ge=0, le=100_000, description="recent records replayed first")] = 100,
 ) -> StreamingResponse:
-    """Every structured log record of the server (JSON, see :mod:`matcalc.server.logs`) until the
+    """Every structured log record of the server (JSON, see `matcalc.server.logs`) until the
     client disconnects; filter by minimum ``level`` and ``kind``."""
     obs = _obs(request)
     hub = obs.log_hub
