@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from matcalc.models.base import EV_PER_A3_TO_GPA, Evaluation, Potential
+from matcalc.models.base import EV_PER_A3_TO_GPA, Evaluation, Potential, quiet_warnings
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +24,14 @@ CPU_MAX_BATCH_ATOMS = 256
 GPU_MAX_BATCH_ATOMS = 4096
 
 CHGNET_NOISE = "Converting a tensor with requires_grad"
-"""Start of the torch warning CHGNet's batching raises on every call (its ``BatchedGraph.from_graphs`` makes a
-tensor of cell volumes that require grad): harmless, and nothing a user can act on."""
-_QUIET_LOCK = threading.Lock()
+"""Start of the torch warning CHGNet's batching raises (its ``BatchedGraph.from_graphs`` makes a tensor of cell
+volumes that require grad): harmless, and nothing a user can act on."""
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence `CHGNET_NOISE` inside this block only (not process-wide). ``warnings.catch_warnings``
-    swaps the process's filter list, so concurrent blocks take turns: the block covers CHGNet's graph batching
-    (host work under the GIL), never the model's forward or backward pass."""
-    with _QUIET_LOCK, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=CHGNET_NOISE, category=UserWarning)
-        yield
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    """Silence `CHGNET_NOISE` inside the block only (`quiet_warnings`): around CHGNet's graph batching (host work
+    under the GIL), never the model's forward or backward pass."""
+    return quiet_warnings(CHGNET_NOISE)
 
 
 class CHGNetPotential(Potential):

@@ -17,7 +17,7 @@ import numpy as np
 from ase import Atoms
 from ase.units import Bohr
 
-from matcalc.models.base import ASECalculatorPotential, Evaluation
+from matcalc.models.base import ASECalculatorPotential, Evaluation, quiet_warnings
 
 D3_PROPERTIES = ["energy", "forces", "stress"]
 
@@ -25,6 +25,8 @@ D3_CUTOFF_A = 40.0 * Bohr
 """Pair cutoff of the dispersion sum (Å): 40 Bohr ≈ 21.17 Å, MOFSimBench's ``dispersion_cutoff``."""
 D3_CN_CUTOFF_A = 40.0 * Bohr
 """Cutoff of the coordination numbers (Å): 40 Bohr (torch-dftd's default, as MOFSimBench leaves it)."""
+D3_NOISE = "Creating a tensor from a list of numpy.ndarrays is extremely slow"
+"""torch's warning about how torch-dftd builds its input tensors: nothing a user can act on."""
 
 
 class D3Potential(ASECalculatorPotential):
@@ -47,7 +49,7 @@ class D3Potential(ASECalculatorPotential):
         """One ``batch_calculate`` for the whole list (the same numbers as one ``calculate`` per structure)."""
         if not atoms_list:
             return []
-        with self._lock:
+        with self._lock, quiet_warnings(D3_NOISE):
             results = self._calc.batch_calculate(list(atoms_list), properties=D3_PROPERTIES)
         out = []
         for atoms, r in zip(atoms_list, results, strict=True):
