@@ -254,7 +254,7 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
               workers: int | None = None, priority: str = "NORMAL", timeout_s: float | None = None,
               retries: int = 0, show_progress: bool = True, flush_s: float = 2.0,
               on_result: Callable[[dict[str, Any]], None] | None = None, cache: bool | None = None,
-              structures: str = "cif") -> BatchSummary:
+              structures: str = "cif", cluster_options: dict[str, Any] | None = None) -> BatchSummary:
     """Run ``prop`` on every input structure and write one row per structure to ``out``.
 
     Args:
@@ -366,6 +366,7 @@ def run_batch(prop: str, inputs: Sequence[str | Path], *, model: str = "chgnet",
                 _run_inprocess(fn, runnable, model, kwargs, workers or 1, prop, protocol_name, record)
             else:
                 _run_cluster(cluster, runnable, model, kwargs, prop, protocol_name, record, workers=workers,
+                             options=cluster_options,
                              priority=priority, timeout_s=timeout_s, retries=retries)
     finally:
         bar.close()
@@ -410,18 +411,21 @@ def _run_inprocess(fn: Callable[..., Any], items: list[Item], model: str, kwargs
 
 def _run_cluster(cluster: Any, items: list[Item], model: str, kwargs: dict[str, Any], prop: str, protocol: str,
                  record: Callable[[dict[str, Any]], None], *, workers: int | None, priority: str,
-                 timeout_s: float | None, retries: int) -> None:
+                 timeout_s: float | None, retries: int, options: dict[str, Any] | None = None) -> None:
     from matcalc.cluster.local import Cluster, connect, start
 
     owned = None
     if isinstance(cluster, Cluster):
         cl = cluster
     elif isinstance(cluster, str) and cluster.lower() == "local":
-        cl = owned = start(n_workers=workers, preload=(model,))
+        cl = owned = start(n_workers=workers, preload=(model,), **(options or {}))
+    elif isinstance(cluster, str) and cluster.lower() in ("slurm", "pbs"):
+        cl = owned = start(kind=cluster.lower(), preload=(model,), **(options or {}))
     elif isinstance(cluster, str) and cluster:
         cl = owned = connect(cluster, preload=(model,))
     else:
-        raise ValueError(f"cluster must be 'inprocess', 'local', a scheduler address or a Cluster, got {cluster!r}")
+        raise ValueError(f"cluster must be 'inprocess', 'local', 'slurm', 'pbs', a scheduler address or a Cluster, "
+                         f"got {cluster!r}")
     finished: queue.Queue[Any] = queue.Queue()
     tasks: list[Any] = []
     try:
@@ -462,7 +466,11 @@ def add_run_parser(sub: Any) -> None:
     common.add_argument("--out", default="results.parquet",
                         help="output table, .parquet or .csv (default results.parquet)")
     common.add_argument("--cluster", default="inprocess",
-                        help="inprocess (default), local, or a dask scheduler address such as tcp://host:8786")
+                        help="inprocess (default), local, slurm, pbs, or a dask scheduler address such as "
+                             "tcp://host:8786")
+    common.add_argument("--cluster-options", default=os.environ.get("MATCALC_CLUSTER_OPTIONS"), metavar="JSON",
+                        help='keywords of matcalc.cluster.start, e.g. \'{"jobs": 4, "cores": 8, "walltime": '
+                             '"02:00:00", "queue": "gpu", "gpus_per_job": 4}\' (default: $MATCALC_CLUSTER_OPTIONS)')
     common.add_argument("--protocol", default=None, help="mofsimbench (default) or fast")
     common.add_argument("--workers", type=int, default=None,
                         help="in-process: concurrent threads (default 1); local: worker processes (default auto)")
@@ -512,12 +520,25 @@ def params_from_args(args: Any) -> dict[str, Any]:
     return out
 
 
+def cluster_options_from(text: str | None) -> dict[str, Any] | None:
+    """``--cluster-options`` JSON -> keywords of ``matcalc.cluster.start`` (``ValueError`` when not an object)."""
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--cluster-options must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--cluster-options must be a JSON object, got {text!r}")
+    return options
+
+
 def cmd_run(args: Any) -> int:
     summary = run_batch(args.spec.name, args.inputs, model=args.model, out=args.out, cluster=args.cluster,
                         protocol=args.protocol, params=params_from_args(args), workers=args.workers,
                         priority=args.priority, timeout_s=args.timeout_s, retries=args.retries,
                         show_progress=not args.no_progress, cache=False if args.no_cache else None,
-                        structures=args.structures)
+                        structures=args.structures, cluster_options=cluster_options_from(args.cluster_options))
     print(f"matcalc run: {summary.n_unique} structure(s): {summary.n_skipped} already done, "
           f"{summary.n_computed} computed, {summary.n_failed} failed, in {summary.wall_time_s:.1f} s -> {summary.out}")
     folder = summary.out.with_name(f"{summary.out.stem}_structures")

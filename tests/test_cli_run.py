@@ -250,3 +250,27 @@ def test_unknown_model_is_one_message_and_no_file(tmp_path: Path, capsys):
     assert err.count("unknown model 'nosuchnet'") == 1 and err.count("chgnet") == 1, err
     assert len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("never*"))
+
+
+def test_cluster_slurm_starts_jobs_with_the_given_options(tmp_path: Path, monkeypatch):
+    """`matcalc run --cluster slurm --cluster-options JSON` hands the options to `matcalc.cluster.start(kind=...)`
+    (the SLURM path itself runs against a real SLURM in tests/test_slurm.py)."""
+    import matcalc.cluster.local as local
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_start(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(local, "start", fake_start)
+    inputs = make_inputs(tmp_path / "in", n_small=1, n_large=0)
+    with pytest.raises(Stop):
+        main(["run", "relax", str(inputs[0]), "--model", "emt", "--cluster", "slurm", "--no-cache",
+              "--cluster-options", '{"jobs": 3, "walltime": "01:00:00"}', "--out", str(tmp_path / "r.csv")])
+    assert seen["kind"] == "slurm" and seen["jobs"] == 3 and seen["walltime"] == "01:00:00"
+    assert main(["run", "relax", str(inputs[0]), "--model", "emt", "--cluster", "slurm",
+                 "--cluster-options", "[1]", "--out", str(tmp_path / "r.csv")]) == 2
