@@ -268,3 +268,17 @@ def test_large_volume_change_warns(cu_rattled: Atoms) -> None:
     assert abs(near.volume_change_percent) < VOLUME_WARNING_PERCENT and not near.warnings
     fixed = mc.relax(bulk("Cu", "fcc", a=3.3, cubic=True), "emt", relax_cell=False, fmax=1e-3)
     assert not fixed.warnings  # the cell cannot change: nothing to warn about
+
+
+@pytest.mark.slow
+def test_fast_chgnet_relaxation_of_rsm0010_warns_about_its_volume(chgnet) -> None:
+    """The issue's example: CHGNet's "fast" relaxation of the shipped RSM0010 grows its cell by ~29 % (a plain ASE
+    LBFGS + FrechetCellFilter run on the same model says the same), and the result says so."""
+    atoms = load_structure("RSM0010")
+    r = mc.relax(atoms, chgnet, protocol="fast", cache=False)
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    ref = plain_ase_relax(atoms, CHGNetCalculator(model=chgnet.model, use_device="cpu"), fmax=0.05, steps=500)
+    assert 100 * (ref.get_volume() / atoms.get_volume() - 1) == pytest.approx(r.volume_change_percent, abs=1.0)
+    assert r.volume_change_percent > 20
+    assert [w for w in r.warnings if w.startswith(f"volume grew by {r.volume_change_percent:.1f} %")], r.warnings
