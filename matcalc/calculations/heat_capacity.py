@@ -215,7 +215,7 @@ def thermal_fields(phonon: Phonopy, atoms: Atoms, params: dict[str, Any], warnin
         pywarnings.filterwarnings("ignore", category=GammaAcousticWarning)
         phonon.run_thermal_properties(t_min=p["t_min"], t_max=p["t_max"], t_step=p["t_step"],
                                       exclude_gamma_acoustic=True)
-    tp = phonon.get_thermal_properties_dict()
+    thermal = phonon.thermal_properties
 
     frequencies = np.asarray(qmesh.frequencies)
     acoustic = gamma_acoustic_THz(np.asarray(qmesh.qpoints), frequencies)
@@ -234,8 +234,8 @@ def thermal_fields(phonon: Phonopy, atoms: Atoms, params: dict[str, Any], warnin
                         "excluded): the structure is not at a minimum of the model; imaginary modes are left "
                         "out of the thermal properties")
 
-    temperatures = np.asarray(tp["temperatures"], dtype=float)
-    cv_mol = np.asarray(tp["heat_capacity"], dtype=float)
+    temperatures = np.asarray(thermal.temperatures, dtype=float)
+    cv_mol = np.asarray(thermal.heat_capacity, dtype=float)
     molar_mass = mass_g_per_mol(atoms)
     if temperatures[0] <= REFERENCE_TEMPERATURE_K <= temperatures[-1]:
         cv300_mol = float(np.interp(REFERENCE_TEMPERATURE_K, temperatures, cv_mol))
@@ -255,8 +255,8 @@ def thermal_fields(phonon: Phonopy, atoms: Atoms, params: dict[str, Any], warnin
         "temperatures_K": temperatures,
         "cv_J_per_K_mol": cv_mol,
         "cv_J_per_K_g": cv_mol / molar_mass,
-        "entropy_J_per_K_mol": np.asarray(tp["entropy"], dtype=float),
-        "free_energy_kJ_per_mol": np.asarray(tp["free_energy"], dtype=float),
+        "entropy_J_per_K_mol": np.asarray(thermal.entropy, dtype=float),
+        "free_energy_kJ_per_mol": np.asarray(thermal.free_energy, dtype=float),
     }
 
 

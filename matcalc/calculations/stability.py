@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from ase import Atoms, units
 from ase.constraints import FixCom
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 
 from matcalc import progress
 from matcalc.calculations.contract import Choice, FilePath, Number, Param, PreRelax, Property, Run
@@ -369,7 +369,7 @@ def _compute(run: Run) -> dict[str, Any]:
     t_target = p["temperature_K"]
     rng = np.random.default_rng(p["seed"])
     if len(atoms) > 1:
-        MaxwellBoltzmannDistribution(atoms, temperature_K=t_target, rng=rng)
+        thermalize_momenta(atoms, temperature_K=t_target, rng=rng)
         Stationary(atoms)
         _remove_rotation(atoms)
     else:  # ASE's Stationary rescales a zero kinetic energy to the old temperature: NaN velocities
