@@ -246,7 +246,7 @@ def check_guest_fits(framework: Atoms, guest: Atoms, overlap_distance_A: float, 
     if width < reach:
         return (f"the cell's smallest width {width:.2f} Å is below the guest extent plus the model cutoff "
                 f"({reach:.2f} Å): each guest interacts with its own periodic images, so this is not infinite "
-                "dilution; use a supercell for a converged K_H")
+                "dilution; use a supercell for converged energies")
     return None
 
 
