@@ -71,8 +71,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +79,7 @@ import numpy as np
 from ase import Atoms
 
 from matcalc.models.base import Evaluation, Potential
+from matcalc.switches import Switch
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,21 @@ def _match_torch_threads(n: int | None) -> None:
 class _Request:
     """One ``evaluate`` call: the caller's structures, their results, and a done flag."""
 
-    __slots__ = ("atoms", "sizes", "results", "failed", "error", "errors", "remaining", "cursor", "done",
-                 "t_submit", "t_start", "thread", "energy_only")
+    __slots__ = (
+        "atoms",
+        "cursor",
+        "done",
+        "energy_only",
+        "error",
+        "errors",
+        "failed",
+        "remaining",
+        "results",
+        "sizes",
+        "t_start",
+        "t_submit",
+        "thread",
+    )
 
     def __init__(self, atoms: Sequence[Atoms], thread: int, energy_only: bool = False) -> None:
         self.atoms = list(atoms)
@@ -639,32 +652,13 @@ class BatchingEngine:
 # ---------------------------------------------------------------------- process-wide registry
 _ENGINES: dict[tuple[int, str], BatchingEngine] = {}
 _LOCK = threading.Lock()
-_ENABLED: bool | None = None
-
-
-def enabled() -> bool:
-    """Whether calculations go through the engine: `set_enabled`, else ``MATCALC_BATCHING`` (default on)."""
-    if _ENABLED is not None:
-        return _ENABLED
-    return os.environ.get(ENV_ENABLED, "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
-def set_enabled(flag: bool | None) -> None:
-    """Turn batching on/off for this process (``None``: back to the ``MATCALC_BATCHING`` variable)."""
-    global _ENABLED
-    _ENABLED = flag
-
-
-@contextmanager
-def disabled() -> Iterator[None]:
-    """``with batching.disabled(): ...`` runs calculations unbatched (process-wide, for A/B runs)."""
-    global _ENABLED
-    before = _ENABLED
-    _ENABLED = False
-    try:
-        yield
-    finally:
-        _ENABLED = before
+_SWITCH = Switch(ENV_ENABLED)
+enabled = _SWITCH.enabled
+"""Whether calculations go through the engine: `set_enabled`, else ``MATCALC_BATCHING`` (default on)."""
+set_enabled = _SWITCH.set_enabled
+"""Turn batching on/off for this process (``None``: back to the ``MATCALC_BATCHING`` variable)."""
+disabled = _SWITCH.disabled
+"""``with batching.disabled(): ...`` runs calculations unbatched (process-wide, for A/B runs)."""
 
 
 def default_budget(potential: Potential) -> int:

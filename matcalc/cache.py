@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 from ase import Atoms
 
+from matcalc.switches import env_flag
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine, Table
 
@@ -75,7 +77,7 @@ def enabled(flag: bool | None = None) -> bool:
     """Whether to use the cache: ``flag`` when given, else ``$MATCALC_CACHE`` (default on)."""
     if flag is not None:
         return bool(flag)
-    return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENABLE_ENV)
 
 
 def cache_url() -> str:

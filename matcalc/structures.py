@@ -93,7 +93,7 @@ def detect_format(text: str) -> str:
     stripped = text.lstrip()
     if not stripped:
         raise StructureError("empty structure text")
-    if re.search(r"^\s*data_", text, re.M) and "_atom_site" in text:
+    if re.search(r"^\s*data_", text, re.MULTILINE) and "_atom_site" in text:
         return "cif"
     first = stripped.splitlines()[0].strip()
     if first.isdigit():
@@ -667,6 +667,14 @@ def output_format(path: str | os.PathLike[str]) -> str:
     return fmt
 
 
+def bare_copy(atoms: Atoms) -> Atoms:
+    """A copy of ``atoms`` without calculator or constraints: what a calculation relaxes, strains or stores."""
+    out = atoms.copy()
+    out.calc = None
+    out.set_constraint()
+    return out
+
+
 def write_structures(path: str | os.PathLike[str], images: Atoms | Sequence[Atoms]) -> Path:
     """Write one structure or several (one file, in order) to ``path``, the format from its suffix
     (`output_format`: CIF, POSCAR, extended XYZ, ASE trajectory). Returns the path.
@@ -686,12 +694,7 @@ def write_structures(path: str | os.PathLike[str], images: Atoms | Sequence[Atom
                          f"(index=) or use one of {', '.join(MULTI_IMAGE_FORMATS)}")
     if fmt in ("cif", "vasp") and not all(a.pbc.all() and a.cell.rank == 3 for a in frames):
         raise ValueError(f"{Path(path).name}: {fmt} needs a periodic cell; a molecule goes to .xyz")
-    clean = []
-    for a in frames:
-        c = a.copy()
-        c.calc = None
-        c.set_constraint()
-        clean.append(c)
+    clean = [bare_copy(a) for a in frames]
     out = Path(path)
     write(out, clean if len(clean) > 1 else clean[0], format=fmt)
     return out

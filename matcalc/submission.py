@@ -10,6 +10,7 @@ from __future__ import annotations
 from matcalc.calculations.contract import (
     PROTOCOL_NAMES,
     Choice,
+    Flag,
     Names,
     Number,
     Param,
@@ -40,6 +41,8 @@ TASK_OPTIONS: tuple[Param, ...] = (
     Param("notify_url", Text(2048, r"^https?://", "an http(s) URL"), "webhook receiver"),
     Param("notify_events", Names(TASK_EVENTS), "webhook events to send (default: all but task.progress)"),
     Param("notify_secret", Text(256), "HMAC-SHA256 key of the webhook signatures"),
+    Param("cache", Flag(), "use the result cache (default: on unless the server runs with MATCALC_CACHE=0); "
+          "false always computes and stores nothing"),
     Param("idempotency_key", Text(255, r"^[!-~]+$", "visible ASCII, e.g. a UUID"),
           "the Idempotency-Key header: the server answers a repeated submission with the same key with the "
           "task it stored the first time, so submissions are retried safely"),

@@ -460,6 +460,17 @@ def test_server_completes_a_cached_resubmission_at_once(backend, tmp_path):
             assert r1["final_energy_eV"] == pytest.approx(local.final_energy_eV, abs=1e-8)
             assert r1["provenance"]["cache_key"] == r2["provenance"]["cache_key"]
 
+            # "cache": false: computed although cached (and after a restart too: stored with the task)
+            fresh = c.post("/tasks/optimization", json={**body, "label": "fresh", "cache": False})
+            assert fresh.status_code == 201, fresh.text
+            fid = fresh.json()["data"]["id"]
+            assert wait_tasks(c, [fid], prefix="")[fid]["attempts"] == 1
+            r3 = c.get(f"/tasks/{fid}/result").json()["data"]["result"]
+            assert r3["provenance"]["cached"] is False
+            assert r3["final_energy_eV"] == pytest.approx(r1["final_energy_eV"], abs=1e-10)
+            refused = c.post("/tasks/optimization", json={**body, "cache": "no"})
+            assert refused.status_code == 422 and "cache" in refused.text
+
             # two identical submissions in flight: the second waits for the first and copies its result
             twin = {"structure": text_of(cu(6), "extxyz"), "model": "emt", "fmax": 0.01, "optimizer": "FIRE"}
             batch = c.post("/tasks/batch", json={"tasks": [{"type": "optimization", **twin}] * 2})

@@ -22,38 +22,17 @@ any number of threads joining one batch. ASE's classes stay the reference and th
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from matcalc.switches import Switch
 
 ENV_ENABLED = "MATCALC_BATCHED"
-_ENABLED: bool | None = None
-
-
-def enabled() -> bool:
-    """Whether optimisations and MD use the batched algorithms: `set_enabled`, else ``MATCALC_BATCHED``
-    (default on)."""
-    if _ENABLED is not None:
-        return _ENABLED
-    return os.environ.get(ENV_ENABLED, "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
-def set_enabled(flag: bool | None) -> None:
-    """Use the batched algorithms (True), ASE's own loops (False), or the environment again (None)."""
-    global _ENABLED
-    _ENABLED = flag
-
-
-@contextmanager
-def disabled() -> Iterator[None]:
-    """``with batched.disabled(): ...`` runs ASE's own optimizers and integrators (process-wide)."""
-    global _ENABLED
-    before = _ENABLED
-    _ENABLED = False
-    try:
-        yield
-    finally:
-        _ENABLED = before
+_SWITCH = Switch(ENV_ENABLED)
+enabled = _SWITCH.enabled
+"""Whether optimisations and MD use the batched algorithms: `set_enabled`, else ``MATCALC_BATCHED``
+(default on)."""
+set_enabled = _SWITCH.set_enabled
+"""Use the batched algorithms (True), ASE's own loops (False), or the environment again (None)."""
+disabled = _SWITCH.disabled
+"""``with batched.disabled(): ...`` runs ASE's own optimizers and integrators (process-wide)."""
 
 
 __all__ = ["ENV_ENABLED", "disabled", "enabled", "set_enabled"]

@@ -19,13 +19,12 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from matcalc.batched.layout import Layout
 from matcalc.batched.linalg import expm, expm_frechet_adjoint, logm_near_identity
+from matcalc.structures import bare_copy
 
 
 def work_copy(atoms: Atoms) -> Atoms:
     """A bare copy for the model: no calculator, no constraints (the model returns raw forces)."""
-    work = atoms.copy()
-    work.calc = None
-    work.set_constraint()
+    work = bare_copy(atoms)
     return work
 
 

@@ -60,6 +60,7 @@ from matcalc.calculations.henry import (
 from matcalc.calculations.interaction import EV_TO_KJ_PER_MOL, guest_box_A
 from matcalc.calculations.optimize import OPTIMIZERS, optimize, optimize_many
 from matcalc.calculations.results import Result
+from matcalc.structures import bare_copy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -445,9 +446,7 @@ def _compute(run: Run) -> dict[str, Any]:
         frac = (rec.centre_A @ np.linalg.inv(cell)) % 1.0
         d = get_distances(atoms.positions[nf:], atoms.positions[:nf], cell=cell, pbc=True)[1].min(axis=0)
         near = np.argsort(d, kind="stable")[:N_NEAREST]
-        stored = atoms.copy()
-        stored.calc = None
-        stored.set_constraint()
+        stored = bare_copy(atoms)
         sites.append(BindingSite(
             interaction_energy_eV=rec.energy_eV,
             interaction_energy_kJ_per_mol=rec.energy_eV * EV_TO_KJ_PER_MOL,

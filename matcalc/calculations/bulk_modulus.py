@@ -18,6 +18,7 @@ from ase.units import GPa
 from matcalc.calculations.contract import STEPS, Choice, Number, Param, PreRelax, Property, Run
 from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
+from matcalc.structures import bare_copy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -158,9 +159,7 @@ def fit_eos(volumes: np.ndarray, energies: np.ndarray, eos: str) -> EOSFit:
 
 def _compute(run: Run) -> dict[str, Any]:
     p = run.params
-    reference = run.atoms.copy()
-    reference.calc = None
-    reference.set_constraint()
+    reference = bare_copy(run.atoms)
     v_ref = float(reference.get_volume())
 
     factors = np.linspace(1.0 - p["strain"], 1.0 + p["strain"], p["n_points"])

@@ -34,6 +34,7 @@ from ase import Atoms
 
 from matcalc.calculations import checks
 from matcalc.calculations.common import Prepared, prepare
+from matcalc.structures import bare_copy
 
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
@@ -691,9 +692,7 @@ class Property(Generic[R]):
         if self.prerelax is not None:
             if params["relax_first"]:
                 run.relaxation = self.prerelax.run(run)
-            start = run.atoms.copy()
-            start.calc = None
-            start.set_constraint()
+            start = bare_copy(run.atoms)
             relaxed_fields = {
                 "relax_converged": None if run.relaxation is None else run.relaxation.converged,
                 "relax_steps": 0 if run.relaxation is None else run.relaxation.steps,
@@ -808,7 +807,6 @@ __all__ = [
     "DEFAULT_PROTOCOL",
     "PROTOCOL_NAMES",
     "STEPS",
-    "Text",
     "Choice",
     "Either",
     "FilePath",
@@ -824,6 +822,7 @@ __all__ = [
     "Property",
     "PropertyFunction",
     "Run",
+    "Text",
     "Vector",
     "check_protocol",
     "fmax_param",

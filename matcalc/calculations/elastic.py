@@ -35,6 +35,7 @@ from matcalc.calculations.contract import STEPS, Choice, Flag, Number, Param, Pr
 from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
 from matcalc.models.base import EV_PER_A3_TO_GPA
+from matcalc.structures import bare_copy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -195,9 +196,7 @@ def moduli(C_GPa: np.ndarray, S_per_GPa: np.ndarray) -> dict[str, float]:
 
 def _compute(run: Run) -> dict[str, Any]:
     p = run.params
-    reference = run.atoms.copy()
-    reference.calc = None
-    reference.set_constraint()
+    reference = bare_copy(run.atoms)
 
     values = strain_values(p["strain_max"], p["n_strains"])
     nonzero = [k for k, e in enumerate(values) if e != 0.0]

@@ -38,7 +38,7 @@ from ase import Atoms
 from matcalc import progress
 from matcalc.calculations.contract import Either, ModelInfo, Number, Param, PreRelax, Property, Run, Vector
 from matcalc.calculations.results import PreRelaxedResult
-from matcalc.structures import mass_g_per_mol
+from matcalc.structures import bare_copy, mass_g_per_mol
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -164,9 +164,7 @@ def phonon_params(*, mesh_default: float = 100.0, mesh_fast: float = 30.0) -> tu
 
 def _compute(run: Run) -> dict[str, Any]:
     p = run.params
-    relaxed = run.atoms.copy()
-    relaxed.calc = None
-    relaxed.set_constraint()
+    relaxed = bare_copy(run.atoms)
 
     phonon = make_phonopy(relaxed, p["supercell"])
     supercells = displaced_supercells(phonon, p["displacement"])

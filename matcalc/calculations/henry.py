@@ -53,6 +53,7 @@ from matcalc.calculations.interaction import (
     guest_molecule,
 )
 from matcalc.calculations.results import Result
+from matcalc.structures import bare_copy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -308,9 +309,7 @@ class OverlapCheck:
 
 def complex_template(framework: Atoms, guest: Atoms) -> Atoms:
     """Framework (tag 0) + guest (tag 1) in the framework's cell: the complexes are copies with new guest positions."""
-    fw = framework.copy()
-    fw.calc = None
-    fw.set_constraint()
+    fw = bare_copy(framework)
     fw.set_tags(0)
     g = guest.copy()
     g.set_tags(1)

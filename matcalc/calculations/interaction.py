@@ -22,7 +22,7 @@ from ase.geometry import get_distances
 from matcalc.calculations.common import Prepared
 from matcalc.calculations.contract import Indices, ModelInfo, Molecule, Number, Param, Property, Run, Vector
 from matcalc.calculations.results import Result
-from matcalc.structures import load_structure, structure_hash, validate_structure
+from matcalc.structures import bare_copy, load_structure, structure_hash, validate_structure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -100,9 +100,7 @@ def guest_molecule(guest: Any) -> Atoms:
         atoms = Atoms(name) if name in ("Ar", "Kr", "Xe") else molecule(name)
     else:
         atoms = load_structure(guest, require_cell=False)
-    atoms = atoms.copy()
-    atoms.calc = None
-    atoms.set_constraint()
+    atoms = bare_copy(atoms)
     return atoms
 
 

@@ -46,6 +46,7 @@ from matcalc.calculations.heat_capacity import (
     set_forces,
     thermal_fields,
 )
+from matcalc.structures import bare_copy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -304,9 +305,7 @@ def compact_force_constants(phonon: Phonopy) -> np.ndarray:
 
 def _compute(run: Run) -> dict[str, Any]:
     p = run.params
-    relaxed = run.atoms.copy()
-    relaxed.calc = None
-    relaxed.set_constraint()
+    relaxed = bare_copy(run.atoms)
     path_text, pieces, special = band_path_points(relaxed, p["band_path"])
 
     phonon = make_phonopy(relaxed, p["supercell"])

@@ -25,7 +25,7 @@ from matcalc.calculations.contract import Choice, FilePath, Number, Param, PreRe
 from matcalc.calculations.optimize import LangevinParams, MDFrame, MDParams, MTKParams, run_md
 from matcalc.calculations.relax import displacements, volume_warning
 from matcalc.calculations.results import PreRelaxedResult
-from matcalc.structures import TrajectoryWriter, trajectory_format
+from matcalc.structures import TrajectoryWriter, bare_copy, trajectory_format
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -291,9 +291,7 @@ def metal_coordination(atoms: Atoms, sites: list[int] | None = None) -> dict[int
     from pymatgen.analysis.local_env import CrystalNN
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    clean = atoms.copy()
-    clean.calc = None
-    clean.set_constraint()
+    clean = bare_copy(atoms)
     structure = AseAtomsAdaptor.get_structure(clean)
     cnn = CrystalNN()
     with pywarnings.catch_warnings():

@@ -44,7 +44,7 @@ from matcalc.calculations.heat_capacity import (
 )
 from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
-from matcalc.structures import mass_g_per_mol
+from matcalc.structures import bare_copy, mass_g_per_mol
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -150,9 +150,7 @@ def _compute(run: Run) -> dict[str, Any]:
     from phonopy.physical_units import get_physical_units
 
     p = run.params
-    reference = run.atoms.copy()
-    reference.calc = None
-    reference.set_constraint()
+    reference = bare_copy(run.atoms)
     v_ref = float(reference.get_volume())
     factors = volume_factors(p["volume_range"], p["n_volumes"])
     cells = [_scaled(reference, f) for f in factors]

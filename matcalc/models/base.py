@@ -16,16 +16,18 @@ import time
 import warnings
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from matcalc.models.identity import ModelIdentity
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +156,25 @@ class Potential(ABC):
 
     def evaluate(self, atoms_list: Sequence[Atoms]) -> list[Evaluation]:
         """Energies, forces and stresses of every structure in ``atoms_list`` (input order)."""
-        out: list[Evaluation | None] = [None] * len(atoms_list)
+        return self._chunked(atoms_list, self._evaluate_batch, "results")
+
+    def energies(self, atoms_list: Sequence[Atoms]) -> list[float]:
+        """Total energies (eV) of ``atoms_list`` (input order), skipping forces and stress where the model can
+        (`_energies_batch`); same chunks and `stats` as `evaluate`. For work that needs
+        energies only (e.g. Widom insertions)."""
+        return [float(v) for v in self._chunked(atoms_list, self._energies_batch, "energies")]
+
+    def _chunked(self, atoms_list: Sequence[Atoms], call: Callable[[Sequence[Atoms]], Sequence[T]],
+                 what: str) -> list[T]:
+        """``call`` on each chunk of `chunks` (timed into `stats`), its outputs back in input order."""
+        out: list[T | None] = [None] * len(atoms_list)
         for group in self.chunks(atoms_list):
             batch = [atoms_list[i] for i in group]
             t0 = time.perf_counter()
-            results = self._evaluate_batch(batch)
+            results = call(batch)
             dt = time.perf_counter() - t0
             if len(results) != len(batch):
-                raise RuntimeError(f"{self.name}: model returned {len(results)} results for {len(batch)} structures")
+                raise RuntimeError(f"{self.name}: model returned {len(results)} {what} for {len(batch)} structures")
             with self._stats_lock:
                 self.stats.calls += 1
                 self.stats.structures += len(batch)
@@ -171,28 +184,6 @@ class Potential(ABC):
             for i, r in zip(group, results, strict=True):
                 out[i] = r
         return [r for r in out if r is not None]
-
-    def energies(self, atoms_list: Sequence[Atoms]) -> list[float]:
-        """Total energies (eV) of ``atoms_list`` (input order), skipping forces and stress where the model can
-        (`_energies_batch`); same chunks and `stats` as `evaluate`. For work that needs
-        energies only (e.g. Widom insertions)."""
-        out: list[float] = [0.0] * len(atoms_list)
-        for group in self.chunks(atoms_list):
-            batch = [atoms_list[i] for i in group]
-            t0 = time.perf_counter()
-            values = self._energies_batch(batch)
-            dt = time.perf_counter() - t0
-            if len(values) != len(batch):
-                raise RuntimeError(f"{self.name}: model returned {len(values)} energies for {len(batch)} structures")
-            with self._stats_lock:
-                self.stats.calls += 1
-                self.stats.structures += len(batch)
-                self.stats.atoms += sum(len(a) for a in batch)
-                self.stats.model_time_s += dt
-                self.stats.batch_sizes.append(len(batch))
-            for i, v in zip(group, values, strict=True):
-                out[i] = float(v)
-        return out
 
     def _energies_batch(self, atoms_list: Sequence[Atoms]) -> list[float]:
         """Energies (eV) of ``atoms_list`` in one model call. Default: `_evaluate_batch`'s; a model that

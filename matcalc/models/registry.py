@@ -101,17 +101,28 @@ class ModelCard:
     """What ``list_models()`` reports about one model name."""
 
     name: str
+    """the name tasks use"""
     family: str
+    """model family (chgnet, sevennet, mace, classical, custom, ...)"""
     description: str
     elements: str
+    """elements the model covers (e.g. H-Pu)"""
     cutoff_A: float | None
+    """interaction cutoff (Å); null when unknown"""
     device: str
+    """device it runs on (cpu, cuda, cuda:1, ...)"""
     available: bool
+    """its package and weights are present here"""
     dtype: str = "float64"
+    """precision of the model's arithmetic (float32 or float64)"""
     batching: bool = False
+    """one model call evaluates many structures together"""
     reason: str = ""
+    """why it is not available"""
     loaded: bool = False
+    """loaded in this process (or a worker)"""
     extras: dict[str, Any] = field(default_factory=dict)
+    """family-specific details (not served over REST)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,7 @@ from matcalc.calculations import properties
 from matcalc.calculations.contract import PROTOCOL_NAMES, Param, Property
 from matcalc.calculations.interaction import GUEST_MOLECULES
 from matcalc.calculations.results import Result
+from matcalc.models.registry import ModelCard
 from matcalc.structures import INPUT_FORMATS
 from matcalc.submission import BODY_OPTIONS
 from matcalc.tasks import PRIORITIES, STATUSES
@@ -260,20 +261,33 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _result_model(cls: type[Result]) -> type[BaseModel]:
-    """``{ResultClass}Data``: every field of the result dataclass with its type and docstring."""
+def dataclass_model(cls: type, name: str, *, exclude: tuple[str, ...] = (), extra: str = "allow",
+                    **more: Any) -> type[BaseModel]:
+    """A pydantic model of the dataclass ``cls``: every field (but ``exclude``) with its type, default and
+    docstring, then the ``more`` fields (``name=(annotation, Field(...))``)."""
     import dataclasses
     import typing
 
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
-    fields: dict[str, Any] = {"kind": (Literal[cls.kind], Field(description="result kind (dispatches "  # type: ignore[valid-type]
-                                                                            "Result.from_dict)"))}
+    fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        annotation = _json_annotation(hints[f.name])
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        fields[f.name] = (annotation, Field(... if required else None, description=docs.get(f.name)))
-    return create_model(f"{cls.__name__}Data", __config__=ConfigDict(extra="allow"),  # type: ignore[call-overload, no-any-return]
-                        __doc__=(cls.__doc__ or "").strip().splitlines()[0], **fields)
+        if f.name in exclude:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = None
+        else:
+            default = ...
+        fields[f.name] = (_json_annotation(hints[f.name]), Field(default, description=docs.get(f.name)))
+    return create_model(name, __config__=ConfigDict(extra=extra),  # type: ignore[call-overload, no-any-return]
+                        __doc__=(cls.__doc__ or "").strip().splitlines()[0], **fields, **more)
+
+
+def _result_model(cls: type[Result]) -> type[BaseModel]:
+    """``{ResultClass}Data``: every field of the result dataclass with its type and docstring."""
+    kind = (Literal[cls.kind], Field(description="result kind (dispatches Result.from_dict)"))  # type: ignore[valid-type]
+    return dataclass_model(cls, f"{cls.__name__}Data", kind=kind)
 
 
 RESULT_MODELS: dict[str, type[BaseModel]] = {spec.result.kind: _result_model(spec.result)
@@ -349,19 +363,9 @@ class BuiltinOut(BaseModel):
     n_atoms: int
 
 
-class ModelOut(BaseModel):
-    name: str
-    family: str
-    description: str
-    elements: str
-    cutoff_A: float | None
-    device: str
-    available: bool
-    reason: str
-    loaded: bool
-    dtype: str = Field("float64", description="precision of the model's arithmetic (float32 or float64)")
-    batching: bool = Field(False, description="one model call evaluates many structures together")
-    loaded_on: list[str] = Field(default_factory=list, description="where it is loaded (process or worker addresses)")
+ModelOut = dataclass_model(ModelCard, "ModelOut", exclude=("extras",), extra="ignore", loaded_on=(
+    list[str], Field(default_factory=list, description="where it is loaded (process or worker addresses)")))
+"""One model of ``GET /models``: the fields of `matcalc.models.registry.ModelCard` and where it is loaded."""
 
 
 class CustomModelMeta(BaseModel):

@@ -235,6 +235,8 @@ class TaskService:
         self._check_with_structure(req, params, parsed, structure_id)
         if req.protocol is not None:
             params["protocol"] = req.protocol
+        if req.cache is False:  # stored with the task: computed at dispatch (and after restarts), never cached
+            params["cache"] = False
         timeout_s = req.timeout_s if req.timeout_s is not None else self.default_timeout_s
         label = req.label if req.label is not None else (parsed.name if parsed and parsed.source == "builtin" else None)
         new = NewTask(type=req.type, model=model, structure_id=structure_id, parameters=params,
@@ -347,6 +349,8 @@ class TaskService:
     def _served_from_cache(self, row: Task, structure: Any) -> bool:
         """Complete ``row`` from the result cache, or let it wait for the identical task in flight: True when
         it is not to be run (see `matcalc.server.result_cache`)."""
+        if (row.parameters or {}).get("cache") is False:  # the submission asked for a fresh computation
+            return False
         routed = self.cache.route(row, structure) if self.cache is not None else None
         if routed is None:
             return False
