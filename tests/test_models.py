@@ -130,7 +130,9 @@ with warnings.catch_warnings(record=True) as seen:
     if sys.argv[1] == "adapter":  # CHGNet with D3 on top: both adapters (torch-dftd warns about its inputs)
         get_model("chgnet+d3", device="cpu").evaluate(atoms)
     else:  # CHGNet's own API, as a user calling it directly would
+        from chgnet.model import CHGNet
         from pymatgen.io.ase import AseAtomsAdaptor
+        CHGNet.load(verbose=False)  # prints "CHGNet v0.3.0 initialized with ... parameters" all the same
         model.model.predict_structure([AseAtomsAdaptor.get_structure(a) for a in atoms], task="efs")
     n = len(seen)
     warnings.warn("Converting a tensor with requires_grad=True to a scalar (the user's own)", UserWarning)
@@ -145,7 +147,7 @@ def test_chgnet_leaks_no_torch_warning_and_hides_nothing_else() -> None:
     """CHGNet's batching makes torch warn "Converting a tensor with requires_grad=True to a scalar" (once per
     process, so each case runs in a fresh one), torch-dftd's input tensors "Creating a tensor from a list of
     numpy.ndarrays is extremely slow": our adapters silence them around those calls only, while CHGNet's own
-    API still shows it; the same warning raised by other code afterwards still shows and the process's filters are
+    API still shows it (and its "initialized with N parameters" line on stdout, which ours keeps in the debug log); the same warning raised by other code afterwards still shows and the process's filters are
     as they were."""
     import subprocess
     import sys
@@ -161,6 +163,7 @@ def test_chgnet_leaks_no_torch_warning_and_hides_nothing_else() -> None:
     assert "WARNING during" not in ours, ours
     assert "WARNING after Converting a tensor with requires_grad=True to a scalar (the user's own)" in ours
     assert "FILTERS True" in ours
+    assert "initialized with" in plain and "initialized with" not in ours  # CHGNet's load line: ours is quiet
 
 
 def test_chgnet_batch_equals_one_by_one(chgnet) -> None:

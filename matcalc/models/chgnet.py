@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import threading
 from collections.abc import Sequence
@@ -57,7 +58,9 @@ class CHGNetPotential(Potential):
 
         super().__init__(name, device=device, elements=CHGNET_ELEMENTS, cutoff_A=5.0, dtype="float32",
                          max_batch_atoms=max_batch_atoms, **kwargs)
-        self.model = CHGNet.load(model_name=model_version, use_device=device, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # CHGNet prints "initialized with N parameters"
+            self.model = CHGNet.load(model_name=model_version, use_device=device, verbose=False)
+        log.debug("%s", said.getvalue().strip())
         self.model.eval()
         self.version = model_version
         self._lock = threading.Lock()
