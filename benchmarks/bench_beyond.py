@@ -12,7 +12,7 @@ FrechetCellFilter, --fmax), then no pre-relaxation on either side. Matched proto
             whose engineering shear strain is the same number; ours F = I + eps symmetric), positions relaxed in
             every strained cell with FIRE to --fmax (<= 500 steps), straight-line fits with the unstrained stress
   phonons : 1x1x1 supercell, 0.01 A displacements, mesh 100, T 0-1000 K step 10 (ours also bands along the
-            standard path and the DOS)
+            standard path; the total DOS with --dos tetrahedron|smearing: MVL's PhononCalc computes none)
   qha     : 5 volumes 0.97-1.03 V0 (MVL: lattice scale factors f^(1/3)), positions relaxed at fixed cell (FIRE,
             --fmax), phonons as above, vinet EOS, T 0-1000 K step 10
 Agreement: C (max |dC| GPa), K and G (VRH); Cv(T) and band frequencies on Gamma->a*/2, b*/2, c*/2 (from
@@ -31,6 +31,9 @@ args = c.parse(__doc__.splitlines()[0], n_default=1, extra=lambda p: (
     p.add_argument("--fmax", type=float, default=0.01),
     p.add_argument("--strains", default="0.005,0.01", help="elastic: positive strains (both signs applied)"),
     p.add_argument("--mesh", type=float, default=100.0),
+    p.add_argument("--dos", default="none", choices=("tetrahedron", "smearing", "none"),
+                   help="phonons: matcalc's total DOS (default none: the same work as MVL's PhononCalc, which "
+                        "computes no DOS; tetrahedron is matcalc's default)"),
     p.add_argument("--clamped", action="store_true", help="elastic: clamped ions (no relaxation of strained cells)")))
 
 import json  # noqa: E402
@@ -74,7 +77,7 @@ def ours(cell, pot, what: str):
                                                  **common))
     if what == "phonons":
         return c.clock(lambda: mc.phonons(cell, pot, supercell=(1, 1, 1), displacement=0.01, mesh=args.mesh,
-                                          t_max=1000.0, t_step=10.0, **common))
+                                          t_max=1000.0, t_step=10.0, dos=args.dos, **common))
     return c.clock(lambda: mc.thermal_expansion(cell, pot, n_volumes=len(VOLUMES), volume_range=(0.97, 1.03),
                                                 supercell=(1, 1, 1), displacement=0.01, mesh=args.mesh, t_max=1000.0,
                                                 t_step=10.0, fmax=args.fmax, fixed_cell_max_steps=500,

@@ -95,6 +95,7 @@ def bench(tmp_path_factory):
     return {"root": root, "out": out, "killed": killed, "first": first, "again": again}
 
 
+@pytest.mark.slow  # the fixture: a real CHGNet benchmark run (~150 s on 2 cores)
 def test_resume_after_sigkill_does_not_recompute(bench):
     killed, first, again = bench["killed"], bench["first"], bench["again"]
     assert 1 <= len(killed) < 3, "the killed run should have finished some but not all heat-capacity structures"
@@ -112,6 +113,7 @@ def _runs(out: Path, task: str) -> pd.DataFrame:
     return pd.read_csv(out / "runs" / f"{task}.csv")
 
 
+@pytest.mark.slow
 def test_summary_equals_metrics_recomputed_from_outputs(bench):
     out, summary = bench["out"], json.loads((bench["out"] / "summary.json").read_text())
     assert summary["model"] == MODEL and summary["protocol"] == "fast"

@@ -44,12 +44,13 @@ def segments_of(r: PhononResult) -> list[np.ndarray]:
     return [r.band_qpoints[s:s + n] for s, n in zip(starts, r.band_segment_sizes, strict=True)]
 
 
-def compare_with_plain(r: PhononResult, ph: Phonopy, mesh, *, band_atol: float, dos_rtol: float) -> None:
+def compare_with_plain(r: PhononResult, ph: Phonopy, mesh, *, band_atol: float, dos_rtol: float,
+                       tetrahedron: bool = True) -> None:
     bands = ph.run_band_structure(segments_of(r))
     np.testing.assert_allclose(np.concatenate(bands.frequencies), r.band_frequencies_THz, atol=band_atol)
     np.testing.assert_allclose(np.concatenate(bands.distances), r.band_distances_per_A, atol=1e-10)
     ph.run_mesh(mesh)
-    ph.run_total_dos()
+    ph.run_total_dos(use_tetrahedron_method=tetrahedron)
     np.testing.assert_allclose(ph.total_dos.frequency_points, r.dos_frequencies_THz, atol=band_atol)
     np.testing.assert_allclose(r.dos_states_per_THz, ph.total_dos.dos, rtol=dos_rtol,
                                atol=dos_rtol * ph.total_dos.dos.max())
@@ -144,6 +145,27 @@ def test_bad_parameters(kwargs, name):
 def test_non_periodic_structure_is_refused():
     with pytest.raises(ValueError, match="periodic"):
         phonons(Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]]), "emt")
+
+
+def test_smeared_dos_equals_plain_phonopy_and_none_skips_it(cu_ph):
+    """dos="smearing": phonopy's Gaussian DOS (its default width) on the same force sets; dos="none": no DOS,
+    the same bands and thermal properties, a bands-only plot."""
+    kw = {"supercell": (3, 3, 3), "mesh": 20, "t_max": 1000.0, "cache": False}
+    smeared = phonons(bulk("Cu", "fcc", a=3.6), "emt", dos="smearing", **kw)
+    ph = plain_phonopy(smeared.relaxed_structure, (3, 3, 3))
+    compare_with_plain(smeared, ph, 20, band_atol=1e-5, dos_rtol=1e-4, tetrahedron=False)
+    assert not np.allclose(smeared.dos_states_per_THz, cu_ph.dos_states_per_THz)  # not the tetrahedron DOS
+    assert np.trapezoid(smeared.dos_states_per_THz, smeared.dos_frequencies_THz) == pytest.approx(3.0, rel=2e-2)
+    bare = phonons(bulk("Cu", "fcc", a=3.6), "emt", dos="none", **kw)
+    assert len(bare.dos_frequencies_THz) == len(bare.dos_states_per_THz) == 0
+    np.testing.assert_array_equal(bare.band_frequencies_THz, cu_ph.band_frequencies_THz)
+    np.testing.assert_array_equal(bare.cv_J_per_K_mol, cu_ph.cv_J_per_K_mol)
+    fig = bare.plot()
+    assert len(fig.axes) == 1 and "THz" in fig.axes[0].get_ylabel()
+    back = Result.from_dict(json.loads(json.dumps(bare.to_dict())))
+    assert len(back.dos_states_per_THz) == 0
+    with pytest.raises(ValueError, match="dos must be one of"):
+        phonons(bulk("Cu", "fcc", a=3.6), "emt", dos="gaussian", **kw)
 
 
 def test_plot_bands_beside_dos(cu_ph):

@@ -32,7 +32,7 @@ import numpy as np
 from ase import Atoms
 
 from matcalc import progress
-from matcalc.calculations.contract import Flag, ModelInfo, Number, Param, PreRelax, Property, Run
+from matcalc.calculations.contract import Choice, Flag, ModelInfo, Number, Param, PreRelax, Property, Run
 from matcalc.calculations.heat_capacity import (
     IMAGINARY_TOLERANCE_THZ,
     MAX_MESH_MODES,
@@ -126,7 +126,7 @@ class PhononResult(HeatCapacityResult):
     """Modes on the path below −``imaginary_tolerance_THz`` (Γ acoustic modes excluded)."""
     dos_frequencies_THz: np.ndarray = field(repr=False)
     dos_states_per_THz: np.ndarray = field(repr=False)
-    """Total phonon DOS (states per THz per input cell; integrates to 3 × n_atoms)."""
+    """Total phonon DOS (states per THz per input cell; integrates to 3 × n_atoms); empty with ``dos="none"``."""
     imaginary_qpoints: np.ndarray = field(repr=False)
     """Irreducible mesh q-points (reduced coordinates) with an imaginary mode, lowest first (at most 1000)."""
     imaginary_qpoint_frequencies_THz: np.ndarray = field(repr=False)
@@ -163,18 +163,24 @@ class PhononResult(HeatCapacityResult):
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Bands (THz along the path) beside the total DOS (states/THz); with ``ax``, the DOS is drawn in an
-        inset to its right."""
+        inset to its right. Bands alone when the DOS was not computed (``dos="none"``)."""
+        with_dos = len(self.dos_frequencies_THz) > 0
         if ax is None:
             from matplotlib.figure import Figure
 
-            fig = Figure(figsize=(7.5, 4.0), layout="constrained")
-            ax_bands, ax_dos = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+            fig = Figure(figsize=(7.5, 4.0) if with_dos else (6.0, 4.0), layout="constrained")
+            if with_dos:
+                ax_bands, ax_dos = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+            else:
+                ax_bands = fig.add_subplot()
         else:
             fig = ax.figure  # type: ignore[assignment]
             ax_bands = ax
-            ax_dos = ax.inset_axes((1.04, 0.0, 0.3, 1.0), sharey=ax)
+            if with_dos:
+                ax_dos = ax.inset_axes((1.04, 0.0, 0.3, 1.0), sharey=ax)
         self._plot_bands(ax_bands)
-        self._plot_dos(ax_dos)
+        if with_dos:
+            self._plot_dos(ax_dos)
         return fig
 
     def _plot(self, ax: Axes) -> None:
@@ -319,8 +325,11 @@ def _compute(run: Run) -> dict[str, Any]:
         fields = thermal_fields(phonon, relaxed, p, run.warnings)
         mesh = phonon.mesh
         q_imag, f_imag = imaginary_qpoints(np.asarray(mesh.qpoints), np.asarray(mesh.frequencies))
-        phonon.run_total_dos()
-        dos = phonon.total_dos
+        if p["dos"] == "none":
+            dos_f = dos_g = np.zeros(0)
+        else:  # phonopy's default frequency sampling (201 points); smearing: its default sigma
+            phonon.run_total_dos(use_tetrahedron_method=p["dos"] == "tetrahedron")
+            dos_f, dos_g = phonon.total_dos.frequency_points, phonon.total_dos.dos
         bands = run_bands(phonon, pieces, special, p["band_points"])
     run.warnings.extend(f"phonopy: {w.message}" for w in caught if "GammaAcoustic" in type(w.message).__name__)
     if bands["band_imaginary_modes"] and not fields["imaginary_modes"]:
@@ -338,8 +347,8 @@ def _compute(run: Run) -> dict[str, Any]:
         "max_drift_eV_per_A": max_drift,
         "band_path": path_text,
         **bands,
-        "dos_frequencies_THz": np.asarray(dos.frequency_points, dtype=float),
-        "dos_states_per_THz": np.asarray(dos.dos, dtype=float),
+        "dos_frequencies_THz": np.asarray(dos_f, dtype=float),
+        "dos_states_per_THz": np.asarray(dos_g, dtype=float),
         "imaginary_qpoints": q_imag,
         "imaginary_qpoint_frequencies_THz": f_imag,
         "supercell": [int(n) for n in p["supercell"]],
@@ -364,6 +373,9 @@ PROPERTY = Property(
               default="auto"),
         Param("band_points", Number(2, 1001, integer=True), "q-points per band segment (between two special points)",
               default=51, presets={"fast": 21}),
+        Param("dos", Choice(("tetrahedron", "smearing", "none")), "total DOS: phonopy's tetrahedron method, "
+              "Gaussian smearing (phonopy's default width; faster on large meshes), or none (bands and thermal "
+              "properties only)", default="tetrahedron"),
         Param("symmetrize_fc", Flag(), "symmetrise the force constants (phonopy: translational and permutation "
               "symmetry)", default=False),
     ),

@@ -240,7 +240,8 @@ def rows_html(rows: list[Row], now: float) -> str:
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
-def _ipywidgets() -> Any:
+def ipywidgets_module() -> Any:
+    """The ``ipywidgets`` module, imported on first use (the [widgets] extra)."""
     import ipywidgets
 
     return ipywidgets
@@ -315,7 +316,7 @@ class ProgressWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, tasks: Any, *, max_rate_hz: float = 5.0, tick_s: float = 1.0, max_rows: int = 50) -> None:
-        w = _ipywidgets()
+        w = ipywidgets_module()
         self.state = ProgressState(tasks)
         n = len(self.state.tasks)
         self.overall = w.IntProgress(min=0, max=max(n, 1), value=0, description="tasks",

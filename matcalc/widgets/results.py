@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from matcalc.calculations.results import Result
 from matcalc.tasks import TERMINAL
-from matcalc.widgets.progress import ShowOnce, _ipywidgets, in_kernel, show_once
+from matcalc.widgets.progress import ShowOnce, in_kernel, ipywidgets_module, show_once
 from matcalc.widgets.state import DONE_TIMEOUT_S, Throttle, as_task, status_name
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class ResultsWidget(ShowOnce, _Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, items: Any, *, max_rate_hz: float = 2.0) -> None:
-        w = _ipywidgets()
+        w = ipywidgets_module()
         self._entries = [_Entry(i, it) for i, it in enumerate(_as_list(items))]
         self._lock = threading.RLock()
         self.figure: Figure | None = None
