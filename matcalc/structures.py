@@ -568,15 +568,20 @@ def validate_structure(
 
 
 def _min_distance(atoms: Atoms, cutoff: float) -> float | None:
-    """Smallest distance below ``cutoff`` (Å), or ``None`` if there is none."""
-    from ase.neighborlist import neighbor_list
+    """Smallest distance below ``cutoff`` (Å), or ``None`` if there is none (pymatgen's compiled neighbour
+    search: ~0.1 ms for a MOF cell where ASE's ``neighbor_list`` takes several ms, per structure of a screen)."""
+    from pymatgen.optimization.neighbors import find_points_in_spheres
 
-    probe = atoms
-    if not atoms.pbc.all() and abs(atoms.cell.volume) < 1e-3:
-        probe = atoms.copy()
-        probe.pbc = False
-        probe.cell = np.eye(3) * (np.ptp(atoms.positions, axis=0).max() + 10.0)
-    d = neighbor_list("d", probe, cutoff, self_interaction=False)
+    cell = np.asarray(atoms.cell, dtype=float)
+    pbc = np.asarray(atoms.pbc, dtype=np.int64)
+    if not atoms.pbc.all() and abs(atoms.cell.volume) < 1e-3:  # no usable cell: a box around the atoms
+        cell = np.eye(3) * (np.ptp(atoms.positions, axis=0).max() + 10.0)
+        pbc = np.zeros(3, dtype=np.int64)
+    cart = np.ascontiguousarray(atoms.positions, dtype=float)
+    centre, neighbour, image, distance = find_points_in_spheres(cart, cart, r=float(cutoff), pbc=pbc,
+                                                                lattice=np.ascontiguousarray(cell), tol=1e-8)
+    other = (centre != neighbour) | np.any(image != 0, axis=1)  # not an atom with itself
+    d = distance[other]
     return float(d.min()) if len(d) else None
 
 
