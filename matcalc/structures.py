@@ -558,7 +558,7 @@ def validate_structure(
         if unsupported:
             raise StructureError(f"elements not supported by the model: {', '.join(unsupported)}")
     if n > 1 and min_distance_A > 0:
-        dmin = _min_distance(atoms, min_distance_A)
+        dmin = smallest_distance(atoms, min_distance_A)
         if dmin is not None:
             raise StructureError(
                 f"atoms too close: smallest distance {dmin:.3f} Å < {min_distance_A} Å "
@@ -567,7 +567,7 @@ def validate_structure(
     return atoms
 
 
-def _min_distance(atoms: Atoms, cutoff: float) -> float | None:
+def smallest_distance(atoms: Atoms, cutoff: float) -> float | None:
     """Smallest distance below ``cutoff`` (Å), or ``None`` if there is none (pymatgen's compiled neighbour
     search: ~0.1 ms for a MOF cell where ASE's ``neighbor_list`` takes several ms, per structure of a screen)."""
     from pymatgen.optimization.neighbors import find_points_in_spheres

@@ -176,6 +176,32 @@ def test_atoms_too_close_across_periodic_boundary() -> None:
     _raises("atoms too close", atoms)
 
 
+@pytest.mark.parametrize("cutoff", [0.5, 1.2, 2.5])
+def test_smallest_distance_equals_ase_neighbor_list(cutoff: float) -> None:
+    """The check's smallest distance equals ASE's neighbour list (periodic MOF cell, slab, molecule, a cell
+    narrower than the cutoff, where an atom is close to its own image)."""
+    from ase.neighborlist import neighbor_list
+
+    from matcalc.structures import smallest_distance
+
+    mof = load_structure("RSM0009")
+    mof.rattle(0.3, seed=1)
+    slab = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.9]], cell=[5, 5, 5], pbc=[True, True, False])
+    thin = Atoms("H", cell=[0.45, 5, 5], pbc=True)
+    for atoms in (mof, slab, molecule("CH4"), thin, bulk("Cu", "fcc", a=3.6)):
+        probe = atoms
+        if not atoms.pbc.all():
+            probe = atoms.copy()
+            if abs(atoms.cell.volume) < 1e-3:
+                probe.cell = np.eye(3) * 20.0
+        d = neighbor_list("d", probe, cutoff, self_interaction=False)
+        expected = float(d.min()) if len(d) else None
+        got = smallest_distance(atoms, cutoff)
+        assert (got is None) == (expected is None), atoms.get_chemical_formula()
+        if expected is not None:
+            assert got == pytest.approx(expected, abs=1e-10)
+
+
 def test_partial_occupancy_cif() -> None:
     _raises("partial occupancy", DATA / "partial_occupancy.cif")
 
@@ -266,8 +292,9 @@ def test_cif_expansion_equals_ase(name: str) -> None:
     assert ours.get_chemical_symbols() == ref.get_chemical_symbols()
     np.testing.assert_allclose(ours.positions, ref.positions, atol=1e-9)
     np.testing.assert_allclose(ours.cell, ref.cell, atol=1e-12)
-    from ase.io.cif import parse_cif
     import io
+
+    from ase.io.cif import parse_cif
 
     block = list(parse_cif(io.StringIO(text)))[-1]
     assert cif_atom_count(block, block.get_spacegroup(True), len(block["_atom_site_label"])) >= len(ref)

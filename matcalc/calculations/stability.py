@@ -25,7 +25,7 @@ from matcalc.calculations.contract import Choice, FilePath, Number, Param, PreRe
 from matcalc.calculations.optimize import LangevinParams, MDFrame, MDParams, MTKParams, run_md
 from matcalc.calculations.relax import displacements, volume_warning
 from matcalc.calculations.results import PreRelaxedResult
-from matcalc.structures import TrajectoryWriter, bare_copy, trajectory_format
+from matcalc.structures import TrajectoryWriter, bare_copy, smallest_distance, trajectory_format
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -211,7 +211,7 @@ class _Run:
         if abs(dv) > BLOWUP_VOLUME_CHANGE_PERCENT:
             return f"volume changed by {dv:+.1f} % (> {BLOWUP_VOLUME_CHANGE_PERCENT:.0f} %) at step {self.step}"
         if self.step % DISTANCE_CHECK_EVERY == 0 or self.step % self.p["interval"] == 0:
-            dmin = _min_distance(a)
+            dmin = smallest_distance(a, BLOWUP_MIN_DISTANCE_A)
             if dmin is not None:
                 return f"atoms {dmin:.2f} Å apart (< {BLOWUP_MIN_DISTANCE_A} Å) at step {self.step}"
         return ""
@@ -268,13 +268,6 @@ def _safe(getter: Any) -> float:
         return float(getter())
     except (ValueError, FloatingPointError, OverflowError):
         return float("nan")
-
-
-def _min_distance(atoms: Atoms) -> float | None:
-    from ase.neighborlist import neighbor_list
-
-    d = neighbor_list("d", atoms, BLOWUP_MIN_DISTANCE_A, self_interaction=False)
-    return float(d.min()) if len(d) else None
 
 
 def metal_sites(atoms: Atoms) -> list[int]:
