@@ -28,12 +28,17 @@ from typing import Any, Self
 import numpy as np
 from ase import Atoms
 
+from matcalc.quiet import quiet_warnings
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ATOMS = 10_000
 """Largest structure accepted by default (atoms)."""
 MIN_DISTANCE_A = 0.5
 """Two atoms closer than this (Å) mean a broken or disordered structure."""
+CIF_SETTING_NOISE = "crystal system"
+"""Start of ASE's "crystal system 'cubic' is not interpreted for space group ..." warning, raised for every
+symmetric CIF whatever its setting (matcalc expands the symmetry operations the file lists); silenced."""
 
 FORMATS = ("cif", "vasp", "extxyz")
 """Structure text formats read (canonical names)."""
@@ -425,7 +430,8 @@ def _read_text(text: str, fmt: str | None, max_atoms: int | None = None) -> Atom
         raise StructureError(f"unsupported format {fmt!r}; use one of {', '.join(INPUT_FORMATS)}")
     fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt == "cif":
-        atoms = _read_cif(text, max_atoms)
+        with quiet_warnings(CIF_SETTING_NOISE):
+            atoms = _read_cif(text, max_atoms)
     else:
         (_check_poscar_size if fmt == "vasp" else _check_xyz_size)(text, max_atoms)
         try:

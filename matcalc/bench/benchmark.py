@@ -154,12 +154,12 @@ def parse_tasks(tasks: str | Sequence[str] | None, structures: Path) -> list[str
 
 
 def _smallest_first(files: list[Path]) -> list[Path]:
-    from ase.io import read
+    from matcalc.structures import read_structure
 
     sizes = []
     for f in files:
         try:
-            sizes.append(len(read(f)))
+            sizes.append(len(read_structure(f)))  # matcalc's reader: no ASE CIF-setting warnings
         except Exception:  # noqa: BLE001 - unreadable files are reported by the run itself
             sizes.append(10**9)
     return [f for _, f in sorted(zip(sizes, files, strict=True), key=lambda p: p[0])]

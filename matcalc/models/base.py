@@ -9,14 +9,12 @@ filters and MD integrators run unchanged on top of a batched engine.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-import warnings
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -32,20 +30,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 EV_PER_A3_TO_GPA = 160.21766208
-
-_QUIET_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def quiet_warnings(*messages: str, category: type[Warning] = UserWarning) -> Iterator[None]:
-    """Silence the warnings of ``category`` whose text starts with one of ``messages`` inside this block only:
-    for a model package's own noise a user cannot act on (e.g. torch's "Converting a tensor with requires_grad"
-    from CHGNet's graph batching), never process-wide. ``warnings.catch_warnings`` swaps the process's filter
-    list, so every such block in the process takes one lock: keep them around the calls that warn."""
-    with _QUIET_LOCK, warnings.catch_warnings():
-        for message in messages:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
 """Multiply a stress in eV/Å³ by this to get GPa."""
 
 

@@ -14,7 +14,8 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from matcalc.models.base import EV_PER_A3_TO_GPA, Evaluation, Potential, quiet_warnings
+from matcalc.models.base import EV_PER_A3_TO_GPA, Evaluation, Potential
+from matcalc.quiet import quiet_warnings
 
 log = logging.getLogger(__name__)
 

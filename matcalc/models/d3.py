@@ -17,7 +17,8 @@ import numpy as np
 from ase import Atoms
 from ase.units import Bohr
 
-from matcalc.models.base import ASECalculatorPotential, Evaluation, quiet_warnings
+from matcalc.models.base import ASECalculatorPotential, Evaluation
+from matcalc.quiet import quiet_warnings
 
 D3_PROPERTIES = ["energy", "forces", "stress"]
 
