@@ -39,6 +39,9 @@ MIN_DISTANCE_A = 0.5
 CIF_SETTING_NOISE = "crystal system"
 """Start of ASE's "crystal system 'cubic' is not interpreted for space group ..." warning, raised for every
 symmetric CIF whatever its setting (matcalc expands the symmetry operations the file lists); silenced."""
+EXTXYZ_INFO_NOISE = "Skipping unhashable information"
+"""ASE's extxyz writer skips ``atoms.info`` entries it cannot store (e.g. ``adsorbate_info`` of
+``ase.build`` slabs) with this warning; the skip is what we want, the warning is noise."""
 
 FORMATS = ("cif", "vasp", "extxyz")
 """Structure text formats read (canonical names)."""
@@ -655,7 +658,8 @@ def to_text(atoms: Atoms, fmt: str = "extxyz") -> str:
     buf = io.StringIO()
     clean = atoms.copy()
     clean.calc = None
-    write(buf, clean, format=fmt)
+    with quiet_warnings(EXTXYZ_INFO_NOISE):
+        write(buf, clean, format=fmt)
     return buf.getvalue()
 
 
@@ -707,7 +711,8 @@ def write_structures(path: str | os.PathLike[str], images: Atoms | Sequence[Atom
         raise ValueError(f"{Path(path).name}: {fmt} needs a periodic cell; a molecule goes to .xyz")
     clean = [bare_copy(a) for a in frames]
     out = Path(path)
-    write(out, clean if len(clean) > 1 else clean[0], format=fmt)
+    with quiet_warnings(EXTXYZ_INFO_NOISE):
+        write(out, clean if len(clean) > 1 else clean[0], format=fmt)
     return out
 
 
@@ -749,7 +754,8 @@ class TrajectoryWriter:
         else:
             from ase.io import write
 
-            write(self._fh, atoms, format="extxyz")
+            with quiet_warnings(EXTXYZ_INFO_NOISE):
+                write(self._fh, atoms, format="extxyz")
             self._fh.flush()
         self.frames += 1
 

@@ -409,3 +409,23 @@ def test_symmetric_cif_reads_without_ase_setting_warning(tmp_path) -> None:
         atoms = load_structure(path)
     assert len(atoms) == len(expected) == 4
     np.testing.assert_allclose(atoms.cell.cellpar(), expected.cell.cellpar(), atol=1e-8)
+
+
+def test_slab_info_is_written_without_ase_warning(tmp_path) -> None:
+    """``ase.build`` slabs carry ``info["adsorbate_info"]``, which ASE's extxyz writer skips with a warning:
+    our writers skip it quietly and keep cell, pbc and positions."""
+    import warnings
+
+    from ase.build import fcc111
+
+    from matcalc.structures import to_text, write_structures
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=6.0, periodic=True)
+    assert "adsorbate_info" in slab.info
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = to_text(slab)
+        path = write_structures(tmp_path / "slab.extxyz", slab)
+    for back in (load_structure(text), read(path)):
+        np.testing.assert_allclose(back.positions, slab.positions, atol=1e-6)
+        np.testing.assert_allclose(back.cell[:], slab.cell[:], atol=1e-6)
