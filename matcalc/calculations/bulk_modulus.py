@@ -15,8 +15,8 @@ import numpy as np
 from ase.eos import EquationOfState
 from ase.units import GPa
 
-from matcalc.calculations.contract import STEPS, Choice, Number, Param, PreRelax, Property, Run
-from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
+from matcalc.calculations.contract import Choice, Number, Param, PreRelax, Property, Run
+from matcalc.calculations.optimize import fixed_cell_params, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
 from matcalc.structures import bare_copy
 
@@ -224,10 +224,7 @@ PROPERTY = Property(
               "volume strain: volumes from (1 − strain)·V₀ to (1 + strain)·V₀", default=0.04),
         Param("n_points", Number(5, 101, integer=True), "number of volumes", default=11, presets={"fast": 7}),
         Param("eos", Choice(EOS_TYPES), "equation of state (`ase.eos` name)", default="birchmurnaghan"),
-        Param("fixed_cell_max_steps", STEPS, "step limit of each fixed-cell relaxation", default=1000,
-              presets={"fast": 300}),
-        Param("fixed_cell_optimizer", Choice(tuple(OPTIMIZERS)), "optimizer of the fixed-cell relaxations",
-              default="FIRE"),
+        *fixed_cell_params("fixed-cell"),
     ),
     prerelax=PreRelax(max_steps=1000, fast_max_steps=300,
                       fmax_doc="force threshold of the pre-relaxation and of every fixed-cell relaxation"),

@@ -31,8 +31,8 @@ import numpy as np
 from ase import Atoms
 
 from matcalc import progress
-from matcalc.calculations.contract import STEPS, Choice, Flag, Number, Param, PreRelax, Property, Run
-from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
+from matcalc.calculations.contract import Flag, Number, Param, PreRelax, Property, Run
+from matcalc.calculations.optimize import fixed_cell_params, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
 from matcalc.models.base import EV_PER_A3_TO_GPA
 from matcalc.structures import bare_copy
@@ -299,10 +299,7 @@ PROPERTY = Property(
               presets={"fast": 2}),
         Param("relax_strained", Flag(), "relax atomic positions in every strained cell (relaxed-ion tensor)",
               default=True),
-        Param("fixed_cell_max_steps", STEPS, "step limit of each strained-cell relaxation", default=1000,
-              presets={"fast": 300}),
-        Param("fixed_cell_optimizer", Choice(tuple(OPTIMIZERS)), "optimizer of the strained-cell relaxations",
-              default="FIRE"),
+        *fixed_cell_params("strained-cell"),
     ),
     prerelax=PreRelax(max_steps=1000, fast_max_steps=300,
                       fmax_doc="force threshold of the pre-relaxation and of every strained-cell relaxation"),

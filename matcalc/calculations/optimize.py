@@ -41,6 +41,7 @@ from matcalc.batched.md import run_md as run_md_jobs
 from matcalc.batched.mtk import BatchedIsotropicMTKNPT, MTKParams
 from matcalc.batched.runner import OptimizationJob, run_optimizations
 from matcalc.calculations import checks
+from matcalc.calculations.contract import STEPS, Choice, Param
 from matcalc.models.base import Evaluator, PotentialCalculator
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": L
 BATCHED_OPTIMIZERS: dict[str, Callable[[], BatchedOptimizer]] = {
     "FIRE": BatchedFIRE, "BFGS": BatchedBFGS, "LBFGS": BatchedLBFGS}
 """Optimizers with a batched version (ASE defaults); the others always run ASE's loop."""
+
+
+def fixed_cell_params(what: str) -> tuple[Param, Param]:
+    """``fixed_cell_max_steps`` (1000, ``"fast"``: 300) and ``fixed_cell_optimizer`` (FIRE): the relaxations
+    at fixed cell that bulk modulus, elastic tensor and thermal expansion run (``what``: e.g. "fixed-cell")."""
+    return (Param("fixed_cell_max_steps", STEPS, f"step limit of each {what} relaxation", default=1000,
+                  presets={"fast": 300}),
+            Param("fixed_cell_optimizer", Choice(tuple(OPTIMIZERS)), f"optimizer of the {what} relaxations",
+                  default="FIRE"))
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 from ase import Atoms
 
 from matcalc import progress
-from matcalc.calculations.contract import STEPS, Choice, Number, Param, PreRelax, Property, Run, Vector
+from matcalc.calculations.contract import Choice, Number, Param, PreRelax, Property, Run, Vector
 from matcalc.calculations.heat_capacity import (
     IMAGINARY_TOLERANCE_THZ,
     REFERENCE_TEMPERATURE_K,
@@ -42,7 +42,7 @@ from matcalc.calculations.heat_capacity import (
     phonon_params,
     set_forces,
 )
-from matcalc.calculations.optimize import OPTIMIZERS, optimize_many
+from matcalc.calculations.optimize import fixed_cell_params, optimize_many
 from matcalc.calculations.results import PreRelaxedResult
 from matcalc.structures import bare_copy, mass_g_per_mol
 
@@ -269,10 +269,7 @@ PROPERTY = Property(
         Param("eos", Choice(QHA_EOS), "equation of state fitted to F(V) at each temperature", default="vinet"),
         Param("pressure_GPa", Number(-50.0, 500.0), "pressure (adds pV to the free energy)", default=0.0,
               unit="GPa"),
-        Param("fixed_cell_max_steps", STEPS, "step limit of each fixed-volume relaxation", default=1000,
-              presets={"fast": 300}),
-        Param("fixed_cell_optimizer", Choice(tuple(OPTIMIZERS)), "optimizer of the fixed-volume relaxations",
-              default="FIRE"),
+        *fixed_cell_params("fixed-volume"),
     ),
     prerelax=PreRelax(max_steps=1000, fast_max_steps=300, optimizer="BFGS",  # as heat_capacity (MOFSimBench)
                       fmax_doc="force threshold of the pre-relaxation and of every fixed-volume relaxation"),
