@@ -36,6 +36,9 @@ DEFAULT_MAX_ATOMS = 10_000
 """Largest structure accepted by default (atoms)."""
 MIN_DISTANCE_A = 0.5
 """Two atoms closer than this (Å) mean a broken or disordered structure."""
+MAX_SEARCH_CUBES = 2_000_000
+"""Beyond this many cutoff-sized cubes in the box of the atoms (atoms 10⁴ Å apart, a huge cell),
+`smallest_distance` uses ASE's neighbour list, which caps its bins, instead of pymatgen's dense grid."""
 CIF_SETTING_NOISE = "crystal system"
 """Start of ASE's "crystal system 'cubic' is not interpreted for space group ..." warning, raised for every
 symmetric CIF whatever its setting (matcalc expands the symmetry operations the file lists); silenced."""
@@ -586,7 +589,21 @@ def smallest_distance(atoms: Atoms, cutoff: float) -> float | None:
     if not atoms.pbc.all() and abs(atoms.cell.volume) < 1e-3:  # no usable cell: a box around the atoms
         cell = np.eye(3) * (np.ptp(atoms.positions, axis=0).max() + 10.0)
         pbc = np.zeros(3, dtype=np.int64)
-    cart = np.ascontiguousarray(atoms.positions, dtype=float)
+    cart = np.asarray(atoms.positions, dtype=float)
+    if pbc.any():  # wrap periodic directions into the cell: same distances, a bounded search box
+        scaled = np.linalg.solve(cell.T, cart.T).T
+        scaled[:, pbc.astype(bool)] %= 1.0
+        cart = scaled @ cell
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) @ cell
+    box = np.ptp(np.vstack([cart, corners if pbc.any() else cart]), axis=0)
+    if np.prod(np.maximum(box, cutoff) / cutoff) > MAX_SEARCH_CUBES:  # pymatgen bins the box densely
+        from ase.neighborlist import neighbor_list
+
+        probe = atoms.copy()
+        probe.cell, probe.pbc = cell, pbc.astype(bool)
+        d = neighbor_list("d", probe, cutoff, self_interaction=False)
+        return float(d.min()) if len(d) else None
+    cart = np.ascontiguousarray(cart)
     centre, neighbour, image, distance = find_points_in_spheres(cart, cart, r=float(cutoff), pbc=pbc,
                                                                 lattice=np.ascontiguousarray(cell), tol=1e-8)
     other = (centre != neighbour) | np.any(image != 0, axis=1)  # not an atom with itself

@@ -179,7 +179,7 @@ def test_atoms_too_close_across_periodic_boundary() -> None:
 @pytest.mark.parametrize("cutoff", [0.5, 1.2, 2.5])
 def test_smallest_distance_equals_ase_neighbor_list(cutoff: float) -> None:
     """The check's smallest distance equals ASE's neighbour list (periodic MOF cell, slab, molecule, a cell
-    narrower than the cutoff, where an atom is close to its own image)."""
+    narrower than the cutoff, where an atom is close to its own image, atoms 10⁴ Å apart)."""
     from ase.neighborlist import neighbor_list
 
     from matcalc.structures import smallest_distance
@@ -188,7 +188,9 @@ def test_smallest_distance_equals_ase_neighbor_list(cutoff: float) -> None:
     mof.rattle(0.3, seed=1)
     slab = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.9]], cell=[5, 5, 5], pbc=[True, True, False])
     thin = Atoms("H", cell=[0.45, 5, 5], pbc=True)
-    for atoms in (mof, slab, molecule("CH4"), thin, bulk("Cu", "fcc", a=3.6)):
+    far = mof + Atoms("C", positions=[[-1e4, -1e4, -1e4]])  # a guest placed 10⁴ Å out: no 20 GB search grid
+    apart = molecule("CO2") + Atoms("CO", positions=[[1e4, 0, 0], [1e4, 0, 1.13]])
+    for atoms in (mof, slab, molecule("CH4"), thin, bulk("Cu", "fcc", a=3.6), far, apart):
         probe = atoms
         if not atoms.pbc.all():
             probe = atoms.copy()
