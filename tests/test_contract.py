@@ -268,8 +268,13 @@ def test_openapi_documents_every_request_and_result_field(rest) -> None:
     """OpenAPI types every task request and every result kind field by field (a non-Python client sees them)."""
     import dataclasses
 
-    spec_json = rest.get("/openapi.json").json()
+    import json
+
+    raw = rest.get("/openapi.json").text
+    spec_json = json.loads(raw, parse_constant=lambda c: pytest.fail(f"/openapi.json is not strict JSON: {c}"))
     comps = spec_json["components"]["schemas"]
+    assert comps["ModelOut"]["properties"].keys() >= {"name", "family", "dtype", "batching", "loaded_on"}
+    assert "extras" not in comps["ModelOut"]["properties"]
     for spec in properties().values():
         request = comps["".join(w.capitalize() for w in spec.task_type.split("-")) + "Request"]
         assert {p.name for p in spec.remote_params} <= set(request["properties"]), spec.name

@@ -266,6 +266,7 @@ def dataclass_model(cls: type, name: str, *, exclude: tuple[str, ...] = (), extr
     """A pydantic model of the dataclass ``cls``: every field (but ``exclude``) with its type, default and
     docstring, then the ``more`` fields (``name=(annotation, Field(...))``)."""
     import dataclasses
+    import math
     import typing
 
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
@@ -273,8 +274,9 @@ def dataclass_model(cls: type, name: str, *, exclude: tuple[str, ...] = (), extr
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
+        if f.default is not dataclasses.MISSING:  # NaN/Infinity: no JSON default (OpenAPI must stay JSON)
+            finite = not isinstance(f.default, float) or math.isfinite(f.default)
+            default: Any = f.default if finite else None
         elif f.default_factory is not dataclasses.MISSING:
             default = None
         else:
