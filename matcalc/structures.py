@@ -586,7 +586,7 @@ def smallest_distance(atoms: Atoms, cutoff: float) -> float | None:
 
     cell = np.asarray(atoms.cell, dtype=float)
     pbc = np.asarray(atoms.pbc, dtype=np.int64)
-    if not atoms.pbc.all() and abs(atoms.cell.volume) < 1e-3:  # no usable cell: a box around the atoms
+    if abs(atoms.cell.volume) < 1e-3:  # no usable cell (none, or degenerate): a box around the atoms
         cell = np.eye(3) * (np.ptp(atoms.positions, axis=0).max() + 10.0)
         pbc = np.zeros(3, dtype=np.int64)
     cart = np.asarray(atoms.positions, dtype=float)
