@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -267,7 +267,6 @@ def test_structure_dependent_limits_refused_before_any_model_call_and_over_rest(
 def test_openapi_documents_every_request_and_result_field(rest) -> None:
     """OpenAPI types every task request and every result kind field by field (a non-Python client sees them)."""
     import dataclasses
-
     import json
 
     raw = rest.get("/openapi.json").text
