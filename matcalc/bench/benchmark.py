@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from ase import Atoms
 
 from matcalc.bench import metrics as M
 from matcalc.bench.tasks import TASKS, Task
+from matcalc.calculations.results import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class BenchSummary:
     matcalc_version: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def leaderboard(self) -> list[str]:
         """One line per task."""
@@ -444,20 +444,6 @@ def _plot(task: Task, scored: M.TaskMetrics, model: str, path: Path) -> None:
         ax.legend(fontsize="small")
     ax.set_title(title, fontsize="medium")
     fig.savefig(path, dpi=120)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 __all__ = ["TASKS", "BenchSummary", "Task", "TaskSummary", "mofsimbench", "parse_tasks", "read_golddac_references"]
