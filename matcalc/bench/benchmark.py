@@ -154,12 +154,12 @@ def parse_tasks(tasks: str | Sequence[str] | None, structures: Path) -> list[str
 
 
 def _smallest_first(files: list[Path]) -> list[Path]:
-    from matcalc.structures import read_structure
+    from matcalc.structures import DEFAULT_MAX_ATOMS, read_structure
 
     sizes = []
     for f in files:
-        try:
-            sizes.append(len(read_structure(f)))  # matcalc's reader: no ASE CIF-setting warnings
+        try:  # matcalc's reader: no ASE CIF-setting warnings, and a symmetry bomb refused before expanding
+            sizes.append(len(read_structure(f, max_atoms=DEFAULT_MAX_ATOMS)))
         except Exception:  # noqa: BLE001 - unreadable files are reported by the run itself
             sizes.append(10**9)
     return [f for _, f in sorted(zip(sizes, files, strict=True), key=lambda p: p[0])]
