@@ -34,8 +34,7 @@ def _card(request: Request, name: str) -> ModelOut:
     except UnknownModelError as exc:
         raise ApiError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from exc
     where = service(request).executor.loaded_models().get(card.name, [])
-    d = card.to_dict()
-    d.pop("extras", None)
+    d = card.to_dict()  # ModelOut leaves out (ignores) the family-specific extras
     d["loaded"] = bool(where)
     return ModelOut(**d, loaded_on=where)
 
